@@ -1,0 +1,277 @@
+"""Training-step speed of PixelSNAIL on this CPU: images/s, peak memory, achieved FLOP/s and the attention share.
+
+One training step = forward of ``PixelSNAIL(model_config_from_preset(p, height=32, width=32))`` (train mode, so
+dropout is on) on a batch of uint8 32x32 RGB images, loss = -log_prob(x).mean(), backward, Adam(0.95, 0.9995) step.
+Each (preset, precision) runs in a fresh subprocess, so its memory peak is its own. Precision ``bf16`` runs the
+forward under ``torch.autocast("cpu", dtype=torch.bfloat16)``; backward and optimiser step run outside it.
+
+How each number is measured:
+
+* **s/step, images/s**: median over ``repeats`` timed steps (``time.perf_counter``) after warm-up steps.
+* **peak RSS**: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` read right after the timed steps (before the FLOP
+  counting and profiling below, which allocate their own memory); "+step" is that peak minus the RSS after importing
+  torch and vqprior, i.e. model, optimiser state, activations and allocator caches.
+* **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` over one forward+backward (matmuls, convolutions and
+  attention; elementwise ops and the Adam update are not counted). The CPU's fused attention kernel is not in
+  torch's FLOP registry, so its forward/backward are counted with torch's own SDPA formulas (``custom_mapping``).
+  Masked-out attention scores are counted, since the kernels compute them. Achieved FLOP/s = FLOPs / median step
+  time, reported as a fraction of the peak measured here: median of repeated ``torch.mm`` of two 2048x2048 matrices
+  (fp32 steps against the fp32 peak, bf16 steps against the bf16 peak), in its own subprocess.
+* **attention share**: one extra step under ``torch.profiler``. Each CausalSelfAttention's forward is wrapped in a
+  ``record_function`` range; every autograd node created inside such a range is known by its sequence number, and
+  the backward events (``autograd::engine::evaluate_function: ...``) carrying those numbers are the attention's
+  backward. Share = (forward ranges + those backward events) / the profiled step. "SDPA" does the same for the
+  ``aten::scaled_dot_product_attention`` calls alone (the score/softmax/value part, without the gated 1x1 blocks and
+  projections around it), and "kernel" names the SDPA implementation the dispatcher chose (``math`` builds explicit
+  L x L score matrices; ``flash`` is the fused CPU kernel). Profiler overhead inflates small models' step times.
+
+Usage (the full run takes several minutes; run it on an otherwise idle machine):
+    python bench/train_speed.py                      # tiny, small, paper-cifar10; fp32 and bf16
+    python bench/train_speed.py --quick --presets tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+PRESETS = ("tiny", "small", "paper-cifar10")
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_REPEATS = {"tiny": 20, "small": 10, "paper-cifar10": 3}  # paper-cifar10 takes seconds per step on 2 cores
+BATCH, SIZE = 8, 32
+
+
+# ---- worker side (runs in a fresh subprocess) ----------------------------------------------------------------------
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure_matmul_peak(spec: dict) -> dict:
+    """Median FLOP/s of repeated n x n torch.mm in fp32 and bf16, plus the machine description."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    n, result = spec["matmul_size"], {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        times = []
+        for i in range(spec["matmul_warmup"] + spec["matmul_repeats"]):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            if i >= spec["matmul_warmup"]:
+                times.append(time.perf_counter() - start)
+        result[f"peak_{name}_flops"] = 2 * n ** 3 / statistics.median(times)
+    result.update(torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+                  cpu_capability=torch.backends.cpu.get_cpu_capability())
+    return result
+
+
+def _attention_ranges(model):
+    """Wrap every CausalSelfAttention.forward in a profiler range (an instance attribute shadows the method)."""
+    from torch.profiler import record_function
+
+    from vqprior.attention import CausalSelfAttention
+
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            def forward(*args, _inner=module.forward, **kwargs):
+                with record_function("CausalSelfAttention"):
+                    return _inner(*args, **kwargs)
+            module.forward = forward
+
+
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
+def attributed_time_us(events, is_range) -> float:
+    """Forward time inside ranges selected by ``is_range`` plus the backward time of the autograd nodes they created
+    (matched by sequence number), in microseconds."""
+    ranges = [e for e in events if is_range(e)]
+    sequence_nrs = {d.sequence_nr for r in ranges for d in [r, *_descendants(r)] if d.sequence_nr >= 0}
+    forward_us = sum(r.time_range.elapsed_us() for r in ranges)
+    backward_us = sum(e.time_range.elapsed_us() for e in events
+                      if e.name.startswith("autograd::engine::evaluate_function:") and e.sequence_nr in sequence_nrs)
+    return forward_us + backward_us
+
+
+def _sdpa_kernel(events) -> str:
+    names = {d.name for e in events if e.name == "aten::scaled_dot_product_attention" for d in _descendants(e)}
+    kernels = sorted({"flash" if "flash" in n else "math" if "math" in n else "efficient" for n in names
+                      if n.startswith("aten::_scaled_dot_product_")})
+    return "+".join(kernels) or "-"
+
+
+def measure_training_step(spec: dict) -> dict:
+    """Time, memory, FLOPs and attention share of one (preset, precision) training step."""
+    import contextlib
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.utils import flop_counter
+
+    from vqprior.config import model_config_from_preset
+    from vqprior.pixelsnail import PixelSNAIL
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    base_rss = _peak_rss_mib()
+    torch.manual_seed(0)
+    model = PixelSNAIL(model_config_from_preset(spec["preset"], height=SIZE, width=SIZE)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.9995))
+    x = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
+
+    def autocast():
+        if spec["precision"] == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_backward():
+        with autocast():
+            loss = -model.log_prob(x).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step():
+        forward_backward()
+        optimizer.step()
+
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak_rss = _peak_rss_mib()
+
+    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    mapping = {  # shapes in, FLOPs out: the same formulas torch uses for its CUDA attention kernels
+        cpu_flash: lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v),
+        cpu_flash_backward: lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(
+            g, q, k, v),
+    }
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        forward_backward()
+    flops = counter.get_total_flops()
+
+    _attention_ranges(model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("train_step"):
+            step()
+    events = prof.events()
+    step_us = sum(e.time_range.elapsed_us() for e in events if e.name == "train_step")
+    median = statistics.median(times)
+    return dict(preset=spec["preset"], precision=spec["precision"], parameters=model.num_parameters(),
+                repeats=spec["repeats"], step_s=median, images_per_s=BATCH / median, peak_rss_mib=peak_rss,
+                step_rss_mib=peak_rss - base_rss, flops=flops, achieved_flops=flops / median,
+                attention_share=attributed_time_us(events, lambda e: e.name == "CausalSelfAttention") / step_us,
+                sdpa_share=attributed_time_us(events, lambda e: e.name == "aten::scaled_dot_product_attention")
+                / step_us,
+                sdpa_kernel=_sdpa_kernel(events))
+
+
+# ---- parent side ---------------------------------------------------------------------------------------------------
+def run_worker(spec: dict) -> dict:
+    """Run one measurement in a fresh interpreter; a failure becomes {"error": last stderr line}."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def describe_cpu() -> str:
+    """CPU model name, physical cores (distinct (physical id, core id) pairs) and logical CPUs, from /proc/cpuinfo."""
+    model, cores = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            blocks = [dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+                      for block in f.read().split("\n\n") if block.strip()]
+        blocks = [{k.strip(): v.strip() for k, v in b.items()} for b in blocks]
+        model = next((b["model name"] for b in blocks if "model name" in b), model)
+        cores = {(b.get("physical id"), b.get("core id")) for b in blocks if "core id" in b}
+    except OSError:
+        pass
+    return f"{model}, {len(cores) or '?'} physical cores, {os.cpu_count()} logical CPUs"
+
+
+def format_table(rows: list[dict], peak: dict) -> str:
+    head = ("| preset | params | precision | repeats | s/step (median) | images/s | peak RSS MiB (+step) | GFLOP/step "
+            "| GFLOP/s | of matmul peak | attention share | SDPA share | SDPA kernel |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | | {r['precision']} | failed: {r['error'][:120]} |" + " |" * 9)
+            continue
+        lines.append(
+            f"| {r['preset']} | {r['parameters'] / 1e6:.2f}M | {r['precision']} | {r['repeats']} | {r['step_s']:.3f} "
+            f"| {r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} (+{r['step_rss_mib']:.0f}) | {r['flops'] / 1e9:.2f} "
+            f"| {r['achieved_flops'] / 1e9:.1f} | {r['achieved_flops'] / peak['peak_' + r['precision'] + '_flops']:.1%} "
+            f"| {r['attention_share']:.1%} | {r['sdpa_share']:.1%} | {r['sdpa_kernel']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default=",".join(PRESETS), help="Comma-separated presets (default: %(default)s).")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32 and/or bf16 (default: both).")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"Timed steps per config (default per preset: {DEFAULT_REPEATS}).")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before timing (default: 2).")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice).")
+    parser.add_argument("--quick", action="store_true", help="A smoke test: 2 repeats, 1 warm-up, small matmul.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        result = measure_matmul_peak(spec) if spec["task"] == "peak" else measure_training_step(spec)
+        print(json.dumps(result))
+        return
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    for p in presets:
+        if p not in DEFAULT_REPEATS:
+            parser.error(f"unknown preset {p!r}; choose from {', '.join(DEFAULT_REPEATS)}")
+    for p in precisions:
+        if p not in PRECISIONS:
+            parser.error(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    warmup = 1 if args.quick else args.warmup
+    load = os.getloadavg()[0]
+    peak = run_worker(dict(task="peak", threads=args.threads, matmul_size=1024 if args.quick else 2048,
+                           matmul_warmup=1 if args.quick else 3, matmul_repeats=3 if args.quick else 10))
+    if "error" in peak:
+        sys.exit(f"matmul peak measurement failed: {peak['error']}")
+    rows = []
+    for preset in presets:
+        repeats = args.repeats or (2 if args.quick else DEFAULT_REPEATS[preset])
+        for precision in precisions:
+            spec = dict(task="step", preset=preset, precision=precision, repeats=repeats, warmup=warmup,
+                        threads=args.threads)
+            rows.append({"preset": preset, "precision": precision, **run_worker(spec)})
+            print(f"done: {preset} {precision}", file=sys.stderr)
+
+    print(f"Machine: {describe_cpu()}; torch {peak['torch_version']} ({peak['cpu_capability']}), "
+          f"{peak['torch_threads']} torch threads; 1-minute load average at start {load:.2f}.")
+    n = 1024 if args.quick else 2048
+    print(f"Matmul peak ({n}x{n} torch.mm, median): fp32 {peak['peak_fp32_flops'] / 1e9:.1f} GFLOP/s, "
+          f"bf16 {peak['peak_bf16_flops'] / 1e9:.1f} GFLOP/s. Batch {BATCH}, {SIZE}x{SIZE} RGB.\n")
+    print(format_table(rows, peak))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The ``vqprior`` command group. Each command lives in its own module beside this one; this file only wires them.
+
+Command modules import torch and the library lazily inside their bodies so ``vqprior --help`` stays fast.
+"""
+import click
+
+from vqprior import __version__
+
+from .evaluate import evaluate
+from .sample import sample
+from .train_pixels import train_pixels
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vqprior")
+def cli():
+    """PixelSNAIL autoregressive image priors: pixel density models and VQ-VAE code priors.
+
+    \b
+    Pixels:   train-pixels -> evaluate -> sample / complete
+    Priors:   train-vqvae -> extract-codes -> train-prior -> sample -> decode
+    """
+
+
+for command in (train_pixels, evaluate, sample):
+    cli.add_command(command)
+
+
+def main():
+    cli()

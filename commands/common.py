@@ -1,0 +1,62 @@
+"""Shared CLI plumbing: the error guard (one-line errors, non-zero exits), device selection, common options."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from vqprior.errors import UserError
+
+
+def guarded(fn):
+    """Run a command body; user errors become ``Error: <one line>`` on stderr and exit 1 (2 for usage errors)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        except (UserError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                PermissionError) as e:
+            raise click.ClickException(_one_line(e)) from None
+        except OSError as e:  # e.g. a full disk
+            raise click.ClickException(_one_line(e)) from None
+
+    return wrapper
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{text}: {e.filename}"
+    return " ".join(text.split())
+
+
+def resolve_device(name: str):
+    """``auto`` -> cuda when available, else cpu; otherwise the named device (validated)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="auto (CUDA when available), cpu, cuda or cuda:N.")
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -1,0 +1,65 @@
+"""``vqprior evaluate``: held-out bits/dim of a pixel model, or bits/code of a code prior."""
+from __future__ import annotations
+
+import click
+
+from .common import device_option, guarded, resolve_device
+from .options import DATASETS
+
+
+@click.command("evaluate")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="Pixel models: dataset to score (default: the one it was trained on).")
+@click.option("--data-dir", type=click.Path(), default=None, help="Dataset folder (default: the training one).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--codes", type=click.Path(), default=None, help="Priors: an LMDB code cache to score.")
+@click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Score only the first N items (0: all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
+@device_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@guarded
+def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cache, device, quiet):
+    """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights."""
+    from torch.utils.data import DataLoader
+
+    from vqprior.checkpoint import load_model, read_checkpoint
+    from vqprior.config import DataConfig
+    from vqprior.evaluate import evaluate_nll
+
+    device = resolve_device(device)
+    kind = read_checkpoint(checkpoint, ("pixels", "prior"))["kind"]
+    model = load_model(checkpoint, device)
+    data = DataConfig.from_dict(read_checkpoint(checkpoint)["config"]["data"])
+    if kind == "pixels":
+        if codes:
+            raise click.UsageError("--codes is for priors; this is a pixel model")
+        from vqprior.data.datasets import load_image_dataset
+
+        name = dataset or data.dataset
+        ds = load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
+                                or None, image_size=data.image_size, cache=cache, limit=limit)
+        if (ds.channels, ds.height, ds.width) != (model.config.channels, model.config.height, model.config.width):
+            raise click.ClickException(
+                f"dataset images are {ds.channels}x{ds.height}x{ds.width} but the model was trained on "
+                f"{model.config.channels}x{model.config.height}x{model.config.width}")
+        result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key="image",
+                              use_label=bool(model.config.num_classes), limit=limit, progress=not quiet)
+        unit, where = "bits/dim", f"{name} {split}"
+    else:
+        if not codes:
+            raise click.UsageError("evaluating a prior needs --codes CODES.lmdb")
+        from vqprior.data.codes import CodeDataset, check_codebook
+
+        level = model.prior_info.get("level", "top")
+        ds = CodeDataset(codes)
+        check_codebook(ds.metadata, model.config.num_codes, level)
+        cond = "top" if level == "bottom" else None
+        result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key=level,
+                              condition_key=cond, use_label=bool(model.config.num_classes), limit=limit,
+                              progress=not quiet)
+        unit, where = "bits/code", f"{codes} ({level} codes)"
+    click.echo(f"{result['bits_per_value']:.4f} {unit} on {where}: {result['examples']} items, "
+               f"{result['nll_nats']:.1f} nats total")

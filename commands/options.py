@@ -1,0 +1,114 @@
+"""Click options shared by the training commands: model architecture and the optimisation loop.
+
+Every architecture field of ``ModelConfig`` and every ``TrainConfig`` field has an option with the same name in
+kebab-case. Architecture options default to the preset's value; training options to ``TrainConfig``'s.
+"""
+from __future__ import annotations
+
+import click
+
+from vqprior.config import PRESETS, TrainConfig
+
+_TRAIN_DEFAULTS = TrainConfig()
+
+
+def model_options(fn):
+    """--preset plus one option per architecture field (unset = the preset's value)."""
+    opts = [
+        click.option("--preset", type=click.Choice(list(PRESETS)), default="small", show_default=True,
+                     help="Architecture preset; the options below override single fields."),
+        click.option("--filters", type=click.IntRange(min=1), help="Channels of the residual stream."),
+        click.option("--blocks", type=click.IntRange(min=1), help="PixelSNAIL blocks (each ends in attention)."),
+        click.option("--res-blocks", type=click.IntRange(min=1), help="Gated residual blocks per block."),
+        click.option("--kernel-size", type=click.IntRange(min=1), help="Size k of the k x k causal convolutions."),
+        click.option("--attention/--no-attention", default=None, help="Causal self-attention (default on)."),
+        click.option("--attn-heads", type=click.IntRange(min=1), help="Attention heads."),
+        click.option("--key-channels", type=click.IntRange(min=1), help="Attention key/query channels."),
+        click.option("--value-channels", type=click.IntRange(min=1), help="Attention value channels."),
+        click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True), help="Dropout rate."),
+        click.option("--mixtures", type=click.IntRange(min=1), help="Logistic mixture components (pixel head)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+MODEL_FIELDS = ("filters", "blocks", "res_blocks", "kernel_size", "attention", "attn_heads", "key_channels",
+                "value_channels", "dropout", "mixtures")
+
+
+def train_options(fn):
+    """One option per TrainConfig field."""
+    d = _TRAIN_DEFAULTS
+    opts = [
+        click.option("--steps", type=click.IntRange(min=1), default=d.steps, show_default=True,
+                     help="Total optimisation steps (with --resume: the new total)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=d.lr, show_default=True,
+                     help="Adam learning rate."),
+        click.option("--lr-decay", type=click.FloatRange(0, 1), default=d.lr_decay, show_default=True,
+                     help="Learning-rate factor per step."),
+        click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=d.ema, show_default=True,
+                     help="Polyak EMA decay (EMA weights are evaluated and sampled)."),
+        click.option("--grad-clip", type=click.FloatRange(min=0), default=d.grad_clip, show_default=True,
+                     help="Clip the gradient norm (0: off)."),
+        click.option("--eval-every", type=click.IntRange(min=1), default=d.eval_every, show_default=True),
+        click.option("--sample-every", type=click.IntRange(min=1), default=d.sample_every, show_default=True),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=d.checkpoint_every,
+                     show_default=True),
+        click.option("--eval-limit", type=click.IntRange(min=0), default=d.eval_limit, show_default=True,
+                     help="Evaluate on the first N held-out items (0: all)."),
+        click.option("--num-samples", type=click.IntRange(min=1), default=d.num_samples, show_default=True,
+                     help="Images in each sample grid."),
+        click.option("--seed", type=int, default=d.seed, show_default=True),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=d.precision, show_default=True,
+                     help="bf16 = autocast (CPU and CUDA)."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+                     help="Run folder: latest.pt, metrics.jsonl, sample grids."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its latest.pt."),
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="DataLoader worker processes."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "ema", "grad_clip", "eval_every", "sample_every",
+                "checkpoint_every", "eval_limit", "num_samples", "seed", "precision")
+
+
+def train_config_from_options(ctx: click.Context, kwargs: dict, checkpoint: dict | None) -> TrainConfig:
+    """A fresh run takes every option; a resumed run keeps its stored config except options given explicitly."""
+    values = {k: kwargs[k] for k in TRAIN_FIELDS}
+    if checkpoint is None:
+        return TrainConfig(**values)
+    stored = TrainConfig.from_dict(checkpoint["config"]["train"]).to_dict()
+    for k in TRAIN_FIELDS:
+        if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None):
+            stored[k] = values[k]
+    return TrainConfig(**stored)
+
+
+DATASETS = ["sample", "cifar10", "mnist", "imagenet32", "imagenet64", "folder"]
+
+
+def data_options(fn):
+    """Where the images come from (see vqprior.data.datasets)."""
+    opts = [
+        click.option("--dataset", type=click.Choice(DATASETS), default="sample", show_default=True,
+                     help="sample = the bundled real CIFAR-10 subset (no download)."),
+        click.option("--data-dir", type=click.Path(), default=None,
+                     help="Dataset folder: train.npz/test.npz, torchvision files, ImageNet PNG folders or images."),
+        click.option("--image-size", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Resize/crop to this size (0: native; required for mixed-size folders)."),
+        click.option("--cache", type=click.Path(file_okay=False), default=None,
+                     help="LMDB folder caching decoded images for later runs."),
+        click.option("--download", is_flag=True, help="Let torchvision download cifar10/mnist if missing."),
+        click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Use only the first N training images (0: all)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn

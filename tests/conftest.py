@@ -1,0 +1,40 @@
+"""Shared test fixtures: tiny model configs and the optional real data in ../shared/data."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqprior.config import model_config_from_preset
+from vqprior.pixelsnail import PixelSNAIL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """The real CIFAR-10 / MNIST npz folder when present (never required)."""
+    for candidate in (os.environ.get("VQPRIOR_SHARED_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> PixelSNAIL:
+    """A tiny PixelSNAIL in eval mode with non-trivial weight-norm scales and biases."""
+    torch.manual_seed(seed)
+    defaults = dict(height=5, width=5)
+    defaults.update(overrides)
+    model = PixelSNAIL(model_config_from_preset("tiny", **defaults)).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight_g"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias") or "class_embedding" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,213 @@
+"""Cached sampling is exact: its per-step parameters equal a full forward pass, and with the same seed it draws the
+same samples as the naive sampler, for every model variant (pixels / codes, attention, kernel size, heads,
+class and code-map conditioning); completion keeps the prefix; bad inputs raise one-line user errors."""
+import pytest
+import torch
+
+from vqprior.config import model_config_from_preset
+from vqprior.errors import UserError
+from vqprior.pixelsnail import PixelSNAIL
+from vqprior.sampling import CachedSampler, complete, sample
+
+H, W = 5, 6  # not square: a swapped row/column index cannot pass
+COND = dict(cond_num_codes=5, cond_height=2, cond_width=3)
+VARIANTS = {
+    "rgb": dict(head="pixels", channels=3),
+    "gray-k3-heads2": dict(head="pixels", channels=1, kernel_size=3, attn_heads=2),
+    "gray-no-attn-class": dict(head="pixels", channels=1, attention=False, num_classes=3),
+    "codes": dict(head="codes", num_codes=7),
+    "codes-class-cond-k3-heads2": dict(head="codes", num_codes=7, num_classes=3, kernel_size=3, attn_heads=2, **COND),
+    "codes-cond-no-attn": dict(head="codes", num_codes=7, attention=False, **COND),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny per-position ops: thread start-up costs more than it saves (and the test machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(variant: str, dtype=torch.float64, seed: int = 0, **overrides) -> PixelSNAIL:
+    """A tiny random model whose every parameter matters: unit-scale weight-normed rows (weight_g away from |v|, so
+    weight() must be computed as the model does), non-zero biases and class biases."""
+    torch.manual_seed(seed)
+    model = PixelSNAIL(model_config_from_preset("tiny", height=H, width=W, **VARIANTS[variant], **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight_g"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias") or "embedding" in name:
+                p.normal_(0.0, 0.3)
+    return model.to(dtype).eval()
+
+
+def make_inputs(model, batch: int, seed: int = 1):
+    """Random data, labels and condition codes that fit ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    if c.head == "pixels":
+        x = torch.randint(0, 256, (batch, c.channels, H, W), generator=g, dtype=torch.uint8)
+    else:
+        x = torch.randint(0, c.num_codes, (batch, H, W), generator=g)
+    label = torch.randint(0, c.num_classes, (batch,), generator=g) if c.num_classes else None
+    cond = torch.randint(0, c.cond_num_codes, (batch, c.cond_height, c.cond_width), generator=g) \
+        if c.cond_num_codes else None
+    return x, label, cond
+
+
+def value_at(x, p):
+    r, c = divmod(p, W)
+    return x[:, :, r, c] if x.dim() == 4 else x[:, r, c]
+
+
+def max_step_error(model, start: int) -> float:
+    """Largest |cached step params - full forward params| over the positions >= start of random data."""
+    x, label, cond = make_inputs(model, batch=3)
+    with torch.no_grad():
+        full = model(x, label=label, condition=cond)  # (B, P, H, W); position p sees only positions < p
+        sampler = CachedSampler(model, 3, label, cond)
+        sampler.prefill(x, start)
+        error = 0.0
+        for p in range(start, H * W):
+            params = sampler.step(p)
+            assert params.shape == (3, model.config.out_channels)
+            error = max(error, (params - full[:, :, p // W, p % W]).abs().max().item())
+            sampler.append(p, value_at(x, p))
+    return error
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_params_equal_forward_float64(variant):
+    model = make_model(variant)
+    assert max_step_error(model, start=0) < 1e-10
+    assert max_step_error(model, start=W + 2) < 1e-10  # caches filled from a prefix ending mid-row
+
+
+@pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2"])
+def test_cached_params_equal_forward_float32(variant):
+    assert max_step_error(make_model(variant, dtype=torch.float32), start=0) < 1e-4
+
+
+def draw(model, method, seed=0, **kwargs):
+    return sample(model, 4, method=method, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_same_seed_same_samples(variant):
+    model = make_model(variant)
+    _, label, cond = make_inputs(model, batch=4)
+    cached = draw(model, "cached", label=label, condition=cond)
+    assert torch.equal(cached, draw(model, "naive", label=label, condition=cond))
+    if model.config.head == "pixels":
+        assert cached.dtype == torch.uint8 and cached.shape == (4, model.config.channels, H, W)
+    else:
+        assert cached.dtype == torch.long and cached.shape == (4, H, W)
+        assert 0 <= cached.min() and cached.max() < model.config.num_codes
+    assert not torch.equal(cached, draw(model, "cached", seed=1, label=label, condition=cond))
+
+
+def test_float32_kernel2_same_samples_and_int_label():
+    model = make_model("gray-no-attn-class", dtype=torch.float32)
+    assert torch.equal(draw(model, "cached", label=2), draw(model, "naive", label=2))
+
+
+def test_dropout_model_samples_in_eval_mode_and_keeps_train_mode():
+    model = make_model("codes", dropout=0.5).train()
+    assert torch.equal(draw(model, "cached"), draw(model, "naive"))
+    assert model.training
+
+
+def test_batch_size_and_on_step():
+    model = make_model("codes-class-cond-k3-heads2")
+    _, label, cond = make_inputs(model, batch=4)
+    seen = []
+    out = draw(model, "cached", label=label, condition=cond, batch_size=3,
+               on_step=lambda p, current: seen.append((p, current.shape[0], int(current[:, p // W, p % W].max()))))
+    assert out.shape == (4, H, W)
+    assert [p for p, _, _ in seen] == list(range(H * W)) * 2
+    assert [b for _, b, _ in seen] == [3] * (H * W) + [1] * (H * W)
+    assert torch.equal(out, draw(model, "naive", label=label, condition=cond, batch_size=3))
+
+
+@pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2"])
+def test_completion_keeps_prefix_and_equals_naive(variant):
+    model = make_model(variant)
+    x, label, cond = make_inputs(model, batch=4)
+    start = 2 * W + 3
+    cached = draw(model, "cached", label=label, condition=cond, prefix=x, start=start)
+    assert torch.equal(cached, draw(model, "naive", label=label, condition=cond, prefix=x, start=start))
+    flat, known = cached.reshape(4, -1, H * W), x.reshape(4, -1, H * W)
+    assert torch.equal(flat[:, :, :start], known[:, :, :start])
+    assert not torch.equal(flat[:, :, start:], known[:, :, start:])
+    assert torch.equal(draw(model, "cached", label=label, condition=cond, prefix=x, start=H * W), x)
+
+
+def test_complete_repeats_each_input():
+    model = make_model("codes-class-cond-k3-heads2")
+    x, label, cond = make_inputs(model, batch=2)
+    g = torch.Generator().manual_seed(3)
+    out = complete(model, x, keep_rows=2, num=3, label=label, condition=cond, generator=g)
+    assert out.shape == (6, H, W)
+    assert torch.equal(out[:, :2], x.repeat_interleave(3, 0)[:, :2])
+    one = complete(make_model("rgb"), make_inputs(make_model("rgb"), 1)[0][0], keep_rows=4, num=2)
+    assert one.shape == (2, 3, H, W)
+
+
+def test_code_controls():
+    model = make_model("codes")
+    base = draw(model, "cached")
+    for kwargs in (dict(temperature=0.5), dict(top_k=3), dict(top_p=0.6), dict(temperature=2.0, top_k=2, top_p=0.9)):
+        assert torch.equal(draw(model, "cached", **kwargs), draw(model, "naive", **kwargs))
+    # top-k = 1 is greedy: the generator no longer matters, and the result differs from plain sampling.
+    greedy = draw(model, "cached", top_k=1)
+    assert torch.equal(greedy, draw(model, "cached", seed=5, top_k=1))
+    assert not torch.equal(greedy, base)
+
+
+@pytest.mark.parametrize("variant, kwargs, match", [
+    ("codes", dict(num=0), "num"),
+    ("codes", dict(method="fast"), "method"),
+    ("codes", dict(temperature=0.0), "temperature"),
+    ("codes", dict(top_k=-1), "top-k"),
+    ("codes", dict(top_p=0.0), "top-p"),
+    ("rgb", dict(top_k=5), "code priors"),
+    ("codes", dict(batch_size=0), "batch size"),
+    ("codes", dict(label=1), "not class-conditional"),
+    ("gray-no-attn-class", dict(), "class-conditional"),
+    ("gray-no-attn-class", dict(label=3), "label outside"),
+    ("gray-no-attn-class", dict(label=torch.zeros(3, dtype=torch.long)), "shape"),
+    ("codes-cond-no-attn", dict(), "top codes"),
+    ("codes-cond-no-attn", dict(condition=torch.zeros(2, 3, 2, dtype=torch.long)), "shape"),
+    ("codes-cond-no-attn", dict(condition=torch.full((2, 2, 3), 5)), "codebook"),
+    ("codes", dict(condition=torch.zeros(2, 2, 3, dtype=torch.long)), "not conditioned"),
+    ("codes", dict(start=3), "prefix"),
+    ("codes", dict(prefix=torch.zeros(2, H, W + 1, dtype=torch.long), start=3), "shape"),
+    ("codes", dict(prefix=torch.zeros(2, H, W, dtype=torch.long), start=H * W + 1), "start"),
+    ("codes", dict(prefix=torch.full((2, H, W), 7), start=3), "codebook"),
+    ("rgb", dict(prefix=torch.zeros(2, 3, H, W), start=3), "uint8"),
+])
+def test_bad_inputs_raise_user_errors(variant, kwargs, match):
+    kwargs = dict(dict(num=2), **kwargs)
+    with pytest.raises(UserError, match=match) as info:
+        sample(make_model(variant), kwargs.pop("num"), **kwargs)
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+def test_bad_complete_and_step_order():
+    model = make_model("codes")
+    x = make_inputs(model, 1)[0][0]
+    with pytest.raises(UserError, match="keep_rows"):
+        complete(model, x, keep_rows=H + 1, num=2)
+    with pytest.raises(UserError, match="code map"):
+        complete(model, x[None, None], keep_rows=1, num=2)
+    with torch.no_grad():
+        sampler = CachedSampler(model, 1)
+        with pytest.raises(ValueError, match="out of order"):
+            sampler.step(1)
+        with pytest.raises(ValueError, match="must follow"):
+            sampler.append(0, x[:1, 0])
+    with pytest.raises(ValueError, match="eval mode"):
+        CachedSampler(model.train(), 1)

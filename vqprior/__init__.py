@@ -1,0 +1,21 @@
+"""vqprior: tractable-likelihood autoregressive image priors with a PixelSNAIL core.
+
+The public API is small and imported lazily so that ``vqprior --help`` stays fast:
+``load_model(path)`` and ``sample(model, num, ...)``.
+"""
+__version__ = "0.1.0"
+
+
+def load_model(path, device="cpu"):
+    """Load a checkpoint's model in eval mode with EMA weights (see ``vqprior.checkpoint.load_model``)."""
+    from .checkpoint import load_model as _load
+    return _load(path, device=device)
+
+
+def sample(model, num, method="cached", generator=None, temperature=1.0, **kwargs):
+    """Sample ``num`` images (pixel models) or code maps (priors); see ``vqprior.sampling.sample``."""
+    from .sampling import sample as _sample
+    return _sample(model, num, method=method, generator=generator, temperature=temperature, **kwargs)
+
+
+__all__ = ["__version__", "load_model", "sample"]

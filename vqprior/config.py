@@ -1,0 +1,195 @@
+"""Configuration: frozen dataclasses for the model, the optimiser loop and the VQ-VAE, plus named presets.
+
+Configs travel inside checkpoints as plain dicts; ``from_dict`` is strict (unknown keys are rejected) so a
+typo or a checkpoint from an incompatible version fails loudly instead of silently using a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid or unknown (always a user error with a one-line message)."""
+
+
+def _strict_from_dict(cls, data: dict[str, Any]):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            if isinstance(value, list):  # JSON / torch.save round trip turns tuples into lists
+                value = tuple(value)
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """PixelSNAIL architecture (DESIGN.md section 3).
+
+    ``head`` selects what the network models: ``"pixels"`` (discretized logistic mixture over ``channels`` image
+    channels, 1 or 3) or ``"codes"`` (categorical over ``num_codes`` VQ-VAE code indices).
+    """
+
+    head: str = "pixels"
+    channels: int = 3  # image channels for the pixel head (1 grayscale or 3 RGB)
+    height: int = 32
+    width: int = 32
+    num_codes: int = 0  # codebook size for the codes head
+    embed_dim: int = 32  # code embedding width (codes head input)
+    filters: int = 256
+    blocks: int = 12
+    res_blocks: int = 4
+    kernel_size: int = 2  # the down-right-shifted convolutions are kernel_size x kernel_size
+    attention: bool = True
+    attn_heads: int = 1
+    key_channels: int = 16
+    value_channels: int = 128
+    dropout: float = 0.5
+    mixtures: int = 10
+    num_classes: int = 0  # > 0: class-conditional (a learned per-block bias)
+    cond_num_codes: int = 0  # > 0: conditioned on a coarser code map with this codebook size
+    cond_height: int = 0
+    cond_width: int = 0
+    cond_channels: int = 64
+    cond_layers: int = 2
+
+    def __post_init__(self):
+        if self.head not in ("pixels", "codes"):
+            raise ConfigError(f"head must be 'pixels' or 'codes', got {self.head!r}")
+        if self.head == "pixels" and self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3 for the pixel head, got {self.channels}")
+        if self.head == "codes" and self.num_codes < 2:
+            raise ConfigError(f"num_codes must be at least 2 for the codes head, got {self.num_codes}")
+        for name in ("height", "width", "filters", "blocks", "res_blocks", "kernel_size", "attn_heads",
+                     "key_channels", "value_channels", "mixtures", "embed_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.key_channels % self.attn_heads or self.value_channels % self.attn_heads:
+            raise ConfigError("key_channels and value_channels must be divisible by attn_heads")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes < 0 or self.cond_num_codes < 0:
+            raise ConfigError("num_classes and cond_num_codes must be >= 0")
+        if self.cond_num_codes and (self.cond_height < 1 or self.cond_width < 1):
+            raise ConfigError("a code-map condition needs cond_height and cond_width")
+
+    @property
+    def out_channels(self) -> int:
+        """Number of distribution parameters per position produced by the head."""
+        if self.head == "codes":
+            return self.num_codes
+        per_mix = 1 + 2 * self.channels + (3 if self.channels == 3 else 0)  # logit, means, log-scales, coupling
+        return self.mixtures * per_mix
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _strict_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop (DESIGN.md section 3: Adam(0.95, 0.9995), lr decay per step, Polyak EMA)."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    lr_decay: float = 0.999998  # multiplied into the learning rate every step
+    beta1: float = 0.95
+    beta2: float = 0.9995
+    ema: float = 0.9995
+    grad_clip: float = 0.0  # 0 disables clipping
+    eval_every: int = 500
+    sample_every: int = 1000
+    checkpoint_every: int = 200
+    eval_limit: int = 0  # 0 = the whole held-out split
+    num_samples: int = 16
+    seed: int = 0
+    precision: str = "fp32"
+    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "sample_every", "checkpoint_every", "num_samples",
+                     "max_bad_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _strict_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training data comes from (recorded in checkpoints so evaluation can find the same data)."""
+
+    dataset: str = "sample"
+    data_dir: str = ""
+    image_size: int = 0  # 0 = the dataset's native size
+    cache: str = ""
+    download: bool = False
+    class_conditional: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
+        return _strict_from_dict(cls, data)
+
+
+# Architecture presets. Image size, channels, head and conditioning come from the data, not the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Test-sized: runs in milliseconds on 8x8 inputs.
+    "tiny": dict(filters=16, blocks=2, res_blocks=1, key_channels=4, value_channels=8, dropout=0.0, mixtures=2,
+                 embed_dim=8, cond_channels=8, cond_layers=1),
+    # CPU-trainable in minutes on 32x32.
+    "small": dict(filters=64, blocks=2, res_blocks=2, key_channels=16, value_channels=32, dropout=0.1, mixtures=5,
+                  embed_dim=32, cond_channels=32, cond_layers=2),
+    # The paper's CIFAR-10 model (about 46M parameters).
+    "paper-cifar10": dict(filters=256, blocks=12, res_blocks=4, key_channels=16, value_channels=128, dropout=0.5,
+                          mixtures=10),
+    # The paper's ImageNet 32x32 model: 32 mixtures, no dropout.
+    "paper-imagenet32": dict(filters=256, blocks=12, res_blocks=4, key_channels=16, value_channels=128, dropout=0.0,
+                             mixtures=32),
+}
+
+
+def model_config_from_preset(preset: str, **overrides: Any) -> ModelConfig:
+    """Build a ModelConfig from a named preset; ``None`` overrides are ignored (unset CLI options)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown model option(s): {', '.join(unknown)}")
+    return ModelConfig(**values)
+
+
+__all__ = ["ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "model_config_from_preset",
+           "replace", "field"]

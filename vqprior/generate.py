@@ -1,0 +1,116 @@
+"""From a checkpoint to pictures: sample pixels, or sample code maps (top, then bottom conditioned on it) and decode
+them with the prior's embedded VQ-VAE; optionally record animation frames. Used by ``vqprior sample``/``complete``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+from .images import make_grid
+
+
+@dataclass
+class Generated:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    codes: list[torch.Tensor] = field(default_factory=list)  # int64 code maps, [top, bottom] or [codes]
+    frames: list[torch.Tensor] = field(default_factory=list)  # uint8 (3, H', W') grids for an animation
+
+
+def prior_level(model) -> str:
+    """'top' (or the single level), or 'bottom' (conditioned on top codes)."""
+    return getattr(model, "prior_info", {}).get("level", "top")
+
+
+def vqvae_levels(model) -> int:
+    vq = getattr(model, "vqvae", None)
+    return int(vq.config.levels) if vq is not None else 1
+
+
+def _labels(model, num: int, label: int | None, device) -> torch.Tensor | None:
+    classes = model.config.num_classes
+    if label is None:
+        return (torch.arange(num, device=device) % classes) if classes else None
+    if not classes:
+        raise UserError("--class given, but this model is not class-conditional")
+    if not 0 <= label < classes:
+        raise UserError(f"--class must be in [0, {classes - 1}], got {label}")
+    return torch.full((num,), label, dtype=torch.long, device=device)
+
+
+class _FrameRecorder:
+    """Collects about ``max_frames`` grids while a map fills in, position by position."""
+
+    def __init__(self, positions: int, render, max_frames: int = 60):
+        self.stride = max(1, positions // max_frames)
+        self.render, self.frames = render, []
+
+    def __call__(self, p: int, current: torch.Tensor) -> None:
+        if (p + 1) % self.stride == 0:
+            self.frames.append(make_grid(self.render(current)))
+
+
+def generate(model, num: int, *, bottom=None, method: str = "cached", generator: torch.Generator | None = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label: int | None = None,
+             animate: bool = False, prefix: list[torch.Tensor] | torch.Tensor | None = None,
+             start: int = 0) -> Generated:
+    """Sample ``num`` images from a pixel model or a (top) prior, with ``bottom`` the bottom prior of a 2-level
+    VQ-VAE. ``prefix``/``start`` complete a known raster prefix (pixels: images; priors: top codes, with a bottom
+    prefix starting at the matching row of the bottom map)."""
+    from .sampling import sample
+
+    if num < 1:
+        raise UserError(f"--num must be at least 1, got {num}")
+    device = next(model.parameters()).device
+    labels = _labels(model, num, label, device)
+    kwargs = dict(method=method, generator=generator, temperature=temperature)
+    if model.config.head == "pixels":
+        if bottom is not None:
+            raise UserError("--bottom applies to code priors, not to pixel models")
+        rec = _FrameRecorder(model.config.height * model.config.width, lambda x: x) if animate else None
+        images = sample(model, num, label=labels, on_step=rec, prefix=prefix, start=start, **kwargs)
+        return Generated(images, [], rec.frames if rec else [])
+
+    vq = getattr(model, "vqvae", None)
+    if vq is None:
+        raise UserError("this prior checkpoint carries no VQ-VAE to decode with")
+    if prior_level(model) == "bottom":
+        raise UserError("this is a bottom prior: sample the top prior and pass this one with --bottom")
+    levels = vqvae_levels(model)
+    if levels == 2 and bottom is None:
+        raise UserError("this top prior belongs to a 2-level VQ-VAE: pass its bottom prior with --bottom")
+    if levels == 1 and bottom is not None:
+        raise UserError("--bottom given, but this prior's VQ-VAE has a single level")
+    if bottom is not None:
+        if prior_level(bottom) != "bottom":
+            raise UserError("the --bottom checkpoint is not a bottom prior")
+        if getattr(bottom, "vqvae_sha256", "") != getattr(model, "vqvae_sha256", ""):
+            raise UserError("the top and bottom priors were trained on codes of different VQ-VAEs")
+    code_kw = dict(kwargs, top_k=top_k, top_p=top_p)
+    top_prefix = prefix[0] if isinstance(prefix, (list, tuple)) else prefix
+    frames: list[torch.Tensor] = []
+    if levels == 1:
+        rec = _FrameRecorder(model.config.height * model.config.width, lambda c: vq.decode([c])) if animate else None
+        codes = sample(model, num, label=labels, on_step=rec, prefix=top_prefix, start=start, **code_kw)
+        return Generated(vq.decode([codes]), [codes], rec.frames if rec else [])
+
+    bottom_shape = (bottom.config.height, bottom.config.width)
+    blank_bottom = torch.zeros(num, *bottom_shape, dtype=torch.long, device=device)
+    rec = _FrameRecorder(model.config.height * model.config.width,
+                         lambda c: vq.decode([c, blank_bottom])) if animate else None
+    top = sample(model, num, label=labels, on_step=rec, prefix=top_prefix, start=start, **code_kw)
+    if rec:
+        frames += rec.frames
+    rec = _FrameRecorder(bottom_shape[0] * bottom_shape[1], lambda c: vq.decode([top, c])) if animate else None
+    bottom_prefix, bottom_start = None, 0
+    if isinstance(prefix, (list, tuple)) and len(prefix) > 1:
+        bottom_prefix = prefix[1]
+        rows = start // model.config.width  # kept top rows cover the same image region as these bottom rows
+        bottom_start = rows * bottom_shape[0] // model.config.height * bottom_shape[1]
+    bottom_labels = _labels(bottom, num, label, device) if bottom.config.num_classes else None
+    bot = sample(bottom, num, label=bottom_labels, condition=top, on_step=rec, prefix=bottom_prefix,
+                 start=bottom_start, **code_kw)
+    if rec:
+        frames += rec.frames
+    return Generated(vq.decode([top, bot]), [top, bot], frames)

@@ -1,0 +1,57 @@
+"""The pixel-level density task: PixelSNAIL with a logistic-mixture head trained on images (bits/dim)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import DataConfig, ModelConfig
+from .evaluate import evaluate_nll
+from .layers import data_dependent_init
+from .pixelsnail import PixelSNAIL
+
+
+class PixelTask:
+    """Train-loop task (see ``vqprior.train``) for ``PixelSNAIL`` over uint8 images."""
+
+    kind = "pixels"
+
+    def __init__(self, model_config: ModelConfig, data_config: DataConfig):
+        if model_config.head != "pixels":
+            raise ValueError("PixelTask needs a model config with head='pixels'")
+        self.model_config, self.data_config = model_config, data_config
+
+    def _label(self, batch):
+        return batch["label"] if self.model_config.num_classes else None
+
+    def build_model(self) -> PixelSNAIL:
+        return PixelSNAIL(self.model_config)
+
+    def init_model(self, model, batch) -> None:
+        data_dependent_init(model, batch["image"], label=self._label(batch))
+
+    def loss(self, model, batch):
+        x = batch["image"]
+        params = model(x, label=self._label(batch))
+        log_prob = model.head.log_prob(params.float(), x)  # the likelihood in fp32 even under bf16 autocast
+        nats_per_dim = -log_prob.sum((1, 2)).mean() / x[0].numel()
+        return nats_per_dim, {"bpd": float(nats_per_dim) / math.log(2.0)}
+
+    def evaluate(self, model, loader) -> dict[str, float]:
+        device = next(model.parameters()).device
+        result = evaluate_nll(model, loader, device, use_label=bool(self.model_config.num_classes))
+        return {"bpd": result["bits_per_value"]}
+
+    def grid(self, model, batch, generator) -> torch.Tensor:
+        from .sampling import sample
+
+        n = batch["image"].shape[0]
+        label = torch.arange(n, device=batch["image"].device) % self.model_config.num_classes \
+            if self.model_config.num_classes else None
+        return sample(model, n, method="cached", generator=generator, label=label)
+
+    def config_dicts(self) -> dict:
+        return {"model": self.model_config.to_dict(), "data": self.data_config.to_dict()}
+
+    def extra_checkpoint(self) -> dict:
+        return {}

@@ -1,0 +1,324 @@
+"""The training loop shared by every model kind: step loop, LR schedule, Polyak EMA, eval, sample grids,
+checkpoints, exact resume, graceful stop and the non-finite guard.
+
+What is trained is described by a *task* object (``PixelTask``, ``PriorTask``, ``VQVAETask``) with this protocol::
+
+    kind: str                                   checkpoint kind ("pixels" | "prior" | "vqvae")
+    build_model() -> nn.Module
+    init_model(model, batch) -> None            once before step 0 (weight-norm data-dependent init, codebooks)
+    loss(model, batch) -> (Tensor, {str: float})  scalar to minimise + metrics to log
+    evaluate(model, loader) -> {str: float}     held-out metrics (model in eval mode, EMA weights)
+    grid(model, batch, generator) -> uint8 (N, C, H, W)   images for the PNG grid (samples or reconstructions)
+    config_dicts() -> dict                      stored as checkpoint["config"] (plus "train")
+    extra_checkpoint() -> dict                  e.g. {"vqvae": {...}} for priors
+
+Resume is exact: the batch order is a pure function of (seed, step), the learning rate of the step, and the RNG
+state is saved with the model, optimizer and EMA, so a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .checkpoint import atomic_write, read_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .errors import UserError
+from .images import save_grid
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "latest.pt"
+
+
+class StepBatchSampler(Sampler):
+    """Batches of indices as a pure function of (seed, step): epoch e is ``randperm(N)`` seeded by (seed, e).
+
+    Starting at ``start_step`` reproduces exactly the batches an uninterrupted run would see from that step on.
+    ``rank``/``world_size`` take this process's slice of each global batch (distributed training).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_step: int, steps: int, rank: int = 0,
+                 world_size: int = 1):
+        if size < 1:
+            raise UserError("the training set is empty")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start_step, self.steps, self.rank, self.world_size = start_step, steps, rank, world_size
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.size, generator=g), epoch
+        return self._perm
+
+    def global_batch(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            out.append(int(self._permutation(pos // self.size)[pos % self.size]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.steps):
+            batch = self.global_batch(step)
+            yield batch[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class EMA:
+    """Polyak averaging of parameters; buffers (e.g. EMA codebooks) are copied from the live model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.state = {k: v.detach().clone() for k, v in (state or model.state_dict()).items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        torch._foreach_lerp_([self.state[n] for n in self.names], [params[n].detach() for n in self.names],
+                             1.0 - self.decay)
+        for name, buf in model.named_buffers():
+            self.state[name].copy_(buf)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop then checkpoints and returns (a second signal interrupts at once)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint: the resumed run logs those steps again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill mid-write
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+
+
+def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict[str, Any] | None:
+    """Create ``out_dir``; return the checkpoint to resume from (or None). Refuses to clobber an existing run."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out must be a folder, but a file exists there: {out}")
+    ckpt = out / CHECKPOINT_NAME
+    if ckpt.exists():
+        if not resume:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        return read_checkpoint(ckpt, kind)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"the run folder is not writable: {out}")
+    return None
+
+
+def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathLike, *,
+          checkpoint: dict[str, Any] | None = None, device: str | torch.device = "cpu", progress: bool = True,
+          num_workers: int = 0) -> dict[str, Any]:
+    """Train ``task`` on ``train_set`` for ``config.steps`` steps (continuing ``checkpoint`` if given).
+
+    Writes ``out_dir/latest.pt`` every ``checkpoint_every`` steps and at the end, ``metrics.jsonl``, and a PNG grid
+    ``samples_stepN.png`` every ``sample_every`` steps. Returns a summary dict (step, last metrics, status).
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+
+    torch.manual_seed(config.seed)
+    model = task.build_model().to(device)
+    start_step = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"], strict=True)
+        start_step = int(checkpoint["step"])
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+
+    if val_set is not None and config.eval_limit and len(val_set) > config.eval_limit:
+        val_set = torch.utils.data.Subset(val_set, range(config.eval_limit))
+    sampler = StepBatchSampler(len(train_set), config.batch_size, config.seed, start_step, config.steps)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 32), shuffle=False,
+                            num_workers=num_workers) if val_set is not None and len(val_set) else None
+
+    if checkpoint is None:
+        first = to_device(next(iter(DataLoader(train_set, batch_sampler=[sampler.global_batch(0)]))), device)
+        task.init_model(model, first)  # weight-norm data-dependent init on one batch
+        ema = EMA(model, config.ema)
+        _truncate_metrics(metrics_path, -1)
+    else:
+        opt.load_state_dict(checkpoint["optimizer"])
+        ema = EMA(model, config.ema, checkpoint["ema"])
+        _set_rng_state(checkpoint["rng"])
+        _truncate_metrics(metrics_path, start_step)
+    eval_model = task.build_model().to(device).eval()
+    last_metrics: dict[str, float] = dict(checkpoint.get("metrics", {})) if checkpoint else {}
+    sample_batch = next(iter(DataLoader(val_set if val_loader else train_set, batch_size=config.num_samples)))
+
+    def save(step: int) -> None:
+        payload = {"kind": task.kind, "config": {**task.config_dicts(), "train": config.to_dict()},
+                   "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                   "step": step, "rng": _rng_state(), "metrics": last_metrics}
+        payload.update(task.extra_checkpoint())
+        save_checkpoint(out / CHECKPOINT_NAME, payload)
+
+    def run_eval(step: int) -> None:
+        eval_model.load_state_dict(ema.state_dict())
+        if val_loader is not None:
+            with torch.no_grad(), autocast(device, config.precision):
+                result = task.evaluate(eval_model, val_loader)
+            last_metrics.update({f"eval_{k}": v for k, v in result.items()})
+            _append_jsonl(metrics_path, {"step": step, "split": "eval", **result})
+            log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
+    def run_samples(step: int) -> None:
+        eval_model.load_state_dict(ema.state_dict())
+        g = torch.Generator(device=device).manual_seed(config.seed + step)
+        with torch.no_grad():
+            images = task.grid(eval_model, to_device(sample_batch, device), g)
+        save_grid(images, out / f"samples_step{step}.png", nrow=getattr(task, "grid_nrow", None))
+
+    bad_steps, skipped, status = 0, 0, "finished"
+    step = start_step
+    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step")
+    t_last, n_last = time.perf_counter(), 0
+    with _StopFlag() as stop:
+        for batch in loader:
+            lr = config.lr * config.lr_decay ** step
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = to_device(batch, device)
+            model.train()
+            with autocast(device, config.precision):
+                loss, batch_metrics = task.loss(model, batch)
+            if not torch.isfinite(loss):
+                # A non-finite loss never reaches the weights: skip the step and count it.
+                bad_steps += 1
+                skipped += 1
+                opt.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, bad_steps)
+                if bad_steps >= config.max_bad_steps:
+                    status = "diverged"
+                    break
+                step += 1
+                bar.update(1)
+                continue
+            bad_steps = 0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+            if not grads_finite:
+                skipped += 1
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                continue
+            opt.step()
+            ema.update(model)
+            step += 1
+            n_last += len(next(iter(batch.values())))
+            bar.update(1)
+            if step % 10 == 0 or step == config.steps:
+                now = time.perf_counter()
+                rate = n_last / max(now - t_last, 1e-9)
+                t_last, n_last = now, 0
+                shown = {k: round(v, 4) for k, v in batch_metrics.items()}
+                bar.set_postfix(**shown, img_s=f"{rate:.1f}")
+                _append_jsonl(metrics_path, {"step": step, "split": "train", "lr": lr, "items_per_s": rate,
+                                             "skipped_steps": skipped, **batch_metrics})
+            if step % config.eval_every == 0 and step < config.steps:
+                run_eval(step)
+            if step % config.sample_every == 0 and step < config.steps:
+                run_samples(step)
+            if step % config.checkpoint_every == 0:
+                save(step)
+            if stop.signal is not None:
+                status = "stopped"
+                break
+    bar.close()
+    if status == "diverged":
+        raise UserError(f"training stopped: {bad_steps} consecutive non-finite losses at step {step}; "
+                        f"the last good checkpoint is kept in {out / CHECKPOINT_NAME}")
+    if status == "finished":
+        run_eval(step)
+        run_samples(step)
+    save(step)
+    return {"step": step, "status": status, "skipped_steps": skipped, "metrics": dict(last_metrics),
+            "checkpoint": str(out / CHECKPOINT_NAME)}
+

@@ -1,0 +1,405 @@
+"""VQ-VAE (van den Oord et al., 2017) with one level or a VQ-VAE-2 style top/bottom hierarchy (Razavi et al., 2019).
+
+This module owns the VQ-VAE: its config and presets, the EMA vector quantizer and the encoder/decoder. Public use:
+``encode(uint8 images) -> [codes per level]`` ordered [top, bottom] (one element for one level),
+``decode(codes) -> uint8 images``, ``code_shapes(H, W)``. Images are scaled to [-1, 1] internally.
+
+The codebooks are buffers updated by exponential moving averages (decay 0.99) of the encoder outputs assigned to
+each code; dead codes (EMA usage below a threshold) are restarted from the current batch's encoder outputs. These
+updates never happen inside ``forward``: forward returns the statistics and ``update_codebooks`` applies them, so an
+evaluation pass cannot change the model. The training task (``vqprior.vqvae_task``) calls it after each loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, _strict_from_dict
+from .distributions import uint8_to_unit, unit_to_uint8
+from .errors import UserError
+
+LEVEL_NAMES = {1: ("top",), 2: ("top", "bottom")}
+
+
+class VQVAEInputError(UserError, ValueError):
+    """Images or codes that do not fit the VQ-VAE (a one-line message)."""
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """VQ-VAE architecture. The bottom (or only) level sits at ``bottom_stride``; the top level of a 2-level model
+    sits ``top_stride`` times coarser. Both levels use ``codebook_size`` codes (stored as uint16, so <= 65536)."""
+
+    channels: int = 3  # image channels, 1 or 3
+    levels: int = 1  # 1, or 2 for the VQ-VAE-2 top/bottom hierarchy
+    codebook_size: int = 512
+    embed_dim: int = 64  # code vector width
+    hidden: int = 128  # encoder/decoder channels
+    res_blocks: int = 2
+    res_channels: int = 32
+    bottom_stride: int = 4  # image pixels per bottom code, per side (a power of 2)
+    top_stride: int = 2  # bottom codes per top code, per side (a power of 2; 2 levels only)
+    decay: float = 0.99  # EMA decay of the codebook statistics
+    commitment: float = 0.25  # weight of the commitment loss
+    dead_code_threshold: float = 1.0  # restart codes whose EMA assignment count falls below this (0 disables)
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ConfigError(f"VQ-VAE channels must be 1 or 3, got {self.channels}")
+        if self.levels not in (1, 2):
+            raise ConfigError(f"levels must be 1 or 2, got {self.levels}")
+        if not 2 <= self.codebook_size <= 65536:
+            raise ConfigError(f"codebook-size must be in [2, 65536] (codes are stored as uint16), "
+                              f"got {self.codebook_size}")
+        for name in ("embed_dim", "hidden", "res_channels"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.hidden < 2:
+            raise ConfigError(f"hidden must be at least 2, got {self.hidden}")
+        if self.res_blocks < 0:
+            raise ConfigError(f"res-blocks must be >= 0, got {self.res_blocks}")
+        for name in ("bottom_stride", "top_stride"):
+            value = int(getattr(self, name))
+            if value < 2 or value & (value - 1):
+                raise ConfigError(f"{name.replace('_', '-')} must be a power of 2 >= 2, got {value}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"decay must be in [0, 1), got {self.decay}")
+        if self.commitment < 0 or self.dead_code_threshold < 0:
+            raise ConfigError("commitment and dead-code-threshold must be >= 0")
+
+    @property
+    def total_stride(self) -> int:
+        """Image pixels per code of the coarsest level, per side."""
+        return self.bottom_stride * (self.top_stride if self.levels == 2 else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VQVAEConfig":
+        return _strict_from_dict(cls, data)
+
+
+# Architecture presets; channels and levels come from the data and the command line.
+VQVAE_PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: 8x8 or 16x16 inputs, milliseconds per step.
+    "tiny": dict(codebook_size=16, embed_dim=8, hidden=16, res_blocks=1, res_channels=8, bottom_stride=2,
+                 top_stride=2),
+    # CPU-trainable on 32x32 in minutes: bottom codes 8x8 (stride 4), top codes 4x4 (stride 8).
+    "small": dict(codebook_size=256, embed_dim=32, hidden=64, res_blocks=2, res_channels=32, bottom_stride=4,
+                  top_stride=2),
+    # The VQ-VAE-2 paper's layout and widths (bottom stride 4, top stride 8), for a GPU.
+    "base": dict(codebook_size=512, embed_dim=64, hidden=128, res_blocks=2, res_channels=32, bottom_stride=4,
+                 top_stride=2),
+}
+
+
+def vqvae_config_from_preset(name: str, **overrides: Any) -> VQVAEConfig:
+    """A VQVAEConfig from a named preset; ``None`` overrides are ignored (unset CLI options)."""
+    if name not in VQVAE_PRESETS:
+        raise ConfigError(f"unknown VQ-VAE preset {name!r}; choose from {', '.join(VQVAE_PRESETS)}")
+    values = dict(VQVAE_PRESETS[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - {f.name for f in fields(VQVAEConfig)})
+    if unknown:
+        raise ConfigError(f"unknown VQ-VAE option(s): {', '.join(unknown)}")
+    return VQVAEConfig(**values)
+
+
+def measure_codes(codes: torch.Tensor, num_codes: int) -> dict[str, float]:
+    """Codebook usage (fraction of codes used at least once) and perplexity (exp of the code entropy)."""
+    return counts_to_usage(torch.bincount(codes.reshape(-1).long(), minlength=num_codes))
+
+
+def counts_to_usage(counts: torch.Tensor) -> dict[str, float]:
+    """Usage and perplexity from per-code assignment counts (K,)."""
+    counts = counts.double()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
+    return {"usage": float((counts > 0).double().mean()), "perplexity": float(torch.exp(entropy))}
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour quantization to a codebook kept by EMA (buffers ``embedding`` (K, D), ``cluster_size``
+    (K,), ``embed_avg`` (K, D)). Gradients pass straight through to the encoder; the commitment loss pulls encoder
+    outputs towards their codes."""
+
+    def __init__(self, num_codes: int, dim: int, decay: float = 0.99, commitment: float = 0.25,
+                 dead_code_threshold: float = 1.0, eps: float = 1e-5):
+        super().__init__()
+        self.num_codes, self.dim, self.decay, self.commitment = num_codes, dim, decay, commitment
+        self.dead_code_threshold, self.eps = dead_code_threshold, eps
+        embedding = torch.randn(num_codes, dim)
+        self.register_buffer("embedding", embedding)
+        self.register_buffer("cluster_size", torch.ones(num_codes))
+        self.register_buffer("embed_avg", embedding.clone())
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, D) vectors -> (N,) int64 index of the nearest code (squared Euclidean distance, in fp32)."""
+        with torch.autocast(flat.device.type, enabled=False):
+            flat = flat.float()
+            dist2 = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embedding.t()
+                     + self.embedding.pow(2).sum(1)[None])
+            return dist2.argmin(1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 codes (B, h, w) -> code vectors (B, D, h, w)."""
+        return F.embedding(codes, self.embedding).permute(0, 3, 1, 2)
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Quantize encoder outputs (B, D, h, w). Returns the straight-through quantized map, the codes (B, h, w),
+        the weighted commitment loss and ``inputs`` (N, D) (detached) for ``update_codebook``."""
+        B, D, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, D)
+        codes = self.nearest(flat.detach())
+        q = self.lookup(codes.view(B, h, w)).to(z.dtype)
+        commitment = self.commitment * F.mse_loss(z.float(), q.detach().float())
+        quantized = z + (q - z).detach()  # straight-through estimator
+        return {"quantized": quantized, "codes": codes.view(B, h, w), "commitment": commitment,
+                "inputs": flat.detach()}
+
+    @torch.no_grad()
+    def init_codebook(self, z: torch.Tensor) -> None:
+        """Set the codebook to encoder outputs (B, D, h, w) of one batch, so every code starts near the data."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim).float()
+        if flat.shape[0] >= self.num_codes:
+            picks = flat[torch.randperm(flat.shape[0], device=flat.device)[:self.num_codes]]
+        else:  # fewer vectors than codes: repeat with a little noise so the codes differ
+            picks = flat[torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)]
+            picks = picks + 0.01 * picks.std().clamp_min(1e-3) * torch.randn_like(picks)
+        _broadcast(picks)
+        self.embedding.copy_(picks)
+        self.embed_avg.copy_(picks)
+        self.cluster_size.fill_(1.0)
+
+    @torch.no_grad()
+    def update_codebook(self, inputs: torch.Tensor, codes: torch.Tensor) -> int:
+        """EMA update from one batch's encoder outputs (N, D) and their codes; then restart dead codes.
+        Returns the number of restarted codes. A batch with non-finite inputs is ignored (the step is skipped)."""
+        inputs = inputs.float().reshape(-1, self.dim)
+        codes = codes.reshape(-1)
+        if not torch.isfinite(inputs).all():
+            return 0
+        counts = torch.bincount(codes, minlength=self.num_codes).to(inputs.dtype)
+        sums = torch.zeros_like(self.embed_avg).index_add_(0, codes, inputs)
+        if dist.is_available() and dist.is_initialized():  # every rank's batch counts
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        # Laplace smoothing keeps a code with no assignments from dividing by zero.
+        smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
+        self.embedding.copy_(self.embed_avg / smoothed[:, None])
+        return self.restart_dead_codes(inputs)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, inputs: torch.Tensor) -> int:
+        """Move codes whose EMA count is below the threshold onto random encoder outputs of the batch. Their
+        statistics restart at the threshold, so a restarted code survives only if it attracts vectors."""
+        if self.dead_code_threshold <= 0 or inputs.shape[0] == 0:
+            return 0
+        dead = self.cluster_size < self.dead_code_threshold
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return 0
+        picks = inputs[torch.randint(inputs.shape[0], (num_dead,), device=inputs.device)].float()
+        _broadcast(picks)
+        self.embedding[dead] = picks
+        self.embed_avg[dead] = picks * self.dead_code_threshold
+        self.cluster_size[dead] = self.dead_code_threshold
+        return num_dead
+
+
+def _broadcast(t: torch.Tensor) -> None:
+    """Keep random codebook choices identical on every rank of a distributed run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(t, 0)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, res_channels: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, res_channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(res_channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def make_encoder(in_ch: int, hidden: int, res_blocks: int, res_channels: int, stride: int) -> nn.Sequential:
+    """log2(stride) 4x4 stride-2 convs, a 3x3 conv, residual blocks: (B, in, H, W) -> (B, hidden, H/s, W/s)."""
+    layers, ch = [], in_ch
+    for i in range(int(math.log2(stride))):
+        out = hidden // 2 if i == 0 else hidden
+        layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1), nn.ReLU()]
+        ch = out
+    layers.append(nn.Conv2d(ch, hidden, 3, padding=1))
+    layers += [ResBlock(hidden, res_channels) for _ in range(res_blocks)]
+    layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def make_decoder(in_ch: int, out_ch: int, hidden: int, res_blocks: int, res_channels: int,
+                 stride: int) -> nn.Sequential:
+    """A 3x3 conv, residual blocks, log2(stride) 4x4 stride-2 transposed convs: (B, in, h, w) -> (B, out, hs, ws)."""
+    layers = [nn.Conv2d(in_ch, hidden, 3, padding=1)]
+    layers += [ResBlock(hidden, res_channels) for _ in range(res_blocks)]
+    layers.append(nn.ReLU())
+    ch, ups = hidden, int(math.log2(stride))
+    for i in range(ups):
+        last = i == ups - 1
+        out = out_ch if last else hidden // 2
+        layers.append(nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1))
+        if not last:
+            layers.append(nn.ReLU())
+        ch = out
+    return nn.Sequential(*layers)
+
+
+def make_upsampler(channels: int, stride: int) -> nn.Sequential:
+    """Top code vectors to the bottom grid: log2(stride) 4x4 stride-2 transposed convs."""
+    layers = []
+    for i in range(int(math.log2(stride))):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1))
+    return nn.Sequential(*layers)
+
+
+class VQVAE(nn.Module):
+    """One-level VQ-VAE, or the VQ-VAE-2 hierarchy: the top codes are decoded back to the bottom grid and joined
+    to the bottom encoder features before the bottom codes are chosen; the decoder sees both levels."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = c = config
+        block = dict(res_blocks=c.res_blocks, res_channels=c.res_channels)
+        self.encoder = make_encoder(c.channels, c.hidden, stride=c.bottom_stride, **block)
+        if c.levels == 2:
+            self.encoder_top = make_encoder(c.hidden, c.hidden, stride=c.top_stride, **block)
+            self.pre_quant_top = nn.Conv2d(c.hidden, c.embed_dim, 1)
+            self.decoder_top = make_decoder(c.embed_dim, c.embed_dim, c.hidden, stride=c.top_stride, **block)
+            self.upsample_top = make_upsampler(c.embed_dim, c.top_stride)
+        self.pre_quant = nn.Conv2d(c.hidden + (c.embed_dim if c.levels == 2 else 0), c.embed_dim, 1)
+        self.quantizers = nn.ModuleList(  # ordered like the codes: [top, bottom]
+            VectorQuantizer(c.codebook_size, c.embed_dim, c.decay, c.commitment, c.dead_code_threshold)
+            for _ in range(c.levels))
+        self.decoder = make_decoder(c.embed_dim * c.levels, c.channels, c.hidden, stride=c.bottom_stride, **block)
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        """("top",) for one level, ("top", "bottom") for two: the order of ``encode``'s output."""
+        return LEVEL_NAMES[self.config.levels]
+
+    def code_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Code map shapes [(h, w) per level], ordered [top, bottom], for ``height`` x ``width`` images."""
+        c, s = self.config, self.config.total_stride
+        if height % s or width % s or height < s or width < s:
+            raise VQVAEInputError(f"image size {height}x{width} is not a multiple of the VQ-VAE's total stride {s}; "
+                                  f"resize the images (e.g. --image-size {max(s, -(-max(height, width) // s) * s)})")
+        bottom = (height // c.bottom_stride, width // c.bottom_stride)
+        return [bottom] if c.levels == 1 else [(height // s, width // s), bottom]
+
+    # ---- internals ------------------------------------------------------------------------------------------------
+    def _to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if images.dim() != 4 or images.shape[1] != c.channels:
+            raise VQVAEInputError(f"expected images of shape (B, {c.channels}, H, W), got {tuple(images.shape)}")
+        self.code_shapes(images.shape[2], images.shape[3])
+        dtype = self.pre_quant.weight.dtype
+        return uint8_to_unit(images, dtype) if images.dtype == torch.uint8 else images.to(dtype)
+
+    def _quantize(self, x: torch.Tensor, init_codebooks: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Encoder and quantizers for [-1, 1] images; with ``init_codebooks`` each codebook is first set from its
+        level's encoder outputs (the top one first, since the bottom encoder input depends on the top codes)."""
+        h = self.encoder(x)
+        outs = []
+        if self.config.levels == 2:
+            z_top = self.pre_quant_top(self.encoder_top(h))
+            if init_codebooks:
+                self.quantizers[0].init_codebook(z_top)
+            outs.append(self.quantizers[0](z_top))
+            h = torch.cat([h, self.decoder_top(outs[0]["quantized"])], 1)
+        z = self.pre_quant(h)
+        if init_codebooks:
+            self.quantizers[-1].init_codebook(z)
+        outs.append(self.quantizers[-1](z))
+        return outs
+
+    def _decode_vectors(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """Code vectors per level [top, bottom] -> reconstruction in [-1, 1] model range (unclamped)."""
+        q = torch.cat([self.upsample_top(vectors[0]), vectors[1]], 1) if self.config.levels == 2 else vectors[0]
+        return self.decoder(q)
+
+    # ---- public -----------------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        """Reconstruct a batch (uint8, or float already in [-1, 1]). Returns ``recon`` (model range), ``target``,
+        ``loss`` = ``recon_loss`` (MSE in model range) + ``commitment``, ``codes`` [top, bottom] and ``stats`` for
+        ``update_codebooks``. Never changes the codebooks."""
+        x = self._to_unit(images)
+        outs = self._quantize(x)
+        recon = self._decode_vectors([o["quantized"] for o in outs])
+        recon_loss = F.mse_loss(recon.float(), x.float())
+        commitment = sum(o["commitment"] for o in outs)
+        return {"recon": recon, "target": x, "loss": recon_loss + commitment, "recon_loss": recon_loss,
+                "commitment": commitment, "codes": [o["codes"] for o in outs],
+                "stats": [(o["inputs"], o["codes"]) for o in outs]}
+
+    @torch.no_grad()
+    def update_codebooks(self, outputs: dict[str, Any]) -> list[int]:
+        """Apply the EMA codebook update for the batch ``forward`` returned ``outputs`` for; returns the number of
+        restarted dead codes per level."""
+        return [q.update_codebook(inputs, codes) for q, (inputs, codes) in zip(self.quantizers, outputs["stats"])]
+
+    @torch.no_grad()
+    def init_codebooks(self, images: torch.Tensor) -> None:
+        """Set every codebook from one batch's encoder outputs (once, before training)."""
+        self._quantize(self._to_unit(images), init_codebooks=True)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 images (B, C, H, W) -> int64 codes [(B, h, w) per level], ordered [top, bottom]."""
+        return [o["codes"] for o in self._quantize(self._to_unit(images))]
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> uint8 reconstructions through the codes."""
+        outs = self._quantize(self._to_unit(images))
+        return unit_to_uint8(self._decode_vectors([o["quantized"] for o in outs]).float())
+
+    def check_codes(self, codes: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
+        """Raise VQVAEInputError (one line) unless ``codes`` fit this VQ-VAE: one int map per level, in range,
+        with the top map ``top_stride`` times coarser than the bottom one."""
+        c = self.config
+        if isinstance(codes, torch.Tensor) or len(codes) != c.levels:
+            raise VQVAEInputError(f"this VQ-VAE has {c.levels} level(s): pass a list of {c.levels} code map(s) "
+                                  f"ordered [{', '.join(self.level_names)}]")
+        for name, level in zip(self.level_names, codes):
+            if not isinstance(level, torch.Tensor) or level.dim() != 3 or level.dtype.is_floating_point:
+                shape = tuple(level.shape) if isinstance(level, torch.Tensor) else type(level).__name__
+                raise VQVAEInputError(f"{name} codes must be an integer tensor (B, h, w), got {shape}")
+            if level.numel() and (int(level.min()) < 0 or int(level.max()) >= c.codebook_size):
+                raise VQVAEInputError(f"{name} codes outside the codebook: values must be in "
+                                      f"[0, {c.codebook_size - 1}], got [{int(level.min())}, {int(level.max())}]")
+        if c.levels == 2:
+            top, bottom = codes
+            expected = (top.shape[0], top.shape[1] * c.top_stride, top.shape[2] * c.top_stride)
+            if tuple(bottom.shape) != expected:
+                raise VQVAEInputError(f"bottom codes must have shape {expected} for top codes of shape "
+                                      f"{tuple(top.shape)}, got {tuple(bottom.shape)}")
+
+    @torch.no_grad()
+    def decode(self, codes: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """int codes [(B, h, w) per level], ordered [top, bottom] -> uint8 images (B, C, H, W)."""
+        self.check_codes(codes)
+        device = self.pre_quant.weight.device
+        vectors = [q.lookup(level.to(device).long()) for q, level in zip(self.quantizers, codes)]
+        return unit_to_uint8(self._decode_vectors(vectors).float())
