@@ -6,9 +6,14 @@ import click
 
 from vqprior import __version__
 
+from .decode import decode
 from .evaluate import evaluate
+from .extract_codes import extract_codes
+from .receptive_field import receptive_field
 from .sample import sample
 from .train_pixels import train_pixels
+from .train_prior import train_prior
+from .train_vqvae import train_vqvae
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,7 +27,8 @@ def cli():
     """
 
 
-for command in (train_pixels, evaluate, sample):
+for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, decode,
+                receptive_field):
     cli.add_command(command)
 
 

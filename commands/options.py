@@ -37,9 +37,11 @@ MODEL_FIELDS = ("filters", "blocks", "res_blocks", "kernel_size", "attention", "
                 "value_channels", "dropout", "mixtures")
 
 
-def train_options(fn):
-    """One option per TrainConfig field."""
-    d = _TRAIN_DEFAULTS
+def train_options(fn=None, **defaults):
+    """One option per TrainConfig field; ``defaults`` override TrainConfig's (e.g. ema=0.0 for the VQ-VAE)."""
+    if fn is None:
+        return lambda f: train_options(f, **defaults)
+    d = TrainConfig(**defaults) if defaults else _TRAIN_DEFAULTS
     opts = [
         click.option("--steps", type=click.IntRange(min=1), default=d.steps, show_default=True,
                      help="Total optimisation steps (with --resume: the new total)."),

@@ -23,7 +23,6 @@ def train_pixels(ctx, **kw):
     from pathlib import Path
 
     from vqprior.config import DataConfig, ModelConfig, model_config_from_preset
-    from vqprior.data.datasets import load_image_dataset
     from vqprior.pixel_task import PixelTask
     from vqprior.train import prepare_run_dir, train
 
@@ -37,8 +36,8 @@ def train_pixels(ctx, **kw):
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"],
                                  class_conditional=kw["class_conditional"])
-    train_set = _load(data_config, "train", kw["limit"])
-    val_set = _load(data_config, "test", 0)
+    train_set = load_split(data_config, "train", kw["limit"])
+    val_set = load_split(data_config, "test", 0)
     if checkpoint is None:
         if data_config.class_conditional and not train_set.num_classes:
             raise click.UsageError(f"--class-conditional: dataset {data_config.dataset} has no class labels")
@@ -63,7 +62,8 @@ def train_pixels(ctx, **kw):
                if bpd is not None else f"step {result['step']}: checkpoint {result['checkpoint']}")
 
 
-def _load(data_config, split: str, limit: int):
+def load_split(data_config, split: str, limit: int):
+    """The train or held-out split a DataConfig names."""
     from vqprior.data.datasets import load_image_dataset
 
     return load_image_dataset(data_config.dataset, split, data_dir=data_config.data_dir or None,

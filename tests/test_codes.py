@@ -207,8 +207,9 @@ def test_prior_task_loss_decreases(cache2, level):
     assert math.isfinite(losses[0]) and metrics["bits_per_code"] == pytest.approx(losses[-1] / math.log(2))
     assert losses[-1] < 0.8 * losses[0]
     result = task.evaluate(model.eval(), DataLoader(ds, batch_size=4))
-    nll = -model.log_prob(batch[level], condition=batch["top"] if level == "bottom" else None,
-                          label=batch["label"]).sum()
+    with torch.no_grad():
+        nll = -model.log_prob(batch[level], condition=batch["top"] if level == "bottom" else None,
+                              label=batch["label"]).sum()
     assert result["bits_per_code"] == pytest.approx(float(nll) / (math.log(2) * batch[level].numel()), rel=1e-5)
     assert task.config_dicts()["prior"] == {"level": level, "codes": str(path), "levels": 2}
     assert task.extra_checkpoint()["vqvae"]["sha256"] == "ab" * 32

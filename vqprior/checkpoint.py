@@ -44,6 +44,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise UserError(f"output folder does not exist: {parent}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs should have the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -35,7 +35,7 @@ class PixelTask:
         params = model(x, label=self._label(batch))
         log_prob = model.head.log_prob(params.float(), x)  # the likelihood in fp32 even under bf16 autocast
         nats_per_dim = -log_prob.sum((1, 2)).mean() / x[0].numel()
-        return nats_per_dim, {"bpd": float(nats_per_dim) / math.log(2.0)}
+        return nats_per_dim, {"bpd": nats_per_dim.item() / math.log(2.0)}
 
     def evaluate(self, model, loader) -> dict[str, float]:
         device = next(model.parameters()).device

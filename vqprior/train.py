@@ -85,7 +85,11 @@ def autocast(device: torch.device, precision: str):
 
 
 class EMA:
-    """Polyak averaging of parameters; buffers (e.g. EMA codebooks) are copied from the live model."""
+    """Polyak averaging of parameters; buffers (e.g. EMA codebooks) are copied from the live model.
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) at update t (as TensorFlow's ExponentialMovingAverage
+    with num_updates), so short runs are not evaluated with weights still close to their initialisation.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None):
         self.decay = decay
@@ -93,10 +97,11 @@ class EMA:
         self.state = {k: v.detach().clone() for k, v in (state or model.state_dict()).items()}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1.0 + step) / (10.0 + step))
         params = dict(model.named_parameters())
         torch._foreach_lerp_([self.state[n] for n in self.names], [params[n].detach() for n in self.names],
-                             1.0 - self.decay)
+                             1.0 - decay)
         for name, buf in model.named_buffers():
             self.state[name].copy_(buf)
 
@@ -290,7 +295,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 bar.update(1)
                 continue
             opt.step()
-            ema.update(model)
+            ema.update(model, step)
             step += 1
             n_last += len(next(iter(batch.values())))
             bar.update(1)

@@ -314,8 +314,9 @@ class VQVAE(nn.Module):
         if images.dim() != 4 or images.shape[1] != c.channels:
             raise VQVAEInputError(f"expected images of shape (B, {c.channels}, H, W), got {tuple(images.shape)}")
         self.code_shapes(images.shape[2], images.shape[3])
-        dtype = self.pre_quant.weight.dtype
-        return uint8_to_unit(images, dtype) if images.dtype == torch.uint8 else images.to(dtype)
+        weight = self.pre_quant.weight
+        images = images.to(weight.device)
+        return uint8_to_unit(images, weight.dtype) if images.dtype == torch.uint8 else images.to(weight.dtype)
 
     def _quantize(self, x: torch.Tensor, init_codebooks: bool = False) -> list[dict[str, torch.Tensor]]:
         """Encoder and quantizers for [-1, 1] images; with ``init_codebooks`` each codebook is first set from its

@@ -7,7 +7,8 @@ Format (version 1). An LMDB environment folder (``data.mdb`` + ``lock.mdb``), on
 
       {"format": "vqprior-codes", "format_version": 1, "levels": 1 | 2, "level_names": ["top"(, "bottom")],
        "shapes": [[h, w], ...], "codebook_sizes": [K, ...], "dataset": str, "split": str, "vqvae_sha256": str,
-       "count": N, "image_shape": [C, H, W], "num_classes": int, "record_header": "<qq", "code_dtype": "<u2"}
+       "count": N, "image_shape": [C, H, W], "num_classes": int, "record_header": "<qq", "code_dtype": "<u2",
+       "vqvae_path": str}   (vqvae_path: where the VQ-VAE checkpoint was at extraction, a hint; the sha256 decides)
 
   ``shapes`` and ``codebook_sizes`` are per level, ordered like ``level_names`` (top first).
 - ``b"%08d" % i`` for i in 0..N-1: one record per item: a 16-byte little-endian header ``struct.pack("<qq",
@@ -259,7 +260,7 @@ def _estimate_map_size(count: int, record_bytes: int) -> int:
 @torch.no_grad()
 def extract_codes(vqvae, dataset, out_path: str | os.PathLike, vqvae_sha256: str, dataset_name: str, split: str,
                   batch_size: int = 64, device: str | torch.device = "cpu", overwrite: bool = False,
-                  progress: bool = True, num_workers: int = 0) -> dict[str, Any]:
+                  progress: bool = True, num_workers: int = 0, vqvae_path: str = "") -> dict[str, Any]:
     """Encode every item {"image": uint8 (C, H, W), "label", "index"} of ``dataset`` with ``vqvae`` and write the
     code cache at ``out_path`` (format in the module docstring). Returns the cache metadata.
 
@@ -285,7 +286,7 @@ def extract_codes(vqvae, dataset, out_path: str | os.PathLike, vqvae_sha256: str
             "codebook_sizes": [vq.config.codebook_size] * vq.config.levels, "dataset": dataset_name,
             "split": split, "vqvae_sha256": vqvae_sha256, "count": count, "image_shape": list(image_shape),
             "num_classes": int(getattr(dataset, "num_classes", 0) or 0), "record_header": HEADER.format,
-            "code_dtype": CODE_DTYPE.str}
+            "code_dtype": CODE_DTYPE.str, "vqvae_path": str(vqvae_path)}
     _prepare_output(path, overwrite)
     _close_reader(path)  # our own read handle (from the checks above or an earlier CodeDataset) must not stay open
     record_bytes = HEADER.size + CODE_DTYPE.itemsize * sum(h * w for h, w in shapes)

@@ -1,0 +1,47 @@
+"""``vqprior extract-codes``: encode a dataset split with a VQ-VAE into an LMDB code cache."""
+from __future__ import annotations
+
+import click
+
+from .common import device_option, guarded, resolve_device
+from .options import DATASETS
+
+
+@click.command("extract-codes")
+@click.option("--vqvae", "vqvae_path", type=click.Path(), required=True, help="A train-vqvae checkpoint.")
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="Dataset to encode (default: the one the VQ-VAE was trained on).")
+@click.option("--data-dir", type=click.Path(), default=None, help="Dataset folder (default: the VQ-VAE's).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--out", type=click.Path(), required=True, help="The LMDB code cache folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished cache at --out.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Encode only the first N images (0: all).")
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
+@device_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@guarded
+def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_size, limit, cache, device, quiet):
+    """Encode every image of a split into VQ-VAE codes (uint16 per level + label + source index per record).
+
+    The cache is marked complete only at the very end: an interrupted run is never taken as finished, and
+    re-running the command rebuilds it.
+    """
+    from pathlib import Path
+
+    from vqprior.checkpoint import file_sha256, load_model, read_checkpoint
+    from vqprior.config import DataConfig
+    from vqprior.data.codes import extract_codes as extract
+    from vqprior.data.datasets import load_image_dataset
+
+    device = resolve_device(device)
+    data = DataConfig.from_dict(read_checkpoint(vqvae_path, "vqvae")["config"]["data"])
+    model = load_model(vqvae_path, device, kind="vqvae")
+    name = dataset or data.dataset
+    ds = load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
+                            or None, image_size=data.image_size, cache=cache, limit=limit)
+    meta = extract(model, ds, out, file_sha256(vqvae_path), name, split, batch_size=batch_size, device=device,
+                   overwrite=overwrite, progress=not quiet, vqvae_path=str(Path(vqvae_path).resolve()))
+    shapes = " + ".join(f"{n} {h}x{w}" for n, (h, w) in zip(meta["level_names"], meta["shapes"]))
+    click.echo(f"wrote {meta['count']} code maps ({shapes}, {meta['codebook_sizes'][0]} codes) to {out}")

@@ -1,0 +1,74 @@
+"""``vqprior train-vqvae``: train a 1- or 2-level VQ-VAE (EMA codebooks, commitment loss, dead-code restarts)."""
+from __future__ import annotations
+
+import click
+
+from .common import device_option, guarded, resolve_device
+from .options import data_options, train_config_from_options, train_options
+
+
+@click.command("train-vqvae")
+@data_options
+@click.option("--levels", type=click.IntRange(1, 2), default=None, help="1, or 2 for a VQ-VAE-2 top/bottom hierarchy. [default: 1]")
+@click.option("--codebook-size", type=click.IntRange(2, 65536), default=None, help="Codes per codebook (default: preset).")
+@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
+              help="VQ-VAE architecture preset.")
+@click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="Code vector width.")
+@click.option("--hidden", type=click.IntRange(min=2), default=None, help="Encoder/decoder channels.")
+@click.option("--res-blocks", type=click.IntRange(min=0), default=None, help="Residual blocks per stack.")
+@click.option("--res-channels", type=click.IntRange(min=1), default=None, help="Residual block bottleneck width.")
+@click.option("--bottom-stride", type=int, default=None, help="Image pixels per bottom code, per side (power of 2).")
+@click.option("--top-stride", type=int, default=None, help="Bottom codes per top code, per side (power of 2).")
+@click.option("--decay", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Codebook EMA decay. [default: 0.99]")
+@click.option("--commitment", type=click.FloatRange(min=0), default=None, help="Commitment cost. [default: 0.25]")
+@train_options(ema=0.0, lr=3e-4, lr_decay=1.0, batch_size=32, eval_every=500, sample_every=500)
+@device_option
+@click.pass_context
+@guarded
+def train_vqvae(ctx, **kw):
+    """Train a VQ-VAE; evaluates reconstruction MSE/PSNR and codebook usage/perplexity per level on the held-out
+    split and writes reconstruction grids (originals above, reconstructions below).
+
+    Weight EMA is off by default (--ema 0): the EMA codebooks follow the live encoder, not an averaged one.
+    """
+    from vqprior.config import DataConfig
+    from vqprior.train import prepare_run_dir, train
+    from vqprior.vqvae import VQVAEConfig, vqvae_config_from_preset
+    from vqprior.vqvae_task import VQVAETask
+
+    from .train_pixels import load_split
+
+    device = resolve_device(kw["device"])
+    checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], "vqvae")
+    if checkpoint is not None:
+        data_config = DataConfig.from_dict(checkpoint["config"]["data"])
+        model_config = VQVAEConfig.from_dict(checkpoint["config"]["model"])
+        click.echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
+    else:
+        data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
+                                 cache=kw["cache"] or "", download=kw["download"])
+    train_set = load_split(data_config, "train", kw["limit"])
+    val_set = load_split(data_config, "test", 0)
+    if checkpoint is None:
+        fields = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_channels", "bottom_stride",
+                  "top_stride", "decay", "commitment")
+        model_config = vqvae_config_from_preset(kw["preset"], channels=train_set.channels,
+                                                **{k: kw[k] for k in fields})
+        stride = model_config.total_stride
+        if train_set.height % stride or train_set.width % stride:
+            raise click.UsageError(f"images of {train_set.height}x{train_set.width} are not divisible by the "
+                                   f"VQ-VAE's total stride {stride}")
+    train_config = train_config_from_options(ctx, kw, checkpoint)
+    task = VQVAETask(model_config, data_config)
+    click.echo(f"VQ-VAE ({model_config.levels} level(s), {model_config.codebook_size} codes): "
+               f"{sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} train / "
+               f"{len(val_set)} held-out images; device {device}", err=True)
+    result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
+                   progress=not kw["quiet"], num_workers=kw["workers"])
+    m = result["metrics"]
+    if result["status"] == "stopped":
+        click.echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
+        return
+    summary = ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("eval_"))
+    click.echo(f"step {result['step']}: {summary}; checkpoint {result['checkpoint']}")
