@@ -14,7 +14,8 @@ How each number is measured:
 * **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` over one forward+backward (matmuls, convolutions and
   attention; elementwise ops and the Adam update are not counted). The CPU's fused attention kernel is not in
   torch's FLOP registry, so its forward/backward are counted with torch's own SDPA formulas (``custom_mapping``).
-  Masked-out attention scores are counted, since the kernels compute them. Achieved FLOP/s = FLOPs / median step
+  Those formulas count every attention score, masked or not: the math kernel computes them all, while a fused
+  kernel called with ``is_causal=True`` would skip about half. Achieved FLOP/s = FLOPs / median step
   time, reported as a fraction of the peak measured here: median of repeated ``torch.mm`` of two 2048x2048 matrices
   (fp32 steps against the fp32 peak, bf16 steps against the bf16 peak), in its own subprocess.
 * **attention share**: one extra step under ``torch.profiler``. Each CausalSelfAttention's forward is wrapped in a

@@ -84,7 +84,8 @@ def receptive_field(ckpt, preset, no_attention, size, head, num_codes, position,
     else:
         height = width = size or 16
         model = _build_preset_model(preset, height, head, num_codes, not no_attention, seed)
-        models = [(f"{preset}" + (" without attention" if no_attention else ""), model)]
+        label = " without attention" if no_attention else " with attention" if compare else ""
+        models = [(preset + label, model)]
         if compare:
             models.append((f"{preset} without attention",
                            _build_preset_model(preset, height, head, num_codes, False, seed)))

@@ -97,7 +97,7 @@ def test_cli_compare_writes_two_panels(tmp_path):
     result = CliRunner().invoke(receptive_field, ["--preset", "tiny", "--size", str(SIZE), "--compare",
                                                   "--position", "4,4", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "tiny: position 4,4: 36 of 36 earlier positions reach the output (0 blind)" in result.output
+    assert "tiny with attention: position 4,4: 36 of 36 earlier positions reach the output (0 blind)" in result.output
     assert "tiny without attention" in result.output and "(0 blind)" not in result.output.splitlines()[1]
     with Image.open(out) as im:
         assert im.mode == "RGB" and im.width > 2 * im.height * 0.9  # two panels side by side

@@ -64,17 +64,20 @@ def value_at(x, p):
 
 
 def max_step_error(model, start: int) -> float:
-    """Largest |cached step params - full forward params| over the positions >= start of random data."""
+    """Largest |cached step params - full forward params on the same prefix| over the positions >= start of random
+    data (the forward sees the data at positions < p and zeros after, as naive sampling does)."""
     x, label, cond = make_inputs(model, batch=3)
     with torch.no_grad():
-        full = model(x, label=label, condition=cond)  # (B, P, H, W); position p sees only positions < p
         sampler = CachedSampler(model, 3, label, cond)
         sampler.prefill(x, start)
         error = 0.0
         for p in range(start, H * W):
             params = sampler.step(p)
             assert params.shape == (3, model.config.out_channels)
-            error = max(error, (params - full[:, :, p // W, p % W]).abs().max().item())
+            known = x.clone()
+            known.view(3, -1, H * W)[:, :, p:] = 0
+            full = model(known, label=label, condition=cond)[:, :, p // W, p % W]
+            error = max(error, (params - full).abs().max().item())
             sampler.append(p, value_at(x, p))
     return error
 
@@ -181,12 +184,12 @@ def test_code_controls():
     ("gray-no-attn-class", dict(label=torch.zeros(3, dtype=torch.long)), "shape"),
     ("codes-cond-no-attn", dict(), "top codes"),
     ("codes-cond-no-attn", dict(condition=torch.zeros(2, 3, 2, dtype=torch.long)), "shape"),
-    ("codes-cond-no-attn", dict(condition=torch.full((2, 2, 3), 5)), "codebook"),
+    ("codes-cond-no-attn", dict(condition=torch.full((2, 2, 3), 5)), "outside"),
     ("codes", dict(condition=torch.zeros(2, 2, 3, dtype=torch.long)), "not conditioned"),
     ("codes", dict(start=3), "prefix"),
     ("codes", dict(prefix=torch.zeros(2, H, W + 1, dtype=torch.long), start=3), "shape"),
     ("codes", dict(prefix=torch.zeros(2, H, W, dtype=torch.long), start=H * W + 1), "start"),
-    ("codes", dict(prefix=torch.full((2, H, W), 7), start=3), "codebook"),
+    ("codes", dict(prefix=torch.full((2, H, W), 7), start=3), "outside"),
     ("rgb", dict(prefix=torch.zeros(2, 3, H, W), start=3), "uint8"),
 ])
 def test_bad_inputs_raise_user_errors(variant, kwargs, match):

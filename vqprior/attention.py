@@ -71,8 +71,14 @@ class CausalSelfAttention(nn.Module):
         def to_heads(t):  # (B, C, H, W) -> (B, heads, L, C / heads)
             return t.flatten(2).transpose(1, 2).reshape(B, L, n, -1).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(to_heads(q), to_heads(k), to_heads(v),
-                                             attn_mask=self._mask(L, h.device))
+        q, k, v = to_heads(q), to_heads(k), to_heads(v)
+        scale = q.shape[-1] ** -0.5
+        if q.shape[-1] < v.shape[-1] <= 4 * q.shape[-1]:
+            # PyTorch's fused CPU kernel needs equal query/key and value head sizes, else it falls back to the
+            # math path (2x slower here). Zero-padding q and k leaves every score, and so the result, unchanged.
+            pad = (0, v.shape[-1] - q.shape[-1])
+            q, k = F.pad(q, pad), F.pad(k, pad)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(L, h.device), scale=scale)
         out = out.transpose(1, 2).reshape(B, L, self.value_channels)
         first = torch.ones(L, 1, dtype=out.dtype, device=out.device)
         first[0] = 0.0  # position 0 attends to nothing

@@ -239,13 +239,8 @@ class CachedSampler:
         if start == 0:
             return
         model, captured, hooks = self.model, {}, []
-
-        def keep_input(module, inputs, output):
-            captured[module] = inputs[0]
-
-        def keep_output(module, inputs, output):
-            captured[module] = output
-
+        keep_input = lambda module, inputs, output: captured.__setitem__(module, inputs[0])  # noqa: E731
+        keep_output = lambda module, inputs, output: captured.__setitem__(module, output)  # noqa: E731
         for blk in model.blocks:
             for g in blk.res:  # the down-right convs' inputs are exactly the maps the cached blocks keep
                 hooks += [g.conv1.register_forward_hook(keep_input), g.conv2.register_forward_hook(keep_input)]
@@ -270,69 +265,58 @@ class CachedSampler:
 
 
 # ---- the sampling loop ----------------------------------------------------------------------------------------------
-def _check_label(model, label, num: int, device) -> torch.Tensor | None:
-    classes = model.config.num_classes
-    if not classes:
-        if label is not None:
-            raise SamplingError("this model is not class-conditional: do not pass a label")
-        return None
-    if label is None:
-        raise SamplingError(f"this model is class-conditional: pass a label in [0, {classes - 1}]")
-    label = torch.as_tensor(label, device=device)
-    if label.dtype.is_floating_point or label.dtype == torch.bool:
-        raise SamplingError("label must be an integer or an integer tensor")
-    if label.dim() == 0:
-        label = label.expand(num)
-    if tuple(label.shape) != (num,):
-        raise SamplingError(f"label must be an int or a tensor of shape ({num},), got {tuple(label.shape)}")
-    if label.min() < 0 or label.max() >= classes:
-        raise SamplingError(f"label outside [0, {classes - 1}]")
-    return label.long()
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _check_condition(model, condition, num: int, device) -> torch.Tensor | None:
+def _check_codes(value, what: str, shape: tuple, high: int, device) -> torch.Tensor:
+    """An integer tensor of exactly ``shape`` with values in [0, high), as int64 on ``device``."""
+    value = torch.as_tensor(value, device=device)
+    if tuple(value.shape) != shape:
+        raise SamplingError(f"{what} must have shape {shape}, got {tuple(value.shape)}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise SamplingError(f"{what} must be an integer tensor, got {value.dtype}")
+    if value.numel() and (value.min() < 0 or value.max() >= high):
+        raise SamplingError(f"{what} outside [0, {high - 1}]")
+    return value.long()
+
+
+def _check_inputs(model, num, shape, label, condition, prefix, start, device):
+    """Validated (label, condition, prefix) for ``sample``: (num,) int64 or None, (num, h, w) int64 or None,
+    output-shaped or None."""
     c = model.config
-    if not c.cond_num_codes:
-        if condition is not None:
-            raise SamplingError("this model is not conditioned on a code map: do not pass condition codes")
-        return None
-    if condition is None:
-        raise SamplingError("this is a bottom prior: pass the top codes as condition")
-    condition = torch.as_tensor(condition, device=device)
-    if tuple(condition.shape) != (num, c.cond_height, c.cond_width):
-        raise SamplingError(f"condition codes must have shape ({num}, {c.cond_height}, {c.cond_width}), "
-                            f"got {tuple(condition.shape)}")
-    if condition.dtype.is_floating_point or condition.dtype == torch.bool:
-        raise SamplingError("condition codes must be an integer tensor")
-    if condition.min() < 0 or condition.max() >= c.cond_num_codes:
-        raise SamplingError(f"condition codes outside the codebook [0, {c.cond_num_codes - 1}]")
-    return condition.long()
-
-
-def _check_prefix(model, prefix, shape: tuple, start: int, device) -> torch.Tensor | None:
+    if not c.num_classes and label is not None:
+        raise SamplingError("this model is not class-conditional: do not pass a label")
+    if c.num_classes:
+        if label is None:
+            raise SamplingError(f"this model is class-conditional: pass a label in [0, {c.num_classes - 1}]")
+        label = torch.as_tensor(label, device=device)
+        label = _check_codes(label.expand(num) if label.dim() == 0 else label, "label", (num,), c.num_classes,
+                             device)
+    if not c.cond_num_codes and condition is not None:
+        raise SamplingError("this model is not conditioned on a code map: do not pass condition codes")
+    if c.cond_num_codes:
+        if condition is None:
+            raise SamplingError("this is a bottom prior: pass the top codes as condition")
+        condition = _check_codes(condition, "condition (top) codes", (num, c.cond_height, c.cond_width),
+                                 c.cond_num_codes, device)
     positions = shape[-2] * shape[-1]
     if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= positions:
         raise SamplingError(f"start must be an integer position in [0, {positions}], got {start!r}")
-    if prefix is None:
-        if start:
-            raise SamplingError("start > 0 needs a prefix holding the known positions")
-        return None
-    prefix = torch.as_tensor(prefix, device=device)
-    if tuple(prefix.shape) != shape:
-        raise SamplingError(f"prefix must have shape {shape}, got {tuple(prefix.shape)}")
-    if model.config.head == "pixels":
-        if prefix.dtype != torch.uint8:
-            raise SamplingError(f"an image prefix must be uint8, got {prefix.dtype}")
-        return prefix
-    if prefix.dtype.is_floating_point or prefix.dtype == torch.bool:
-        raise SamplingError("a code prefix must be an integer tensor")
-    if prefix.numel() and (prefix.min() < 0 or prefix.max() >= model.config.num_codes):
-        raise SamplingError(f"prefix codes outside the codebook [0, {model.config.num_codes - 1}]")
-    return prefix.long()
+    if prefix is None and start:
+        raise SamplingError("start > 0 needs a prefix holding the known positions")
+    if prefix is not None and c.head == "pixels":
+        prefix = torch.as_tensor(prefix, device=device)
+        if tuple(prefix.shape) != shape or prefix.dtype != torch.uint8:
+            raise SamplingError(f"an image prefix must be uint8 of shape {shape}, got {prefix.dtype} "
+                                f"{tuple(prefix.shape)}")
+    elif prefix is not None:
+        prefix = _check_codes(prefix, "the prefix codes", shape, c.num_codes, device)
+    return label, condition, prefix
 
 
 def _check_controls(model, num, method, temperature, top_k, top_p, batch_size, height, width) -> None:
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+    if not _positive_int(num):
         raise SamplingError(f"num must be a positive integer, got {num!r}")
     if method not in METHODS:
         raise SamplingError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -344,10 +328,8 @@ def _check_controls(model, num, method, temperature, top_k, top_p, batch_size, h
         raise SamplingError(f"top-p must be in (0, 1] (1 = off), got {top_p}")
     if model.config.head == "pixels" and (top_k or top_p < 1.0):
         raise SamplingError("top-k and top-p apply to code priors, not to pixel models")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise SamplingError(f"batch size must be a positive integer, got {batch_size!r}")
-    for name, value in (("height", height), ("width", width)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+    for name, value in (("batch size", batch_size), ("height", height), ("width", width)):
+        if value is not None and not _positive_int(value):
             raise SamplingError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -368,9 +350,7 @@ def sample(model, num: int, method: str = "cached", generator: torch.Generator |
     H, W = height or c.height, width or c.width
     shape = (num, c.channels, H, W) if c.head == "pixels" else (num, H, W)
     device = next(model.parameters()).device
-    label = _check_label(model, label, num, device)
-    condition = _check_condition(model, condition, num, device)
-    prefix = _check_prefix(model, prefix, shape, start, device)
+    label, condition, prefix = _check_inputs(model, num, shape, label, condition, prefix, start, device)
     out = torch.zeros(shape, dtype=torch.uint8 if c.head == "pixels" else torch.long, device=device)
     if prefix is not None:
         out.view(num, -1, H * W)[:, :, :start] = prefix.reshape(num, -1, H * W)[:, :, :start]
@@ -390,32 +370,26 @@ def sample(model, num: int, method: str = "cached", generator: torch.Generator |
     return out
 
 
-def _write(canvas: torch.Tensor, r: int, c: int, value: torch.Tensor) -> None:
-    if canvas.dim() == 4:
-        canvas[:, :, r, c] = value  # (B, C) pixels
-    else:
-        canvas[:, r, c] = value  # (B,) codes
-
-
 def _sample_naive(model, canvas, start, label, condition, controls, on_step) -> None:
     W = canvas.shape[-1]
     for p in range(start, canvas.shape[-2] * W):
         r, c = divmod(p, W)
         params = model(canvas, label=label, condition=condition)[:, :, r, c]  # (B, P)
-        _write(canvas, r, c, model.head.sample(params, **controls))
+        canvas[..., r, c] = model.head.sample(params, **controls)  # (B, C) pixels or (B,) codes
         if on_step is not None:
             on_step(p, canvas)
 
 
 def _sample_cached(model, canvas, start, label, condition, controls, on_step) -> None:
     H, W = canvas.shape[-2:]
+    if start == H * W:
+        return  # nothing to sample: the prefix is the whole map
     sampler = CachedSampler(model, canvas.shape[0], label, condition, H, W)
     sampler.prefill(canvas, start)
     for p in range(start, H * W):
         value = model.head.sample(sampler.step(p), **controls)
         sampler.append(p, value)
-        r, c = divmod(p, W)
-        _write(canvas, r, c, value)
+        canvas[..., p // W, p % W] = value
         if on_step is not None:
             on_step(p, canvas)
 
@@ -437,7 +411,7 @@ def complete(model, image_or_codes: torch.Tensor, keep_rows: int, num: int, **sa
     if x.dim() != item_dims + 1:
         kind = "an image (C, H, W)" if item_dims == 3 else "a code map (H, W)"
         raise SamplingError(f"expected {kind} or a batch of them, got shape {tuple(x.shape)}")
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+    if not _positive_int(num):
         raise SamplingError(f"num must be a positive integer, got {num!r}")
     n, H, W = x.shape[0], x.shape[-2], x.shape[-1]
     if not isinstance(keep_rows, int) or not 0 <= keep_rows <= H:

@@ -215,24 +215,30 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     if val_set is not None and config.eval_limit and len(val_set) > config.eval_limit:
         val_set = torch.utils.data.Subset(val_set, range(config.eval_limit))
     sampler = StepBatchSampler(len(train_set), config.batch_size, config.seed, start_step, config.steps)
+    # Every DataLoader gets its own generator: creating an iterator otherwise draws a seed from the global RNG,
+    # which drives dropout, and an eval or a resume would then shift the dropout masks of later steps.
+    def loader_rng():
+        return torch.Generator().manual_seed(config.seed)
+
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers,
-                        persistent_workers=num_workers > 0)
-    val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 32), shuffle=False,
-                            num_workers=num_workers) if val_set is not None and len(val_set) else None
+                        persistent_workers=num_workers > 0, generator=loader_rng())
+    val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 32), shuffle=False, num_workers=num_workers,
+                            generator=loader_rng()) if val_set is not None and len(val_set) else None
 
     if checkpoint is None:
-        first = to_device(next(iter(DataLoader(train_set, batch_sampler=[sampler.global_batch(0)]))), device)
+        first = to_device(next(iter(DataLoader(train_set, batch_sampler=[sampler.global_batch(0)],
+                                               generator=loader_rng()))), device)
         task.init_model(model, first)  # weight-norm data-dependent init on one batch
         ema = EMA(model, config.ema)
         _truncate_metrics(metrics_path, -1)
     else:
         opt.load_state_dict(checkpoint["optimizer"])
         ema = EMA(model, config.ema, checkpoint["ema"])
-        _set_rng_state(checkpoint["rng"])
         _truncate_metrics(metrics_path, start_step)
     eval_model = task.build_model().to(device).eval()
     last_metrics: dict[str, float] = dict(checkpoint.get("metrics", {})) if checkpoint else {}
-    sample_batch = next(iter(DataLoader(val_set if val_loader else train_set, batch_size=config.num_samples)))
+    sample_batch = next(iter(DataLoader(val_set if val_loader else train_set, batch_size=config.num_samples,
+                                        generator=loader_rng())))
 
     def save(step: int) -> None:
         payload = {"kind": task.kind, "config": {**task.config_dicts(), "train": config.to_dict()},
@@ -257,6 +263,8 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
             images = task.grid(eval_model, to_device(sample_batch, device), g)
         save_grid(images, out / f"samples_step{step}.png", nrow=getattr(task, "grid_nrow", None))
 
+    if checkpoint is not None:
+        _set_rng_state(checkpoint["rng"])  # last, so that nothing above shifts the dropout masks of later steps
     bad_steps, skipped, status = 0, 0, "finished"
     step = start_step
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step")

@@ -1,0 +1,199 @@
+"""The training loop and checkpoints: save/load round trip, exact resume, reproducibility, the non-finite guard,
+graceful stop, and refusal of unsafe or foreign checkpoint files."""
+import math
+
+import pytest
+import torch
+
+from vqprior.checkpoint import export_checkpoint, load_model, read_checkpoint
+from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
+from vqprior.errors import UserError
+from vqprior.pixel_task import PixelTask
+from vqprior.train import StepBatchSampler, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """Random but fixed 8x8 RGB images with labels."""
+
+    def __init__(self, n=40, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+        self.labels = torch.arange(n) % 3
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
+
+
+def _task(**overrides):
+    cfg = model_config_from_preset("tiny", height=8, width=8, dropout=0.2, **overrides)
+    return PixelTask(cfg, DataConfig(dataset="synthetic"))
+
+
+def _config(steps, **kw):
+    base = dict(steps=steps, batch_size=4, eval_every=1000, sample_every=1000, checkpoint_every=3, num_samples=2,
+                seed=7, ema=0.9)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(out, steps, checkpoint=None, task=None, **kw):
+    return train(task or _task(), ImageSet(), ImageSet(8, seed=1), _config(steps, **kw), out, checkpoint=checkpoint,
+                 progress=False)
+
+
+def _states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+    _run(tmp_path / "full", 6)
+    _run(tmp_path / "part", 3)  # stops after 3 steps, as if killed after its checkpoint
+    resumed = read_checkpoint(tmp_path / "part" / "latest.pt", "pixels")
+    assert resumed["step"] == 3
+    _run(tmp_path / "part", 6, checkpoint=resumed)
+    full = read_checkpoint(tmp_path / "full" / "latest.pt")
+    part = read_checkpoint(tmp_path / "part" / "latest.pt")
+    assert full["step"] == part["step"] == 6
+    assert _states_equal(full["model"], part["model"])  # dropout RNG, data order, optimizer all restored
+    assert _states_equal(full["ema"], part["ema"])
+    assert not _states_equal(full["model"], resumed["model"])  # and training did move the weights
+    import json
+
+    def final_train_bpd(run):
+        records = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["bpd"] for r in records if r["split"] == "train" and r["step"] == 6]
+
+    assert final_train_bpd("full") == final_train_bpd("part") and final_train_bpd("full")
+
+
+def test_same_seed_same_checkpoint_and_different_seed_differs(tmp_path):
+    _run(tmp_path / "a", 4)
+    _run(tmp_path / "b", 4)
+    _run(tmp_path / "c", 4, seed=8)
+    a, b, c = (read_checkpoint(tmp_path / n / "latest.pt")["model"] for n in "abc")
+    assert _states_equal(a, b)
+    assert not _states_equal(a, c)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    _run(tmp_path / "run", 3)
+    data = read_checkpoint(tmp_path / "run" / "latest.pt", "pixels")
+    model = load_model(tmp_path / "run" / "latest.pt")
+    assert not model.training
+    x = ImageSet(4, seed=3).images
+    reference = _task().build_model().eval()
+    reference.load_state_dict(data["ema"])  # load_model serves the EMA weights
+    assert torch.equal(model.log_prob(x), reference.log_prob(x))
+    # the exported (fp16) copy is restored to fp32 on load and stays close
+    export_checkpoint(tmp_path / "run" / "latest.pt", tmp_path / "small.pt")
+    small = load_model(tmp_path / "small.pt")
+    assert next(small.parameters()).dtype == torch.float32
+    assert torch.allclose(small.log_prob(x), model.log_prob(x), rtol=1e-2, atol=1e-1)
+    assert (tmp_path / "small.pt").stat().st_size < (tmp_path / "run" / "latest.pt").stat().st_size
+
+
+def test_training_lowers_the_loss(tmp_path):
+    result = _run(tmp_path / "run", 30, ema=0.0, lr=3e-3, eval_every=30)
+    records = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result["status"] == "finished" and result["step"] == 30
+    first, last = records[0], [r for r in records if '"train"' in r][-1]
+    import json
+    assert json.loads(last)["bpd"] < json.loads(first)["bpd"]
+    assert math.isfinite(result["metrics"]["eval_bpd"])
+
+
+class NaNTask:
+    """Wraps a task so that the loss becomes NaN from a given step on."""
+
+    def __init__(self, task, bad_from):
+        self.task, self.bad_from, self.calls = task, bad_from, 0
+        self.kind = task.kind
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, batch):
+        self.calls += 1
+        loss, metrics = self.task.loss(model, batch)
+        return (loss * float("nan") if self.calls > self.bad_from else loss), metrics
+
+
+def test_non_finite_losses_never_reach_the_weights_and_stop_the_run(tmp_path):
+    task = NaNTask(_task(), bad_from=3)
+    with pytest.raises(UserError, match="non-finite"):
+        _run(tmp_path / "run", 40, task=task, max_bad_steps=5)
+    kept = read_checkpoint(tmp_path / "run" / "latest.pt")
+    assert kept["step"] == 3  # the last good checkpoint survives
+    for name, tensor in kept["model"].items():
+        assert torch.isfinite(tensor).all(), name
+
+
+def test_isolated_non_finite_loss_is_skipped(tmp_path):
+    class OneBad(NaNTask):
+        def loss(self, model, batch):
+            self.calls += 1
+            loss, metrics = self.task.loss(model, batch)
+            return (loss * float("inf") if self.calls == 2 else loss), metrics
+
+    result = _run(tmp_path / "run", 5, task=OneBad(_task(), 0))
+    assert result["status"] == "finished" and result["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in read_checkpoint(tmp_path / "run" / "latest.pt")["model"].values())
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = StepBatchSampler(10, 4, seed=1, start_step=0, steps=6)
+    b = StepBatchSampler(10, 4, seed=1, start_step=3, steps=6)
+    assert list(a)[3:] == list(b)
+    first_epoch = [i for batch in list(a)[:2] for i in batch] + list(a)[2][:2]
+    assert sorted(first_epoch) == list(range(10))  # each epoch is a permutation
+    ranks = [StepBatchSampler(10, 4, 1, 0, 6, rank=r, world_size=2) for r in (0, 1)]
+    for step, (x, y) in enumerate(zip(*ranks)):
+        assert sorted(x + y) == sorted(a.global_batch(step))
+
+
+class Evil:
+    def __reduce__(self):
+        import pathlib
+        return (pathlib.Path.touch, (pathlib.Path(MARKER),))
+
+
+MARKER = "/nonexistent"
+
+
+def test_pickled_objects_in_a_checkpoint_are_refused_without_running(tmp_path, monkeypatch):
+    global MARKER
+    MARKER = str(tmp_path / "pwned")
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "kind": "pixels", "model": {}, "payload": Evil()}, path)
+    with pytest.raises(UserError, match="pickled|not a readable"):
+        read_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip file at all", None])
+def test_unreadable_checkpoints_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"something": 1}, path)  # a torch file, but not ours
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_kind_is_refused(tmp_path):
+    _run(tmp_path / "run", 1)
+    with pytest.raises(UserError, match="pixels checkpoint; expected vqvae"):
+        read_checkpoint(tmp_path / "run" / "latest.pt", "vqvae")
