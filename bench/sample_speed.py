@@ -9,8 +9,8 @@ with --naive-positions N it is timed on the last N positions only (the rest give
 batch is extrapolated to all positions; such cells are marked "extrapolated" in the table. Cached sampling is always
 timed on every position.
 
-    .venv/bin/python bench/sample_speed.py                       # the full table (slow: naive 64x64 is capped)
-    .venv/bin/python bench/sample_speed.py --quick               # seconds: checks that everything runs
+    .venv/bin/python bench/sample_speed.py            # the full table; naive timed on 32 positions per cell
+    .venv/bin/python bench/sample_speed.py --quick    # about a minute: checks that everything runs
     .venv/bin/python bench/sample_speed.py --sizes 32 --batches 16 --repeats 3 --naive-positions 32
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, help="cached repeats, median reported (default 3)")
     parser.add_argument("--naive-repeats", type=int, help="naive repeats, median reported (default 1)")
     parser.add_argument("--naive-positions", type=int,
-                        help="time naive on at most this many positions and extrapolate; 0: all (default 64)")
+                        help="time naive on at most this many positions and extrapolate; 0: all (default 32)")
     parser.add_argument("--num-codes", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     if args.threads <= 0:
         args.threads = torch.get_num_threads()
     defaults = dict(sizes=[8], batches=[1, 2], repeats=1, naive_repeats=1, naive_positions=8) if args.quick else \
-        dict(sizes=[16, 32, 64], batches=[1, 16], repeats=3, naive_repeats=1, naive_positions=64)
+        dict(sizes=[16, 32, 64], batches=[1, 16], repeats=3, naive_repeats=1, naive_positions=32)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -1,6 +1,8 @@
 """Reading and writing the raw sampled arrays (.npy / .npz), atomically and without pickle."""
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 
 from vqprior.checkpoint import atomic_write
@@ -38,17 +40,21 @@ def load_codes_file(path) -> list[np.ndarray]:
         raise UserError(f"codes file not found: {p}")
     if p.is_dir():
         raise UserError(f"expected a codes file, got a folder: {p}")
+    with open(p, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # numpy would try to unpickle anything else
+        raise UserError(f"not a .npy/.npz codes file: {p}")
     try:
         data = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+        if isinstance(data, np.ndarray):
+            arrays = [data]
+        else:
+            with data:
+                if not {"top", "bottom"} <= set(data.files):
+                    raise UserError(f"{p}: an .npz codes file needs arrays 'top' and 'bottom'")
+                arrays = [data["top"], data["bottom"]]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated, damaged, or object arrays
         raise UserError(f"not a readable .npy/.npz codes file: {p} ({str(e).splitlines()[0][:100]})") from None
-    if isinstance(data, np.ndarray):
-        arrays = [data]
-    else:
-        with data:
-            if not {"top", "bottom"} <= set(data.files):
-                raise UserError(f"{p}: an .npz codes file needs arrays 'top' and 'bottom'")
-            arrays = [data["top"], data["bottom"]]
     for a in arrays:
         if a.ndim != 3 or not np.issubdtype(a.dtype, np.integer):
             raise UserError(f"{p}: codes must be integer arrays of shape (N, H, W), got {a.dtype} {a.shape}")

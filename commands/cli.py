@@ -6,6 +6,7 @@ import click
 
 from vqprior import __version__
 
+from .complete import complete
 from .decode import decode
 from .evaluate import evaluate
 from .extract_codes import extract_codes
@@ -27,7 +28,7 @@ def cli():
     """
 
 
-for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, decode,
+for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, complete, decode,
                 receptive_field):
     cli.add_command(command)
 

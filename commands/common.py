@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -29,6 +31,34 @@ def guarded(fn):
             raise click.ClickException(_one_line(e)) from None
 
     return wrapper
+
+
+def removes_new_folder_on_error(option: str):
+    """Decorator: when the command fails, remove the folder named by keyword ``option`` (and parents it made)
+    if the command created it and left it empty, so a refused run leaves no stray run folder behind."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            new = []  # folders that do not exist yet, innermost first
+            if kwargs.get(option):
+                p = Path(kwargs[option]).absolute()
+                while not os.path.lexists(p) and p != p.parent:
+                    new.append(p)
+                    p = p.parent
+            try:
+                return fn(*args, **kwargs)
+            except BaseException:
+                for folder in new:
+                    try:
+                        folder.rmdir()  # only succeeds while empty: a started run keeps its checkpoint
+                    except OSError:
+                        break
+                raise
+
+        return wrapper
+
+    return decorate
 
 
 def _one_line(e: BaseException) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
+from .common import device_option, guarded, removes_new_folder_on_error, resolve_device
 from .options import MODEL_FIELDS, data_options, model_options, train_config_from_options, train_options
 
 
@@ -15,6 +15,7 @@ from .options import MODEL_FIELDS, data_options, model_options, train_config_fro
 @device_option
 @click.pass_context
 @guarded
+@removes_new_folder_on_error("out_dir")
 def train_pixels(ctx, **kw):
     """Train a pixel-level PixelSNAIL; evaluates held-out bits/dim with EMA weights and writes sample grids.
 

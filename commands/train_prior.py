@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
+from .common import device_option, guarded, removes_new_folder_on_error, resolve_device
 from .options import MODEL_FIELDS, model_options, train_config_from_options, train_options
 
 
@@ -21,6 +21,7 @@ from .options import MODEL_FIELDS, model_options, train_config_from_options, tra
 @device_option
 @click.pass_context
 @guarded
+@removes_new_folder_on_error("out_dir")
 def train_prior(ctx, **kw):
     """Train a categorical PixelSNAIL prior over VQ-VAE codes. The checkpoint embeds the VQ-VAE, so
     `vqprior sample PRIOR.pt` needs nothing else."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
+from .common import device_option, guarded, removes_new_folder_on_error, resolve_device
 from .options import data_options, train_config_from_options, train_options
 
 
@@ -26,6 +26,7 @@ from .options import data_options, train_config_from_options, train_options
 @device_option
 @click.pass_context
 @guarded
+@removes_new_folder_on_error("out_dir")
 def train_vqvae(ctx, **kw):
     """Train a VQ-VAE; evaluates reconstruction MSE/PSNR and codebook usage/perplexity per level on the held-out
     split and writes reconstruction grids (originals above, reconstructions below).

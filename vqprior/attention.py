@@ -4,9 +4,9 @@ Keys and values are built from concat[raw input, block output, background]; quer
 background]. The raw input in the keys/values is what removes the blind spots of the convolution stack: the
 position just before p (e.g. the last one of the previous row) is always reachable through attention.
 
-Position p attends to positions strictly before p. Position 0 has nothing to attend to and gets a zero vector:
-SDPA is given a mask whose row 0 admits the diagonal (so no softmax over an all-masked row produces NaN), and that
-row's output is then multiplied by zero, which also zeroes its gradient.
+Position p attends to positions strictly before p: queries 1..L-1 run against keys/values 0..L-2 under an ordinary
+causal mask (``is_causal=True``, so the fused SDPA kernels apply). Position 0 has nothing to attend to and gets a
+zero vector; no softmax is ever taken over an all-masked row.
 """
 from __future__ import annotations
 
@@ -15,13 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import GatedResBlock, WNConv2d
-
-
-def causal_mask(length: int, device: torch.device) -> torch.Tensor:
-    """(L, L) boolean mask: query i may attend key j iff j < i; row 0 admits j == 0 (its output is discarded)."""
-    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril(-1)
-    mask[0, 0] = True
-    return mask
 
 
 def background(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
@@ -45,7 +38,6 @@ class CausalSelfAttention(nn.Module):
         self.kv_proj = WNConv2d(kv_in, key_channels + value_channels, 1)
         self.q_block = GatedResBlock(q_in, kind="nin", dropout=dropout)
         self.q_proj = WNConv2d(q_in, key_channels, 1)
-        self._mask_cache: dict[tuple[int, str], torch.Tensor] = {}
 
     def keys_values(self, raw: torch.Tensor, h: torch.Tensor, bg: torch.Tensor):
         """(B, key, H, W), (B, value, H, W) from the raw input, block output and background."""
@@ -55,12 +47,6 @@ class CausalSelfAttention(nn.Module):
     def queries(self, h: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
         """(B, key, H, W) queries from the block output and background."""
         return self.q_proj(self.q_block(torch.cat([h, bg.expand(h.shape[0], -1, -1, -1)], 1)))
-
-    def _mask(self, length: int, device: torch.device) -> torch.Tensor:
-        key = (length, str(device))
-        if key not in self._mask_cache:
-            self._mask_cache[key] = causal_mask(length, device)
-        return self._mask_cache[key]
 
     def forward(self, raw: torch.Tensor, h: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
         B, _, H, W = h.shape
@@ -73,14 +59,13 @@ class CausalSelfAttention(nn.Module):
 
         q, k, v = to_heads(q), to_heads(k), to_heads(v)
         scale = q.shape[-1] ** -0.5
-        if q.shape[-1] < v.shape[-1] <= 4 * q.shape[-1]:
-            # PyTorch's fused CPU kernel needs equal query/key and value head sizes, else it falls back to the
-            # math path (2x slower here). Zero-padding q and k leaves every score, and so the result, unchanged.
-            pad = (0, v.shape[-1] - q.shape[-1])
-            q, k = F.pad(q, pad), F.pad(k, pad)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(L, h.device), scale=scale)
+        out = v.new_zeros(B, n, L, v.shape[-1])  # position 0 attends to nothing: a zero vector
+        if L > 1:
+            # Query i >= 1 attends keys 0..i-1: queries 1..L-1 against keys/values 0..L-2 under a plain causal mask,
+            # which PyTorch's fused CPU/GPU kernels support (and they skip the masked half). The fused CPU kernel
+            # also needs equal head sizes (zero-padding q and k leaves every score unchanged) and a contiguous v.
+            pad = (0, max(0, v.shape[-1] - q.shape[-1]))
+            out[:, :, 1:] = F.scaled_dot_product_attention(F.pad(q[:, :, 1:], pad), F.pad(k[:, :, :-1], pad),
+                                                           v[:, :, :-1].contiguous(), is_causal=True, scale=scale)
         out = out.transpose(1, 2).reshape(B, L, self.value_channels)
-        first = torch.ones(L, 1, dtype=out.dtype, device=out.device)
-        first[0] = 0.0  # position 0 attends to nothing
-        out = out * first
         return out.transpose(1, 2).reshape(B, self.value_channels, H, W)

@@ -87,9 +87,14 @@ def read_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse is the same user-facing problem
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        text = str(e)
+        reason = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        if "Unsupported global" in text or "GLOBAL" in text:
             reason = "it contains pickled Python objects, which are refused for safety"
+        elif "central directory" in text or "zip archive" in text:
+            reason = "the file is truncated or damaged"
+        elif "weights_only" in text or "Weights only" in text:
+            reason = "not a PyTorch checkpoint file"  # e.g. random bytes: torch's message is about pickles
         raise UserError(f"not a readable vqprior checkpoint: {path} ({reason[:160]})") from None
     if not isinstance(data, dict) or "format_version" not in data or "kind" not in data:
         raise UserError(f"not a vqprior checkpoint (no format header): {path}")

@@ -54,10 +54,10 @@ class _FrameRecorder:
 def generate(model, num: int, *, bottom=None, method: str = "cached", generator: torch.Generator | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label: int | None = None,
              animate: bool = False, prefix: list[torch.Tensor] | torch.Tensor | None = None,
-             start: int = 0) -> Generated:
+             start: int | list[int] = 0) -> Generated:
     """Sample ``num`` images from a pixel model or a (top) prior, with ``bottom`` the bottom prior of a 2-level
-    VQ-VAE. ``prefix``/``start`` complete a known raster prefix (pixels: images; priors: top codes, with a bottom
-    prefix starting at the matching row of the bottom map)."""
+    VQ-VAE. ``prefix``/``start`` complete a known raster prefix: pixels, an image batch and a position; priors, a
+    list of code maps [top(, bottom)] and a list of start positions, one per level."""
     from .sampling import sample
 
     if num < 1:
@@ -89,25 +89,23 @@ def generate(model, num: int, *, bottom=None, method: str = "cached", generator:
             raise UserError("the top and bottom priors were trained on codes of different VQ-VAEs")
     code_kw = dict(kwargs, top_k=top_k, top_p=top_p)
     top_prefix = prefix[0] if isinstance(prefix, (list, tuple)) else prefix
+    starts = list(start) if isinstance(start, (list, tuple)) else [start, 0]
     frames: list[torch.Tensor] = []
     if levels == 1:
         rec = _FrameRecorder(model.config.height * model.config.width, lambda c: vq.decode([c])) if animate else None
-        codes = sample(model, num, label=labels, on_step=rec, prefix=top_prefix, start=start, **code_kw)
+        codes = sample(model, num, label=labels, on_step=rec, prefix=top_prefix, start=starts[0], **code_kw)
         return Generated(vq.decode([codes]), [codes], rec.frames if rec else [])
 
     bottom_shape = (bottom.config.height, bottom.config.width)
     blank_bottom = torch.zeros(num, *bottom_shape, dtype=torch.long, device=device)
     rec = _FrameRecorder(model.config.height * model.config.width,
                          lambda c: vq.decode([c, blank_bottom])) if animate else None
-    top = sample(model, num, label=labels, on_step=rec, prefix=top_prefix, start=start, **code_kw)
+    top = sample(model, num, label=labels, on_step=rec, prefix=top_prefix, start=starts[0], **code_kw)
     if rec:
         frames += rec.frames
     rec = _FrameRecorder(bottom_shape[0] * bottom_shape[1], lambda c: vq.decode([top, c])) if animate else None
-    bottom_prefix, bottom_start = None, 0
-    if isinstance(prefix, (list, tuple)) and len(prefix) > 1:
-        bottom_prefix = prefix[1]
-        rows = start // model.config.width  # kept top rows cover the same image region as these bottom rows
-        bottom_start = rows * bottom_shape[0] // model.config.height * bottom_shape[1]
+    bottom_prefix = prefix[1] if isinstance(prefix, (list, tuple)) and len(prefix) > 1 else None
+    bottom_start = starts[1] if bottom_prefix is not None else 0
     bottom_labels = _labels(bottom, num, label, device) if bottom.config.num_classes else None
     bot = sample(bottom, num, label=bottom_labels, condition=top, on_step=rec, prefix=bottom_prefix,
                  start=bottom_start, **code_kw)

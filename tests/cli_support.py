@@ -1,0 +1,73 @@
+"""Helpers for the CLI tests (test_cli.py, test_bad_inputs.py): invoking ``vqprior`` in-process with click's
+CliRunner, and building the tiny trained artefacts (a pixel run; a 2-level VQ-VAE with code caches and top/bottom
+priors) that the tests share. Not a test module itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from vqprior.commands.cli import cli
+
+# Tiny everything, CPU, no progress bars: each training command takes a second or two.
+TINY_TRAIN = ["--preset", "tiny", "--batch-size", "8", "--eval-limit", "16", "--num-samples", "4", "--quiet",
+              "--device", "cpu"]
+
+
+def run_cli(*args) -> Result:
+    """``vqprior ARGS`` in-process; exceptions are caught into ``result.exception`` (SystemExit for clean exits)."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def check_ok(result: Result) -> Result:
+    """Assert a clean exit 0, showing the output (and any traceback) when not."""
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        detail = "".join(traceback.format_exception(result.exception))
+    else:
+        detail = result.output
+    assert result.exit_code == 0, detail
+    return result
+
+
+def train_pixel_run(out: Path, *extra, steps: int = 4, image_size: int = 8, limit: int = 64) -> Result:
+    """``train-pixels`` on the bundled sample data, tiny preset."""
+    return check_ok(run_cli("train-pixels", "--dataset", "sample", "--image-size", image_size, "--limit", limit,
+                            "--steps", steps, *TINY_TRAIN, "--out", out, *extra))
+
+
+@dataclass
+class PriorPipeline:
+    """The artefacts of train-vqvae (2 levels) -> extract-codes train/test -> train-prior top and bottom, with the
+    result of every command (for their messages)."""
+    vqvae: Path
+    train_codes: Path
+    test_codes: Path
+    top: Path
+    bottom: Path
+    results: dict[str, Result] = field(default_factory=dict)
+
+
+def build_prior_pipeline(root: Path, steps: int = 4, train_items: int = 64, test_items: int = 32,
+                         class_conditional_top: bool = True) -> PriorPipeline:
+    """16x16 images -> VQ-VAE codes: top 4x4 and bottom 8x8, 16 codes each (the tiny VQ-VAE preset)."""
+    p = PriorPipeline(root / "vq" / "latest.pt", root / "train.lmdb", root / "test.lmdb", root / "top" / "latest.pt",
+                      root / "bottom" / "latest.pt")
+    train = ["--steps", steps, *TINY_TRAIN]
+    p.results["train-vqvae"] = check_ok(run_cli(
+        "train-vqvae", "--dataset", "sample", "--image-size", "16", "--levels", "2", "--limit", train_items,
+        *train, "--out", p.vqvae.parent))
+    for split, out, n in (("train", p.train_codes, train_items), ("test", p.test_codes, test_items)):
+        p.results[f"extract-{split}"] = check_ok(run_cli(
+            "extract-codes", "--vqvae", p.vqvae, "--split", split, "--limit", n, "--out", out, "--quiet",
+            "--device", "cpu"))
+    codes = ["--codes", p.train_codes, "--val-codes", p.test_codes]
+    top_flags = ["--class-conditional"] if class_conditional_top else []
+    p.results["train-prior-top"] = check_ok(run_cli(
+        "train-prior", *codes, "--level", "top", *top_flags, *train, "--out", p.top.parent))
+    p.results["train-prior-bottom"] = check_ok(run_cli(
+        "train-prior", *codes, "--level", "bottom", *train, "--out", p.bottom.parent))
+    return p

@@ -1,0 +1,240 @@
+"""End-to-end tests of the ``vqprior`` CLI with click's CliRunner on tiny configs: exit codes, the files each
+command writes and what is in them. The expensive artefacts (a pixel run; a VQ-VAE with code caches and priors)
+are built once per module and shared; tests that change a run work on a copy.
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vqprior
+from vqprior.checkpoint import read_checkpoint
+from vqprior.commands.cli import cli
+from vqprior.data.codes import read_code_metadata
+from vqprior.images import make_grid
+
+from cli_support import build_prior_pipeline, check_ok, run_cli, train_pixel_run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: thread start-up costs more than it saves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pixel_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pixels") / "run"
+    result = train_pixel_run(out, steps=4)
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conditional") / "run"
+    train_pixel_run(out, "--class-conditional", steps=2, limit=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return build_prior_pipeline(tmp_path_factory.mktemp("priors"))
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def png_array(path):
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        return np.asarray(im)
+
+
+def grid_of(images):
+    """The (H, W, 3) PNG content save_grid writes for uint8 (N, C, H, W) images."""
+    return make_grid(torch.as_tensor(images)).permute(1, 2, 0).numpy()
+
+
+def gif_frames(path):
+    with Image.open(path) as im:
+        assert im.format == "GIF"
+        return im.n_frames, im.size
+
+
+# --- help ---------------------------------------------------------------------------------------------------------
+
+def test_group_help_lists_every_command_without_importing_torch():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom vqprior.commands.cli import cli\n"
+            "r = CliRunner().invoke(cli, ['--help'])\nassert r.exit_code == 0, r.output\n"
+            "assert 'torch' not in sys.modules, 'vqprior --help imported torch'\nprint(r.output)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in cli.commands:
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_has_help(name):
+    result = check_ok(run_cli(name, "--help"))
+    assert result.output.startswith(f"Usage: cli {name}") or f" {name} " in result.output.splitlines()[0]
+    assert "--help" in result.output
+
+
+def test_version():
+    assert vqprior.__version__ in check_ok(run_cli("--version")).output
+
+
+# --- pixel models -------------------------------------------------------------------------------------------------
+
+def test_train_pixels_writes_grid_metrics_and_checkpoint(pixel_run):
+    run, result = pixel_run
+    assert re.search(r"step 4: held-out [\d.]+ bits/dim", result.output)
+    grid = png_array(run / "samples_step4.png")
+    assert grid.shape == grid_of(np.zeros((4, 3, 8, 8), np.uint8)).shape  # --num-samples 4 images of 8x8
+    records = read_metrics(run)
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [4] and [r["step"] for r in evals] == [4]
+    assert np.isfinite(evals[0]["bpd"]) and evals[0]["bpd"] > 0
+    data = read_checkpoint(run / "latest.pt")
+    assert data["kind"] == "pixels" and data["step"] == 4
+    model = vqprior.load_model(run / "latest.pt")
+    assert (model.config.channels, model.config.height, model.config.width) == (3, 8, 8)
+    assert not model.training
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*"))
+
+
+def test_resume_continues_from_the_saved_step(pixel_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pixel_run[0], run)
+    result = train_pixel_run(run, "--resume", steps=6)
+    assert "Resuming" in result.output and "from step 4" in result.output
+    assert "step 6:" in result.output
+    assert read_checkpoint(run / "latest.pt")["step"] == 6
+    records = read_metrics(run)
+    assert [(r["split"], r["step"]) for r in records] == [("train", 4), ("eval", 4), ("train", 6), ("eval", 6)]
+    assert (run / "samples_step6.png").exists()
+
+
+def test_evaluate_matches_the_trainers_held_out_score(pixel_run):
+    run, _ = pixel_run
+    result = check_ok(run_cli("evaluate", run / "latest.pt", "--limit", "16", "--quiet", "--device", "cpu"))
+    match = re.search(r"([\d.]+) bits/dim on sample test: (\d+) items", result.output)
+    assert match, result.output
+    assert int(match.group(2)) == 16
+    # The trainer evaluated the same EMA weights on the same first 16 held-out images (--eval-limit 16).
+    trained_bpd = [r for r in read_metrics(run) if r["split"] == "eval"][-1]["bpd"]
+    assert float(match.group(1)) == pytest.approx(trained_bpd, abs=2e-4)
+
+
+def test_sample_writes_grid_array_and_animation(pixel_run, tmp_path):
+    ckpt = pixel_run[0] / "latest.pt"
+    out, array, gif = tmp_path / "s.png", tmp_path / "s.npy", tmp_path / "s.gif"
+    result = check_ok(run_cli("sample", ckpt, "--num", "3", "--seed", "1", "--out", out, "--save-array", array,
+                              "--animate", gif, "--device", "cpu"))
+    assert "wrote 3 samples" in result.output
+    images = np.load(array)
+    assert images.shape == (3, 3, 8, 8) and images.dtype == np.uint8
+    np.testing.assert_array_equal(png_array(out), grid_of(images))  # the grid shows exactly the saved array
+    frames, size = gif_frames(gif)
+    assert frames >= 2 and size == (png_array(out).shape[1], png_array(out).shape[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gif", "s.npy", "s.png"]
+
+
+def test_naive_and_cached_sampling_agree_for_the_same_seed(pixel_run, tmp_path):
+    ckpt = pixel_run[0] / "latest.pt"
+    arrays = {}
+    for method, seed in (("cached", 3), ("naive", 3), ("cached", 4)):
+        path = tmp_path / f"{method}{seed}.npy"
+        check_ok(run_cli("sample", ckpt, "--num", "2", "--seed", seed, "--method", method, "--out",
+                         tmp_path / f"{method}{seed}.png", "--save-array", path, "--device", "cpu"))
+        arrays[method, seed] = np.load(path)
+    np.testing.assert_array_equal(arrays["cached", 3], arrays["naive", 3])
+    assert not np.array_equal(arrays["cached", 3], arrays["cached", 4])  # the seed matters, so equality means something
+
+
+def test_class_conditional_training_and_sampling_a_class(conditional_run, tmp_path):
+    ckpt = conditional_run / "latest.pt"
+    assert read_checkpoint(ckpt)["config"]["model"]["num_classes"] == 10  # the sample data is CIFAR-10
+    check_ok(run_cli("sample", ckpt, "--num", "2", "--class", "3", "--out", tmp_path / "c3.png",
+                     "--save-array", tmp_path / "c3.npy", "--device", "cpu"))
+    assert np.load(tmp_path / "c3.npy").shape == (2, 3, 8, 8)
+    check_ok(run_cli("sample", ckpt, "--num", "2", "--out", tmp_path / "cycle.png", "--device", "cpu"))
+    assert (tmp_path / "c3.png").exists() and (tmp_path / "cycle.png").exists()
+
+
+# --- VQ-VAE and code priors ---------------------------------------------------------------------------------------
+
+def test_vqvae_and_code_caches(pipeline):
+    vq = read_checkpoint(pipeline.vqvae)
+    assert vq["kind"] == "vqvae" and vq["config"]["model"]["levels"] == 2
+    assert list(pipeline.vqvae.parent.glob("samples_step*.png"))
+    assert "top 4x4 + bottom 8x8, 16 codes" in pipeline.results["extract-train"].output
+    for path, count in ((pipeline.train_codes, 64), (pipeline.test_codes, 32)):
+        meta = read_code_metadata(path)
+        assert meta["count"] == count and meta["level_names"] == ["top", "bottom"]
+        assert meta["shapes"] == [[4, 4], [8, 8]] and meta["codebook_sizes"] == [16, 16]
+
+
+def test_priors_are_trained_per_level(pipeline):
+    for path, level, size, classes in ((pipeline.top, "top", 4, 10), (pipeline.bottom, "bottom", 8, 0)):
+        data = read_checkpoint(path)
+        assert data["kind"] == "prior" and data["config"]["prior"]["level"] == level
+        assert data["config"]["model"]["num_classes"] == classes
+        model = vqprior.load_model(path)
+        assert (model.config.height, model.config.width, model.config.num_codes) == (size, size, 16)
+        assert model.vqvae.config.levels == 2  # the VQ-VAE travels inside the prior
+        evals = [r for r in read_metrics(path.parent) if r["split"] == "eval"]
+        assert evals and np.isfinite(evals[-1]["bits_per_code"])
+
+
+def test_sample_priors_then_decode_the_saved_codes(pipeline, tmp_path):
+    out, codes, gif = tmp_path / "s.png", tmp_path / "c.npz", tmp_path / "a.gif"
+    check_ok(run_cli("sample", pipeline.top, "--bottom", pipeline.bottom, "--num", "2", "--class", "1",
+                     "--out", out, "--save-codes", codes, "--animate", gif, "--device", "cpu"))
+    sampled = png_array(out)
+    assert sampled.shape == grid_of(np.zeros((2, 3, 16, 16), np.uint8)).shape
+    with np.load(codes) as data:
+        assert sorted(data.files) == ["bottom", "top"]
+        top, bottom = data["top"], data["bottom"]
+    assert top.shape == (2, 4, 4) and bottom.shape == (2, 8, 8) and top.dtype == np.int64
+    assert 0 <= top.min() and max(top.max(), bottom.max()) < 16
+    assert gif_frames(gif)[0] >= 2
+    # Decoding the saved codes, with the VQ-VAE checkpoint or with the prior that embeds it, redraws the samples.
+    for source in (pipeline.vqvae, pipeline.top):
+        decoded = tmp_path / f"d_{source.parent.name}.png"
+        assert "decoded 2 code maps" in check_ok(run_cli("decode", source, codes, "--out", decoded,
+                                                         "--device", "cpu")).output
+        np.testing.assert_array_equal(png_array(decoded), sampled)
+
+
+def test_evaluate_priors_on_code_caches(pipeline):
+    result = check_ok(run_cli("evaluate", pipeline.bottom, "--codes", pipeline.test_codes, "--quiet",
+                              "--device", "cpu"))
+    match = re.search(r"([\d.]+) bits/code on .*\(bottom codes\): (\d+) items", result.output)
+    assert match and int(match.group(2)) == 32
+    assert 0 < float(match.group(1)) < 8  # a trained 16-code prior beats nothing: at most log2(16)=4 plus slack
+    limited = check_ok(run_cli("evaluate", pipeline.top, "--codes", pipeline.test_codes, "--limit", "8",
+                               "--quiet", "--device", "cpu"))
+    assert re.search(r"bits/code on .*\(top codes\): 8 items", limited.output)
+
+
+# --- receptive field ----------------------------------------------------------------------------------------------
+
+def test_receptive_field_compare_shows_blind_spots_without_attention(tmp_path):
+    single, both = tmp_path / "one.png", tmp_path / "two.png"
+    check_ok(run_cli("receptive-field", "--preset", "tiny", "--size", "8", "--out", single))
+    result = check_ok(run_cli("receptive-field", "--preset", "tiny", "--size", "8", "--compare", "--out", both))
+    blind = [int(n) for n in re.findall(r"\((\d+) blind\)", result.output)]
+    assert len(blind) == 2 and blind[0] == 0 and blind[1] > 0  # attention reaches every earlier position
+    assert png_array(both).shape[1] > png_array(single).shape[1]  # two panels side by side
