@@ -73,6 +73,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
 
 def _check_outputs(*paths):
     """Fail before any work when an output folder is missing (outputs are written atomically at the end)."""
+    import os
     from pathlib import Path
 
     from vqprior.errors import UserError
@@ -83,5 +84,7 @@ def _check_outputs(*paths):
         parent = Path(p).parent
         if not parent.is_dir():
             raise UserError(f"output folder does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"output folder is not writable: {parent}")
         if Path(p).is_dir():
             raise UserError(f"output path is a folder: {p}")
