@@ -35,3 +35,7 @@ for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate,
 
 def main():
     cli()
+
+
+if __name__ == "__main__":  # python -m vqprior.commands.cli (the tests start training as a subprocess)
+    main()

@@ -21,6 +21,8 @@ def sampling_options(fn):
         click.option("--method", type=click.Choice(["cached", "naive"]), default="cached", show_default=True,
                      help="cached = exact incremental sampler; naive = one full forward pass per position."),
         click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per grid row."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Samples drawn together (default: all --num at once)."),
         click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True,
                      help="Upscale the PNG by this integer factor."),
     ]
@@ -41,8 +43,8 @@ def sampling_options(fn):
               help="Also write a GIF of the samples filling in position by position.")
 @device_option
 @guarded
-def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, scale, save_codes,
-           save_array, animate, device):
+def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, batch_size, scale,
+           save_codes, save_array, animate, device):
     """Sample a PNG grid from CHECKPOINT (a pixel model or a code prior)."""
     import torch
 
@@ -60,7 +62,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
         raise click.UsageError("--save-codes applies to code priors; use --save-array for pixel models")
     generator = torch.Generator(device=device).manual_seed(seed)
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
-                      top_k=top_k, top_p=top_p, label=label, animate=bool(animate))
+                      top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size)
     save_grid(result.images, out, nrow=nrow, scale=scale)
     if save_codes:
         save_codes_file(save_codes, result.codes)

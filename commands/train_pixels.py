@@ -25,14 +25,18 @@ def train_pixels(ctx, **kw):
 
     from vqprior.config import DataConfig, ModelConfig, model_config_from_preset
     from vqprior.pixel_task import PixelTask
+    from vqprior.distributed import init_distributed
     from vqprior.train import prepare_run_dir, train
 
     device = resolve_device(kw["device"])
+    # Under torchrun: join the process group; rank 0 alone prints (and writes, see vqprior.train).
+    rank, _, device = init_distributed(device)
+    echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
     checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], "pixels")
     if checkpoint is not None:
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = ModelConfig.from_dict(checkpoint["config"]["model"])
-        click.echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
+        echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
     else:
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"],
@@ -49,17 +53,17 @@ def train_pixels(ctx, **kw):
     train_config = train_config_from_options(ctx, kw, checkpoint)
     task = PixelTask(model_config, data_config)
     n_params = sum(p.numel() for p in task.build_model().parameters())
-    click.echo(f"PixelSNAIL {n_params:,} parameters; {len(train_set)} train / {len(val_set)} held-out images "
+    echo(f"PixelSNAIL {n_params:,} parameters; {len(train_set)} train / {len(val_set)} held-out images "
                f"{train_set.channels}x{train_set.height}x{train_set.width}; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"])
     bpd = result["metrics"].get("eval_bpd")
     where = Path(kw["out_dir"])
     if result["status"] == "stopped":
-        click.echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
+        echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
         return
     grid = where / f"samples_step{result['step']}.png"
-    click.echo(f"step {result['step']}: held-out {bpd:.4f} bits/dim; samples {grid}; checkpoint {result['checkpoint']}"
+    echo(f"step {result['step']}: held-out {bpd:.4f} bits/dim; samples {grid}; checkpoint {result['checkpoint']}"
                if bpd is not None else f"step {result['step']}: checkpoint {result['checkpoint']}")
 
 

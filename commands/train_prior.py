@@ -31,9 +31,13 @@ def train_prior(ctx, **kw):
     from vqprior.data.codes import CodeDataset, read_code_metadata
     from vqprior.errors import UserError
     from vqprior.prior_task import PriorTask, load_vqvae_payload, prior_model_config
+    from vqprior.distributed import init_distributed
     from vqprior.train import prepare_run_dir, train
 
     device = resolve_device(kw["device"])
+    # Under torchrun: join the process group; rank 0 alone prints (and writes, see vqprior.train).
+    rank, _, device = init_distributed(device)
+    echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
     checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], "prior")
     meta = read_code_metadata(kw["codes"])
     if checkpoint is not None:
@@ -41,7 +45,7 @@ def train_prior(ctx, **kw):
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         level = checkpoint["config"]["prior"]["level"]
         payload = checkpoint.get("vqvae")
-        click.echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
+        echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
     else:
         level = kw["level"]
         vq_path = kw["vqvae_path"] or meta.get("vqvae_path")
@@ -65,14 +69,14 @@ def train_prior(ctx, **kw):
     train_set.validate_records()  # one clear line now rather than a worker traceback later
     train_config = train_config_from_options(ctx, kw, checkpoint)
     task = PriorTask(model_config, data_config, level, payload)
-    click.echo(f"{level} prior over {model_config.height}x{model_config.width} codes ({model_config.num_codes} "
+    echo(f"{level} prior over {model_config.height}x{model_config.width} codes ({model_config.num_codes} "
                f"codes): {sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} "
                f"train / {len(val_set) if val_set else 0} held-out maps; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"])
     if result["status"] == "stopped":
-        click.echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
+        echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
         return
     bpc = result["metrics"].get("eval_bits_per_code")
     held = f"held-out {bpc:.4f} bits/code; " if bpc is not None else ""
-    click.echo(f"step {result['step']}: {held}checkpoint {result['checkpoint']}")
+    echo(f"step {result['step']}: {held}checkpoint {result['checkpoint']}")

@@ -34,6 +34,7 @@ def train_vqvae(ctx, **kw):
     Weight EMA is off by default (--ema 0): the EMA codebooks follow the live encoder, not an averaged one.
     """
     from vqprior.config import DataConfig
+    from vqprior.distributed import init_distributed
     from vqprior.train import prepare_run_dir, train
     from vqprior.vqvae import VQVAEConfig, vqvae_config_from_preset
     from vqprior.vqvae_task import VQVAETask
@@ -41,11 +42,14 @@ def train_vqvae(ctx, **kw):
     from .train_pixels import load_split
 
     device = resolve_device(kw["device"])
+    # Under torchrun: join the process group; rank 0 alone prints (and writes, see vqprior.train).
+    rank, _, device = init_distributed(device)
+    echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
     checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], "vqvae")
     if checkpoint is not None:
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = VQVAEConfig.from_dict(checkpoint["config"]["model"])
-        click.echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
+        echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
     else:
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"])
@@ -62,14 +66,14 @@ def train_vqvae(ctx, **kw):
                                    f"VQ-VAE's total stride {stride}")
     train_config = train_config_from_options(ctx, kw, checkpoint)
     task = VQVAETask(model_config, data_config)
-    click.echo(f"VQ-VAE ({model_config.levels} level(s), {model_config.codebook_size} codes): "
+    echo(f"VQ-VAE ({model_config.levels} level(s), {model_config.codebook_size} codes): "
                f"{sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} train / "
                f"{len(val_set)} held-out images; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"])
     m = result["metrics"]
     if result["status"] == "stopped":
-        click.echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
+        echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
         return
     summary = ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("eval_"))
-    click.echo(f"step {result['step']}: {summary}; checkpoint {result['checkpoint']}")
+    echo(f"step {result['step']}: {summary}; checkpoint {result['checkpoint']}")

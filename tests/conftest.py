@@ -34,6 +34,16 @@ def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> PixelSNAIL:
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models: thread start-up costs more than it saves, and two busy threads on a shared 2-core machine are
+    many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -26,12 +26,6 @@ TRAIN_FAST = ["--preset", "tiny", "--image-size", "8", "--steps", "1", "--batch-
               "--eval-limit", "4", "--quiet", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_images(folder: Path, count: int, size=(8, 8), seed: int = 0) -> None:

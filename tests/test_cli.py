@@ -22,13 +22,6 @@ from vqprior.images import make_grid
 from cli_support import build_prior_pipeline, check_ok, run_cli, train_pixel_run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: thread start-up costs more than it saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,6 @@ from vqprior.prior_task import PriorTask, prior_model_config
 from vqprior.vqvae import VQVAE, vqvae_config_from_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than fighting over a busy shared CPU with two."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 class ImageSet(torch.utils.data.Dataset):

@@ -21,13 +21,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny per-position ops: thread start-up costs more than it saves (and the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(variant: str, dtype=torch.float64, seed: int = 0, **overrides) -> PixelSNAIL:

@@ -12,12 +12,6 @@ from vqprior.pixel_task import PixelTask
 from vqprior.train import StepBatchSampler, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 class ImageSet(torch.utils.data.Dataset):

@@ -12,13 +12,6 @@ from vqprior.vqvae import VQVAE, VectorQuantizer, VQVAEConfig, measure_codes, vq
 from vqprior.vqvae_task import VQVAETask, psnr_from_mse
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than fighting over a busy shared CPU with two."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make_vqvae(levels=1, channels=3, **overrides) -> VQVAE:

@@ -54,7 +54,7 @@ class _FrameRecorder:
 def generate(model, num: int, *, bottom=None, method: str = "cached", generator: torch.Generator | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label: int | None = None,
              animate: bool = False, prefix: list[torch.Tensor] | torch.Tensor | None = None,
-             start: int | list[int] = 0) -> Generated:
+             start: int | list[int] = 0, batch_size: int | None = None) -> Generated:
     """Sample ``num`` images from a pixel model or a (top) prior, with ``bottom`` the bottom prior of a 2-level
     VQ-VAE. ``prefix``/``start`` complete a known raster prefix: pixels, an image batch and a position; priors, a
     list of code maps [top(, bottom)] and a list of start positions, one per level."""
@@ -64,7 +64,7 @@ def generate(model, num: int, *, bottom=None, method: str = "cached", generator:
         raise UserError(f"--num must be at least 1, got {num}")
     device = next(model.parameters()).device
     labels = _labels(model, num, label, device)
-    kwargs = dict(method=method, generator=generator, temperature=temperature)
+    kwargs = dict(method=method, generator=generator, temperature=temperature, batch_size=batch_size)
     if model.config.head == "pixels":
         if bottom is not None:
             raise UserError("--bottom applies to code priors, not to pixel models")

@@ -33,7 +33,8 @@ class PixelTask:
     def loss(self, model, batch):
         x = batch["image"]
         params = model(x, label=self._label(batch))
-        log_prob = model.head.log_prob(params.float(), x)  # the likelihood in fp32 even under bf16 autocast
+        head = getattr(model, "module", model).head  # DistributedDataParallel keeps PixelSNAIL in .module
+        log_prob = head.log_prob(params.float(), x)  # the likelihood in fp32 even under bf16 autocast
         nats_per_dim = -log_prob.sum((1, 2)).mean() / x[0].numel()
         return nats_per_dim, {"bpd": nats_per_dim.item() / math.log(2.0)}
 

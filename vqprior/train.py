@@ -1,5 +1,5 @@
 """The training loop shared by every model kind: step loop, LR schedule, Polyak EMA, eval, sample grids,
-checkpoints, exact resume, graceful stop and the non-finite guard.
+checkpoints, exact resume, graceful stop, the non-finite guard and DistributedDataParallel (``torchrun``).
 
 What is trained is described by a *task* object (``PixelTask``, ``PriorTask``, ``VQVAETask``) with this protocol::
 
@@ -14,6 +14,12 @@ What is trained is described by a *task* object (``PixelTask``, ``PriorTask``, `
 
 Resume is exact: the batch order is a pure function of (seed, step), the learning rate of the step, and the RNG
 state is saved with the model, optimizer and EMA, so a resumed run equals an uninterrupted one.
+
+Distributed (a process group initialised by ``vqprior.distributed.init_distributed``): every rank builds the same
+model and runs the data-dependent init on the same full global batch 0; rank r trains on ``global_batch[r::N]`` and
+DDP averages the gradients, so N processes train the model one process would with the same global batch. Rank 0
+alone writes checkpoints, metrics and PNGs; eval runs on rank shards of the held-out set and is reduced; the stop
+flag and the non-finite check are agreed by an all-reduce each step so every rank leaves the loop at the same step.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from . import distributed
 from .checkpoint import atomic_write, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
@@ -189,6 +196,23 @@ def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict
     return None
 
 
+def _reduce_eval(task, eval_model, val_set, batch_size: int, num_workers: int, loader_rng, device) -> dict:
+    """Distributed eval: each rank evaluates its shard; the per-rank averages are reduced weighted by shard size."""
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=loader_rng())
+    result = task.evaluate(eval_model, loader) if len(shard) else {}
+    # Every rank needs the keys even when its shard is empty (fewer held-out items than ranks).
+    keys = sorted(result) if len(shard) else sorted(task.evaluate(eval_model, DataLoader(
+        torch.utils.data.Subset(val_set, [0]), batch_size=1, generator=loader_rng())))
+    reduced = distributed.reduce_weighted_means({k: result.get(k, 0.0) for k in keys}, len(shard), device)
+    if "mse" in reduced and "psnr" in reduced:
+        from .vqvae_task import psnr_from_mse  # PSNR is not linear in the MSE: recompute it from the reduced MSE
+
+        reduced["psnr"] = psnr_from_mse(reduced["mse"])
+    return reduced
+
+
 def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathLike, *,
           checkpoint: dict[str, Any] | None = None, device: str | torch.device = "cpu", progress: bool = True,
           num_workers: int = 0) -> dict[str, Any]:
@@ -196,10 +220,16 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
 
     Writes ``out_dir/latest.pt`` every ``checkpoint_every`` steps and at the end, ``metrics.jsonl``, and a PNG grid
     ``samples_stepN.png`` every ``sample_every`` steps. Returns a summary dict (step, last metrics, status).
+    In a distributed run (see the module docstring) every rank calls this with the same arguments.
     """
     from tqdm import tqdm
 
     device = torch.device(device)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    main = rank == 0
+    if config.batch_size % world:
+        raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
+                        f"{world} processes")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -214,7 +244,8 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
 
     if val_set is not None and config.eval_limit and len(val_set) > config.eval_limit:
         val_set = torch.utils.data.Subset(val_set, range(config.eval_limit))
-    sampler = StepBatchSampler(len(train_set), config.batch_size, config.seed, start_step, config.steps)
+    sampler = StepBatchSampler(len(train_set), config.batch_size, config.seed, start_step, config.steps,
+                               rank=rank, world_size=world)
     # Every DataLoader gets its own generator: creating an iterator otherwise draws a seed from the global RNG,
     # which drives dropout, and an eval or a resume would then shift the dropout masks of later steps.
     def loader_rng():
@@ -222,25 +253,35 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
 
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers,
                         persistent_workers=num_workers > 0, generator=loader_rng())
-    val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 32), shuffle=False, num_workers=num_workers,
+    eval_batch = max(config.batch_size, 32)
+    val_loader = DataLoader(val_set, batch_size=eval_batch, shuffle=False, num_workers=num_workers,
                             generator=loader_rng()) if val_set is not None and len(val_set) else None
 
     if checkpoint is None:
         first = to_device(next(iter(DataLoader(train_set, batch_sampler=[sampler.global_batch(0)],
                                                generator=loader_rng()))), device)
-        task.init_model(model, first)  # weight-norm data-dependent init on one batch
+        task.init_model(model, first)  # weight-norm data-dependent init on one batch (the same on every rank)
         ema = EMA(model, config.ema)
-        _truncate_metrics(metrics_path, -1)
+        if main:
+            _truncate_metrics(metrics_path, -1)
     else:
         opt.load_state_dict(checkpoint["optimizer"])
         ema = EMA(model, config.ema, checkpoint["ema"])
-        _truncate_metrics(metrics_path, start_step)
+        if main:
+            _truncate_metrics(metrics_path, start_step)
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = task.build_model().to(device).eval()
     last_metrics: dict[str, float] = dict(checkpoint.get("metrics", {})) if checkpoint else {}
     sample_batch = next(iter(DataLoader(val_set if val_loader else train_set, batch_size=config.num_samples,
                                         generator=loader_rng())))
 
     def save(step: int) -> None:
+        if not main:
+            return
         payload = {"kind": task.kind, "config": {**task.config_dicts(), "train": config.to_dict()},
                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                    "step": step, "rng": _rng_state(), "metrics": last_metrics}
@@ -251,12 +292,18 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         eval_model.load_state_dict(ema.state_dict())
         if val_loader is not None:
             with torch.no_grad(), autocast(device, config.precision):
-                result = task.evaluate(eval_model, val_loader)
+                if world > 1:
+                    result = _reduce_eval(task, eval_model, val_set, eval_batch, num_workers, loader_rng, device)
+                else:
+                    result = task.evaluate(eval_model, val_loader)
             last_metrics.update({f"eval_{k}": v for k, v in result.items()})
-            _append_jsonl(metrics_path, {"step": step, "split": "eval", **result})
-            log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            if main:
+                _append_jsonl(metrics_path, {"step": step, "split": "eval", **result})
+                log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
     def run_samples(step: int) -> None:
+        if not main:
+            return
         eval_model.load_state_dict(ema.state_dict())
         g = torch.Generator(device=device).manual_seed(config.seed + step)
         with torch.no_grad():
@@ -267,18 +314,27 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         _set_rng_state(checkpoint["rng"])  # last, so that nothing above shifts the dropout masks of later steps
     bad_steps, skipped, status = 0, 0, "finished"
     step = start_step
-    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and main), dynamic_ncols=True,
+               unit="step")
     t_last, n_last = time.perf_counter(), 0
     with _StopFlag() as stop:
         for batch in loader:
+            if world > 1:
+                # Ranks must draw different dropout masks, and a resumed run the masks of an uninterrupted one:
+                # seed each step from (seed, step, rank) (one process keeps the saved RNG stream instead).
+                torch.manual_seed(hash((config.seed, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
             lr = config.lr * config.lr_decay ** step
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = to_device(batch, device)
-            model.train()
+            train_model.train()
             with autocast(device, config.precision):
-                loss, batch_metrics = task.loss(model, batch)
-            if not torch.isfinite(loss):
+                loss, batch_metrics = task.loss(train_model, batch)
+            # One all-reduce per step agrees the non-finite check and the stop signal across ranks.
+            flags = distributed.all_reduce_sum(torch.tensor(
+                [float(not torch.isfinite(loss)), float(stop.signal is not None)], device=device))
+            stop_now = bool(flags[1] > 0)
+            if flags[0] > 0:
                 # A non-finite loss never reaches the weights: skip the step and count it.
                 bad_steps += 1
                 skipped += 1
@@ -289,39 +345,49 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                     break
                 step += 1
                 bar.update(1)
+                if stop_now:
+                    status = "stopped"
+                    break
                 continue
             bad_steps = 0
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
             grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
             if not grads_finite:
                 skipped += 1
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
+                if stop_now:
+                    status = "stopped"
+                    break
                 continue
             opt.step()
             ema.update(model, step)
             step += 1
-            n_last += len(next(iter(batch.values())))
+            n_last += len(next(iter(batch.values()))) * world
             bar.update(1)
             if step % 10 == 0 or step == config.steps:
                 now = time.perf_counter()
                 rate = n_last / max(now - t_last, 1e-9)
                 t_last, n_last = now, 0
+                if world > 1:
+                    batch_metrics = distributed.reduce_weighted_means(batch_metrics, 1, device)
                 shown = {k: round(v, 4) for k, v in batch_metrics.items()}
                 bar.set_postfix(**shown, img_s=f"{rate:.1f}")
-                _append_jsonl(metrics_path, {"step": step, "split": "train", "lr": lr, "items_per_s": rate,
-                                             "skipped_steps": skipped, **batch_metrics})
+                if main:
+                    _append_jsonl(metrics_path, {"step": step, "split": "train", "lr": lr, "items_per_s": rate,
+                                                 "skipped_steps": skipped, **batch_metrics})
             if step % config.eval_every == 0 and step < config.steps:
                 run_eval(step)
             if step % config.sample_every == 0 and step < config.steps:
                 run_samples(step)
             if step % config.checkpoint_every == 0:
                 save(step)
-            if stop.signal is not None:
+            if stop_now:
                 status = "stopped"
                 break
     bar.close()
@@ -332,6 +398,6 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         run_eval(step)
         run_samples(step)
     save(step)
+    distributed.barrier()  # no rank returns (and leaves the group) before rank 0 has written the checkpoint
     return {"step": step, "status": status, "skipped_steps": skipped, "metrics": dict(last_metrics),
             "checkpoint": str(out / CHECKPOINT_NAME)}
-

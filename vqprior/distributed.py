@@ -1,0 +1,124 @@
+"""Multi-process (DistributedDataParallel) plumbing for the train commands launched by ``torchrun``.
+
+``torchrun --nproc-per-node N`` sets WORLD_SIZE, RANK and LOCAL_RANK; ``init_distributed`` reads them and joins the
+process group (gloo on CPU, NCCL on CUDA with one GPU per local rank). A plain single-process run never touches
+``torch.distributed``: every helper here is a no-op (or the identity) when no process group is initialised.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+from .errors import UserError
+
+
+def _group_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    if not _group_ready():
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def get_world_size() -> int:
+    if not _group_ready():
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single-process run): the one process that writes files and prints."""
+    return get_rank() == 0
+
+
+def init_distributed(device: torch.device | str) -> tuple[int, int, torch.device]:
+    """Join the process group described by torchrun's environment; return (rank, world_size, device).
+
+    Without WORLD_SIZE > 1 in the environment this returns (0, 1, device) and initialises nothing.
+    On CUDA each process takes the GPU of its LOCAL_RANK (an explicit cuda:N is overridden).
+    """
+    device = torch.device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise UserError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support")
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) here; "
+                            f"use --nproc-per-node <= the number of GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        atexit.register(cleanup)  # commands exit through click's sys.exit; leave the group cleanly then
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op when none was joined)."""
+    if _group_ready():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(device: torch.device | str) -> Iterator[tuple[int, int, torch.device]]:
+    """``init_distributed`` for the body of a command, leaving the group on the way out (also on errors)."""
+    try:
+        yield init_distributed(device)
+    finally:
+        cleanup()
+
+
+def barrier() -> None:
+    if _group_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (and return it); the identity in a single process."""
+    if _group_ready():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def reduce_weighted_means(metrics: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
+    """Per-rank averages over ``count`` items -> the average over every rank's items (weights = counts).
+
+    Exact for metrics that are means over equally sized items (bits/dim, bits/code, MSE); every rank must pass the
+    same keys. A rank with ``count`` 0 contributes nothing.
+    """
+    if not _group_ready():
+        return dict(metrics)
+    keys = sorted(metrics)
+    values = [float(metrics[k]) * count for k in keys] + [float(count)]
+    buf = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
+    total = float(buf[-1])
+    if total <= 0:
+        raise ValueError("nothing to evaluate: the split is empty")
+    return {k: float(buf[i]) / total for i, k in enumerate(keys)}
