@@ -24,10 +24,12 @@ from .sample import _check_outputs
 @click.option("--class", "label", type=int, default=None, help="Class label (class-conditional models).")
 @click.option("--method", type=click.Choice(["cached", "naive"]), default="cached", show_default=True)
 @click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 = autocast of the model calls (CPU and CUDA); fp32 keeps the cached sampler exact.")
 @device_option
 @guarded
 def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperature, top_k, top_p, label, method,
-             scale, device):
+             scale, device, precision):
     """Complete the image: keep its first --keep-rows rows exactly and sample the rest, --num times.
 
     Pixel models condition on the exact raster prefix. Priors encode the image with their embedded VQ-VAE, keep
@@ -68,7 +70,7 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
         start = [(keep_rows // s) * code.shape[-1] for s, code in zip(strides, codes)]
         prefix = [code.expand(num, -1, -1) for code in codes]
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
-                      top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start)
+                      top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start, precision=precision)
     original = image.unsqueeze(0).to(result.images.device)
     if original.shape[1] != result.images.shape[1]:
         original = original.expand(-1, result.images.shape[1], -1, -1)

@@ -41,10 +41,13 @@ def sampling_options(fn):
               help="Write the sampled images as a uint8 (N, C, H, W) .npy array.")
 @click.option("--animate", type=click.Path(dir_okay=False), default=None,
               help="Also write a GIF of the samples filling in position by position.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 = autocast of the model calls (CPU and CUDA); fp32 keeps the cached sampler exact.")
 @device_option
 @guarded
 def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, batch_size, scale,
-           save_codes, save_array, animate, device):
+           save_codes, save_array, animate, device,
+           precision):
     """Sample a PNG grid from CHECKPOINT (a pixel model or a code prior)."""
     import torch
 
@@ -62,7 +65,8 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
         raise click.UsageError("--save-codes applies to code priors; use --save-array for pixel models")
     generator = torch.Generator(device=device).manual_seed(seed)
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
-                      top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size)
+                      top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size,
+                      precision=precision)
     save_grid(result.images, out, nrow=nrow, scale=scale)
     if save_codes:
         save_codes_file(save_codes, result.codes)

@@ -51,7 +51,19 @@ class _FrameRecorder:
             self.frames.append(make_grid(self.render(current)))
 
 
-def generate(model, num: int, *, bottom=None, method: str = "cached", generator: torch.Generator | None = None,
+def generate(model, num: int, *, precision: str = "fp32", **kwargs) -> Generated:
+    """``_generate`` (below, all keyword options) under ``precision``: "fp32", or "bf16" = torch.autocast of every
+    model call (the sampled values stay integers; the cached sampler's exactness holds only in fp32)."""
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision == "fp32":
+        return _generate(model, num, **kwargs)
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        return _generate(model, num, **kwargs)
+
+
+def _generate(model, num: int, *, bottom=None, method: str = "cached", generator: torch.Generator | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label: int | None = None,
              animate: bool = False, prefix: list[torch.Tensor] | torch.Tensor | None = None,
              start: int | list[int] = 0, batch_size: int | None = None) -> Generated:
