@@ -64,7 +64,9 @@ class ImageDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         array, label = self.read_array(index)
-        return {"image": torch.from_numpy(np.ascontiguousarray(array)),
+        if not array.flags.writeable or not array.flags.c_contiguous:
+            array = np.array(array, order="C")  # views of memory-mapped or read-only arrays: torch wants its own
+        return {"image": torch.from_numpy(array),
                 "label": torch.tensor(label, dtype=torch.int64),
                 "index": torch.tensor(index, dtype=torch.int64)}
 
