@@ -19,10 +19,10 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: setup
-	$(BIN)/vqprior train-pixels --dataset sample --preset small --steps 150 --batch-size 8 --lr 2e-3 \
-		--eval-every 150 --eval-limit 200 --sample-every 150 --checkpoint-every 50 --num-samples 16 \
+	$(BIN)/vqprior train-pixels --dataset sample --preset small --steps 100 --batch-size 8 --lr 2e-3 \
+		--eval-every 100 --eval-limit 200 --sample-every 100 --checkpoint-every 50 --num-samples 16 \
 		--out runs/demo $(if $(wildcard runs/demo/latest.pt),--resume,)
-	@echo "Sample grid: runs/demo/samples_step150.png"
+	@echo "Sample grid: runs/demo/samples_step100.png"
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -16,6 +16,10 @@ from .options import MODEL_FIELDS, model_options, train_config_from_options, tra
 @click.option("--vqvae", "vqvae_path", type=click.Path(), default=None,
               help="The VQ-VAE checkpoint to embed (default: the one recorded in the cache, checked by sha256).")
 @click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="Code embedding width.")
+@click.option("--cond-channels", type=click.IntRange(min=1), default=None,
+              help="Bottom priors: width of the top-code condition stack.")
+@click.option("--cond-layers", type=click.IntRange(min=0), default=None,
+              help="Bottom priors: residual 3x3 conv layers in the condition stack.")
 @model_options
 @train_options
 @device_option
@@ -57,6 +61,7 @@ def train_prior(ctx, **kw):
         data_config = DataConfig(dataset=meta.get("dataset", ""), cache=str(kw["codes"]),
                                  class_conditional=kw["class_conditional"])
         base = model_config_from_preset(kw["preset"], head="codes", num_codes=2, embed_dim=kw["embed_dim"],
+                                        cond_channels=kw["cond_channels"], cond_layers=kw["cond_layers"],
                                         **{k: kw[k] for k in MODEL_FIELDS})
         model_config = prior_model_config(base, meta, level, kw["class_conditional"])
     train_set = CodeDataset(kw["codes"], level)
