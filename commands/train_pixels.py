@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error, resolve_device
+from .common import device_option, guarded, removes_new_folder_on_error, start_run
 from .options import MODEL_FIELDS, data_options, model_options, train_config_from_options, train_options
 
 
@@ -25,18 +25,12 @@ def train_pixels(ctx, **kw):
 
     from vqprior.config import DataConfig, ModelConfig, model_config_from_preset
     from vqprior.pixel_task import PixelTask
-    from vqprior.distributed import init_distributed
-    from vqprior.train import prepare_run_dir, train
+    from vqprior.train import train
 
-    device = resolve_device(kw["device"])
-    # Under torchrun: join the process group; rank 0 alone prints (and writes, see vqprior.train).
-    rank, _, device = init_distributed(device)
-    echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
-    checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], "pixels")
+    device, echo, checkpoint = start_run(kw, "pixels")  # rank 0 alone prints and writes
     if checkpoint is not None:
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = ModelConfig.from_dict(checkpoint["config"]["model"])
-        echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
     else:
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error, resolve_device
+from .common import device_option, guarded, removes_new_folder_on_error, start_run
 from .options import MODEL_FIELDS, model_options, train_config_from_options, train_options
 
 
@@ -35,21 +35,15 @@ def train_prior(ctx, **kw):
     from vqprior.data.codes import CodeDataset, read_code_metadata
     from vqprior.errors import UserError
     from vqprior.prior_task import PriorTask, load_vqvae_payload, prior_model_config
-    from vqprior.distributed import init_distributed
-    from vqprior.train import prepare_run_dir, train
+    from vqprior.train import train
 
-    device = resolve_device(kw["device"])
-    # Under torchrun: join the process group; rank 0 alone prints (and writes, see vqprior.train).
-    rank, _, device = init_distributed(device)
-    echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
-    checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], "prior")
+    device, echo, checkpoint = start_run(kw, "prior")  # rank 0 alone prints and writes
     meta = read_code_metadata(kw["codes"])
     if checkpoint is not None:
         model_config = ModelConfig.from_dict(checkpoint["config"]["model"])
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         level = checkpoint["config"]["prior"]["level"]
         payload = checkpoint.get("vqvae")
-        echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
     else:
         level = kw["level"]
         vq_path = kw["vqvae_path"] or meta.get("vqvae_path")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error, resolve_device
+from .common import device_option, guarded, removes_new_folder_on_error, start_run
 from .options import data_options, train_config_from_options, train_options
 
 
@@ -34,22 +34,16 @@ def train_vqvae(ctx, **kw):
     Weight EMA is off by default (--ema 0): the EMA codebooks follow the live encoder, not an averaged one.
     """
     from vqprior.config import DataConfig
-    from vqprior.distributed import init_distributed
-    from vqprior.train import prepare_run_dir, train
+    from vqprior.train import train
     from vqprior.vqvae import VQVAEConfig, vqvae_config_from_preset
     from vqprior.vqvae_task import VQVAETask
 
     from .train_pixels import load_split
 
-    device = resolve_device(kw["device"])
-    # Under torchrun: join the process group; rank 0 alone prints (and writes, see vqprior.train).
-    rank, _, device = init_distributed(device)
-    echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
-    checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], "vqvae")
+    device, echo, checkpoint = start_run(kw, "vqvae")  # rank 0 alone prints and writes
     if checkpoint is not None:
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = VQVAEConfig.from_dict(checkpoint["config"]["model"])
-        echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
     else:
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"])
