@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,9 +34,11 @@ def guarded(fn):
     return wrapper
 
 
-def removes_new_folder_on_error(option: str):
+def removes_new_folder_on_error(option: str, discard=lambda folder: not (folder / "latest.pt").exists()):
     """Decorator: when the command fails, remove the folder named by keyword ``option`` (and parents it made)
-    if the command created it and left it empty, so a refused run leaves no stray run folder behind."""
+    if the command created it and ``discard(folder)`` says it holds nothing worth keeping (by default: no
+    checkpoint, so a started run keeps its folder and can ``--resume``). A refused or failed fresh run (a bad
+    option, a full disk before the first checkpoint) thus leaves no stray folder behind."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -49,9 +52,13 @@ def removes_new_folder_on_error(option: str):
             try:
                 return fn(*args, **kwargs)
             except BaseException:
+                if new and new[0].is_dir() and not new[0].is_symlink() and discard(new[0]):
+                    shutil.rmtree(new[0], ignore_errors=True)
                 for folder in new:
+                    if not os.path.lexists(folder):
+                        continue
                     try:
-                        folder.rmdir()  # only succeeds while empty: a started run keeps its checkpoint
+                        folder.rmdir()  # parents only while empty
                     except OSError:
                         break
                 raise

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
+from .common import device_option, guarded, removes_new_folder_on_error, resolve_device
 from .options import DATASETS
 
 
@@ -22,6 +22,7 @@ from .options import DATASETS
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
+@removes_new_folder_on_error("out", discard=lambda folder: True)  # a failed extraction is rebuilt from scratch
 def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_size, limit, cache, device, quiet):
     """Encode every image of a split into VQ-VAE codes (uint16 per level + label + source index per record).
 

@@ -71,6 +71,8 @@ def train_options(fn=None, **defaults):
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="DataLoader worker processes."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--tensorboard", is_flag=True,
+                     help="Also log scalars and sample grids to OUT/tensorboard (pip install 'vqprior[tensorboard]')."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

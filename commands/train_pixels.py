@@ -50,7 +50,7 @@ def train_pixels(ctx, **kw):
     echo(f"PixelSNAIL {n_params:,} parameters; {len(train_set)} train / {len(val_set)} held-out images "
                f"{train_set.channels}x{train_set.height}x{train_set.width}; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
-                   progress=not kw["quiet"], num_workers=kw["workers"])
+                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"])
     bpd = result["metrics"].get("eval_bpd")
     where = Path(kw["out_dir"])
     if result["status"] == "stopped":

@@ -72,7 +72,7 @@ def train_prior(ctx, **kw):
                f"codes): {sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} "
                f"train / {len(val_set) if val_set else 0} held-out maps; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
-                   progress=not kw["quiet"], num_workers=kw["workers"])
+                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"])
     if result["status"] == "stopped":
         echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
         return

@@ -64,7 +64,7 @@ def train_vqvae(ctx, **kw):
                f"{sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} train / "
                f"{len(val_set)} held-out images; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
-                   progress=not kw["quiet"], num_workers=kw["workers"])
+                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"])
     m = result["metrics"]
     if result["status"] == "stopped":
         echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")

@@ -354,3 +354,38 @@ def test_failed_fresh_run_leaves_no_nested_folders(tmp_path, monkeypatch):
     result = run_cli("train-pixels", "--dataset", "folder", "--data-dir", "imgs", *TRAIN_FAST, "--out", "a/b/run")
     assert result.exit_code == 1 and "empty" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+
+
+# --- a full disk, simulated with a file-size limit on a real subprocess --------------------------------------------
+
+def _limit_file_size(limit: int):
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs setrlimit in a child process")
+@pytest.mark.parametrize("what,command", [
+    ("png", "sample {px} --num 16 --scale 8 --out out.png --device cpu"),
+    ("checkpoint", f"train-pixels --out run {TRAIN}"),
+    ("lmdb", "extract-codes --vqvae {vq} --limit 8 --out codes.lmdb --quiet --device cpu"),
+])
+def test_full_disk_is_a_one_line_error_and_writes_nothing(what, command, artefacts, tmp_path):
+    import subprocess
+    import sys
+
+    args = [a.format(**artefacts) for a in command.split()]
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "vqprior.commands.cli", *args], cwd=tmp_path, capture_output=True,
+                          text=True, preexec_fn=_limit_file_size(2048), timeout=300)
+    assert proc.returncode not in (0, None), proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, proc.stderr
+    assert re.search("too large|space", errors[0], re.IGNORECASE), errors[0]
+    assert snapshot(tmp_path) == before, what

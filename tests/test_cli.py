@@ -157,6 +157,29 @@ def test_naive_and_cached_sampling_agree_for_the_same_seed(pixel_run, tmp_path):
     assert not np.array_equal(arrays["cached", 3], arrays["cached", 4])  # the seed matters, so equality means something
 
 
+# The naive sampler runs the network's convolutions; the cached one its per-position matrix products.
+@pytest.mark.parametrize("method,module,op", [("cached", torch, "addmm"), ("naive", torch.nn.functional, "conv2d")])
+def test_bf16_sampling_runs_the_network_in_bfloat16(pixel_run, tmp_path, monkeypatch, method, module, op):
+    ckpt = pixel_run[0] / "latest.pt"
+    real, dtypes = getattr(module, op), {}
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        dtypes.setdefault(precision, set()).add(out.dtype)
+        return out
+
+    monkeypatch.setattr(module, op, spy)
+    arrays = {}
+    for precision in ("fp32", "bf16"):
+        path = tmp_path / f"{precision}.npy"
+        check_ok(run_cli("sample", ckpt, "--num", "2", "--seed", "5", "--method", method, "--precision", precision,
+                         "--out", tmp_path / f"{precision}.png", "--save-array", path, "--device", "cpu"))
+        arrays[precision] = np.load(path)
+        assert arrays[precision].shape == (2, 3, 8, 8) and arrays[precision].dtype == np.uint8
+    assert dtypes["fp32"] == {torch.float32}
+    assert torch.bfloat16 in dtypes["bf16"]  # autocast reached the network's heavy ops
+
+
 def test_class_conditional_training_and_sampling_a_class(conditional_run, tmp_path):
     ckpt = conditional_run / "latest.pt"
     assert read_checkpoint(ckpt)["config"]["model"]["num_classes"] == 10  # the sample data is CIFAR-10

@@ -58,13 +58,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def torch_save_file(data: Any, tmp: str) -> None:
+    """``torch.save`` into ``tmp``, with write failures (a full disk) raised as the OSError they are."""
+    with open(tmp, "wb") as f:
+        try:
+            torch.save(data, f)
+        except RuntimeError as e:
+            # torch's zip writer reports a failed write as a RuntimeError with the OSError as its context; surface
+            # the OSError so that commands report "File too large" / "No space left on device" in one line.
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Atomically save ``payload`` (must hold ``kind``) with the format header added."""
     if payload.get("kind") not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}")
     data = {"format_version": FORMAT_VERSION, "vqprior_version": __version__, "storage_dtype": "float32"}
     data.update(payload)
-    atomic_write(path, lambda tmp: torch.save(data, tmp))
+    atomic_write(path, lambda tmp: torch_save_file(data, tmp))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -140,7 +153,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool
         if "vqvae" in out:
             out["vqvae"] = down(out["vqvae"])
         out["storage_dtype"] = "float16"
-    atomic_write(dst, lambda tmp: torch.save(out, tmp))
+    atomic_write(dst, lambda tmp: torch_save_file(out, tmp))
 
 
 def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:

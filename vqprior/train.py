@@ -39,7 +39,7 @@ from . import distributed
 from .checkpoint import atomic_write, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
-from .images import save_grid
+from .images import make_grid, save_grid
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "latest.pt"
@@ -215,11 +215,12 @@ def _reduce_eval(task, eval_model, val_set, batch_size: int, num_workers: int, l
 
 def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathLike, *,
           checkpoint: dict[str, Any] | None = None, device: str | torch.device = "cpu", progress: bool = True,
-          num_workers: int = 0) -> dict[str, Any]:
+          num_workers: int = 0, tensorboard: bool = False) -> dict[str, Any]:
     """Train ``task`` on ``train_set`` for ``config.steps`` steps (continuing ``checkpoint`` if given).
 
     Writes ``out_dir/latest.pt`` every ``checkpoint_every`` steps and at the end, ``metrics.jsonl``, and a PNG grid
-    ``samples_stepN.png`` every ``sample_every`` steps. Returns a summary dict (step, last metrics, status).
+    ``samples_stepN.png`` every ``sample_every`` steps; with ``tensorboard`` the same scalars and grids go to
+    ``out_dir/tensorboard`` too (vqprior.monitor). Returns a summary dict (step, last metrics, status).
     In a distributed run (see the module docstring) every rank calls this with the same arguments.
     """
     from tqdm import tqdm
@@ -240,6 +241,11 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"], strict=True)
         start_step = int(checkpoint["step"])
+    board = None
+    if tensorboard and main:
+        from .monitor import TensorBoardLog
+
+        board = TensorBoardLog(out, start_step)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
 
     if val_set is not None and config.eval_limit and len(val_set) > config.eval_limit:
@@ -299,6 +305,8 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
             last_metrics.update({f"eval_{k}": v for k, v in result.items()})
             if main:
                 _append_jsonl(metrics_path, {"step": step, "split": "eval", **result})
+                if board:
+                    board.scalars("eval", step, result)
                 log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
     def run_samples(step: int) -> None:
@@ -308,7 +316,10 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         g = torch.Generator(device=device).manual_seed(config.seed + step)
         with torch.no_grad():
             images = task.grid(eval_model, to_device(sample_batch, device), g)
-        save_grid(images, out / f"samples_step{step}.png", nrow=getattr(task, "grid_nrow", None))
+        nrow = getattr(task, "grid_nrow", None)
+        save_grid(images, out / f"samples_step{step}.png", nrow=nrow)
+        if board:
+            board.image("samples", step, make_grid(images, nrow))
 
     if checkpoint is not None:
         _set_rng_state(checkpoint["rng"])  # last, so that nothing above shifts the dropout masks of later steps
@@ -379,8 +390,10 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 shown = {k: round(v, 4) for k, v in batch_metrics.items()}
                 bar.set_postfix(**shown, img_s=f"{rate:.1f}")
                 if main:
-                    _append_jsonl(metrics_path, {"step": step, "split": "train", "lr": lr, "items_per_s": rate,
-                                                 "skipped_steps": skipped, **batch_metrics})
+                    record = {"lr": lr, "items_per_s": rate, "skipped_steps": skipped, **batch_metrics}
+                    _append_jsonl(metrics_path, {"step": step, "split": "train", **record})
+                    if board:
+                        board.scalars("train", step, record)
             if step % config.eval_every == 0 and step < config.steps:
                 run_eval(step)
             if step % config.sample_every == 0 and step < config.steps:
@@ -398,6 +411,8 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         run_eval(step)
         run_samples(step)
     save(step)
+    if board:
+        board.close()
     distributed.barrier()  # no rank returns (and leaves the group) before rank 0 has written the checkpoint
     return {"step": step, "status": status, "skipped_steps": skipped, "metrics": dict(last_metrics),
             "checkpoint": str(out / CHECKPOINT_NAME)}
