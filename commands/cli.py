@@ -9,6 +9,7 @@ from vqprior import __version__
 from .complete import complete
 from .decode import decode
 from .evaluate import evaluate
+from .export import export
 from .extract_codes import extract_codes
 from .receptive_field import receptive_field
 from .sample import sample
@@ -25,11 +26,12 @@ def cli():
     \b
     Pixels:   train-pixels -> evaluate -> sample / complete
     Priors:   train-vqvae -> extract-codes -> train-prior -> sample -> decode
+    Sharing:  export (a small fp16 inference copy of any checkpoint)
     """
 
 
 for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, complete, decode,
-                receptive_field):
+                receptive_field, export):
     cli.add_command(command)
 
 

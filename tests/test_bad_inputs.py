@@ -279,6 +279,12 @@ CASES = [
     case("extract-out-is-a-file", "extract-codes --vqvae {vq} --limit 4 --out afile --quiet", "file exists",
          write_bytes("afile", b"x")),
     case("decode-out-in-missing-folder", "decode {vq} {px} --out /nonexistent/dir/x.png", "does not exist"),
+    # export
+    case("export-missing-checkpoint", "export nothing.pt --out small.pt", "not found"),
+    case("export-onto-itself", "export {px} --out {px}", "replace"),
+    case("export-truncated-checkpoint", "export cut.pt --out small.pt", "truncated", truncated("px", "cut.pt")),
+    case("export-pickled-object-checkpoint", "export evil.pt --out small.pt", "pickled", evil_checkpoint,
+         evil_never_ran),
     # receptive field
     case("position-outside-map", "receptive-field --preset tiny --size 8 --position 8,0 --out out.png", "outside"),
     case("position-outside-checkpoint-map", "receptive-field {px} --position 0,9 --out out.png", "outside"),

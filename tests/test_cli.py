@@ -255,3 +255,18 @@ def test_receptive_field_compare_shows_blind_spots_without_attention(tmp_path):
     blind = [int(n) for n in re.findall(r"\((\d+) blind\)", result.output)]
     assert len(blind) == 2 and blind[0] == 0 and blind[1] > 0  # attention reaches every earlier position
     assert png_array(both).shape[1] > png_array(single).shape[1]  # two panels side by side
+
+
+def test_export_writes_a_smaller_checkpoint_that_scores_the_same(pixel_run, tmp_path):
+    ckpt, small = pixel_run[0] / "latest.pt", tmp_path / "small.pt"
+    result = check_ok(run_cli("export", ckpt, "--out", small))
+    assert "fp16 weights" in result.output
+    data = torch.load(small, map_location="cpu", weights_only=True)
+    assert data["storage_dtype"] == "float16" and "optimizer" not in data and "ema" not in data
+    assert {v.dtype for v in data["model"].values() if v.is_floating_point()} == {torch.float16}
+    assert small.stat().st_size < ckpt.stat().st_size / 2
+    scores = []
+    for path in (ckpt, small):
+        out = check_ok(run_cli("evaluate", path, "--limit", "16", "--quiet", "--device", "cpu")).output
+        scores.append(float(re.search(r"([0-9.]+) bits/dim", out).group(1)))
+    assert abs(scores[0] - scores[1]) < 0.01 and scores[0] != 0  # fp16 storage of the EMA weights, same model

@@ -17,7 +17,6 @@ def _random_params(channels, mixtures, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     per = 1 + 2 * channels + (3 if channels == 3 else 0)
     p = torch.randn(n, mixtures * per, generator=g, dtype=torch.float64)
-    logits, means, log_scales, coeffs = split_logistic_params(p.view(n, -1, 1, 1), channels, mixtures)
     # moderate scales: log-scales in [-4, 0]; means across [-1.2, 1.2] so both edge bins carry mass
     p = p.view(n, -1)
     p[:, mixtures:mixtures + channels * mixtures] = torch.rand(n, channels * mixtures, generator=g,
