@@ -12,7 +12,7 @@ import torch
 
 from cli_support import check_ok, run_cli
 from vqprior.checkpoint import load_model, read_checkpoint
-from vqprior.train import StepBatchSampler
+from vqprior.run_state import StepBatchSampler
 
 # Dropout 0: the two runs must compute the same function of the same data (dropout masks differ per process).
 TRAIN = ["train-pixels", "--dataset", "sample", "--image-size", "8", "--limit", "64", "--steps", "3",

@@ -9,7 +9,8 @@ from vqprior.checkpoint import export_checkpoint, load_model, read_checkpoint
 from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
 from vqprior.errors import UserError
 from vqprior.pixel_task import PixelTask
-from vqprior.train import StepBatchSampler, train
+from vqprior.run_state import StepBatchSampler
+from vqprior.train import train
 
 
 

@@ -24,61 +24,24 @@ flag and the non-finite check are agreed by an all-reduce each step so every ran
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from . import distributed
-from .checkpoint import atomic_write, read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
 from .images import make_grid, save_grid
+from .run_state import EMA, StepBatchSampler, StopFlag, append_jsonl, rng_state, set_rng_state, truncate_metrics
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "latest.pt"
-
-
-class StepBatchSampler(Sampler):
-    """Batches of indices as a pure function of (seed, step): epoch e is ``randperm(N)`` seeded by (seed, e).
-
-    Starting at ``start_step`` reproduces exactly the batches an uninterrupted run would see from that step on.
-    ``rank``/``world_size`` take this process's slice of each global batch (distributed training).
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int, start_step: int, steps: int, rank: int = 0,
-                 world_size: int = 1):
-        if size < 1:
-            raise UserError("the training set is empty")
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.start_step, self.steps, self.rank, self.world_size = start_step, steps, rank, world_size
-        self._perm_epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.size, generator=g), epoch
-        return self._perm
-
-    def global_batch(self, step: int) -> list[int]:
-        out = []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
-            out.append(int(self._permutation(pos // self.size)[pos % self.size]))
-        return out
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.steps):
-            batch = self.global_batch(step)
-            yield batch[self.rank::self.world_size]
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start_step)
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -89,92 +52,6 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-class EMA:
-    """Polyak averaging of parameters; buffers (e.g. EMA codebooks) are copied from the live model.
-
-    The decay warms up as min(decay, (1 + t) / (10 + t)) at update t (as TensorFlow's ExponentialMovingAverage
-    with num_updates), so short runs are not evaluated with weights still close to their initialisation.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None):
-        self.decay = decay
-        self.names = [n for n, _ in model.named_parameters()]
-        self.state = {k: v.detach().clone() for k, v in (state or model.state_dict()).items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1.0 + step) / (10.0 + step))
-        params = dict(model.named_parameters())
-        torch._foreach_lerp_([self.state[n] for n in self.names], [params[n].detach() for n in self.names],
-                             1.0 - decay)
-        for name, buf in model.named_buffers():
-            self.state[name].copy_(buf)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop then checkpoints and returns (a second signal interrupts at once)."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        if _in_main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records logged after the checkpoint: the resumed run logs those steps again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
 
 
 def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict[str, Any] | None:
@@ -269,12 +146,12 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         task.init_model(model, first)  # weight-norm data-dependent init on one batch (the same on every rank)
         ema = EMA(model, config.ema)
         if main:
-            _truncate_metrics(metrics_path, -1)
+            truncate_metrics(metrics_path, -1)
     else:
         opt.load_state_dict(checkpoint["optimizer"])
         ema = EMA(model, config.ema, checkpoint["ema"])
         if main:
-            _truncate_metrics(metrics_path, start_step)
+            truncate_metrics(metrics_path, start_step)
     train_model = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -290,7 +167,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
             return
         payload = {"kind": task.kind, "config": {**task.config_dicts(), "train": config.to_dict()},
                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                   "step": step, "rng": _rng_state(), "metrics": last_metrics}
+                   "step": step, "rng": rng_state(), "metrics": last_metrics}
         payload.update(task.extra_checkpoint())
         save_checkpoint(out / CHECKPOINT_NAME, payload)
 
@@ -304,7 +181,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                     result = task.evaluate(eval_model, val_loader)
             last_metrics.update({f"eval_{k}": v for k, v in result.items()})
             if main:
-                _append_jsonl(metrics_path, {"step": step, "split": "eval", **result})
+                append_jsonl(metrics_path, {"step": step, "split": "eval", **result})
                 if board:
                     board.scalars("eval", step, result)
                 log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -322,13 +199,13 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
             board.image("samples", step, make_grid(images, nrow))
 
     if checkpoint is not None:
-        _set_rng_state(checkpoint["rng"])  # last, so that nothing above shifts the dropout masks of later steps
+        set_rng_state(checkpoint["rng"])  # last, so that nothing above shifts the dropout masks of later steps
     bad_steps, skipped, status = 0, 0, "finished"
     step = start_step
     bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and main), dynamic_ncols=True,
                unit="step")
     t_last, n_last = time.perf_counter(), 0
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         for batch in loader:
             if world > 1:
                 # Ranks must draw different dropout masks, and a resumed run the masks of an uninterrupted one:
@@ -391,7 +268,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 bar.set_postfix(**shown, img_s=f"{rate:.1f}")
                 if main:
                     record = {"lr": lr, "items_per_s": rate, "skipped_steps": skipped, **batch_metrics}
-                    _append_jsonl(metrics_path, {"step": step, "split": "train", **record})
+                    append_jsonl(metrics_path, {"step": step, "split": "train", **record})
                     if board:
                         board.scalars("train", step, record)
             if step % config.eval_every == 0 and step < config.steps:

@@ -1,0 +1,142 @@
+"""What makes a training run exact and resumable, apart from the loop itself (vqprior.train): the step-indexed
+batch sampler (batch order a pure function of seed and step), the Polyak EMA, the SIGINT/SIGTERM stop flag, the RNG
+state saved with a checkpoint, and the metrics.jsonl record that a resumed run truncates to its checkpoint's step.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from .checkpoint import atomic_write
+from .errors import UserError
+
+
+class StepBatchSampler(Sampler):
+    """Batches of indices as a pure function of (seed, step): epoch e is ``randperm(N)`` seeded by (seed, e).
+
+    Starting at ``start_step`` reproduces exactly the batches an uninterrupted run would see from that step on.
+    ``rank``/``world_size`` take this process's slice of each global batch (distributed training).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_step: int, steps: int, rank: int = 0,
+                 world_size: int = 1):
+        if size < 1:
+            raise UserError("the training set is empty")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start_step, self.steps, self.rank, self.world_size = start_step, steps, rank, world_size
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.size, generator=g), epoch
+        return self._perm
+
+    def global_batch(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            out.append(int(self._permutation(pos // self.size)[pos % self.size]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.steps):
+            batch = self.global_batch(step)
+            yield batch[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+
+class EMA:
+    """Polyak averaging of parameters; buffers (e.g. EMA codebooks) are copied from the live model.
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) at update t (as TensorFlow's ExponentialMovingAverage
+    with num_updates), so short runs are not evaluated with weights still close to their initialisation.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.state = {k: v.detach().clone() for k, v in (state or model.state_dict()).items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1.0 + step) / (10.0 + step))
+        params = dict(model.named_parameters())
+        torch._foreach_lerp_([self.state[n] for n in self.names], [params[n].detach() for n in self.names],
+                             1.0 - decay)
+        for name, buf in model.named_buffers():
+            self.state[name].copy_(buf)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop then checkpoints and returns (a second signal interrupts at once)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint: the resumed run logs those steps again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill mid-write
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+
+
+__all__ = ["StepBatchSampler", "EMA", "StopFlag", "in_main_thread", "rng_state", "set_rng_state", "append_jsonl",
+           "truncate_metrics"]
