@@ -222,31 +222,25 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
             flags = distributed.all_reduce_sum(torch.tensor(
                 [float(not torch.isfinite(loss)), float(stop.signal is not None)], device=device))
             stop_now = bool(flags[1] > 0)
-            if flags[0] > 0:
-                # A non-finite loss never reaches the weights: skip the step and count it.
+            skip = bool(flags[0] > 0)
+            if skip:
                 bad_steps += 1
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, bad_steps)
+            else:
+                bad_steps = 0
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
+                skip = not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+            if skip:
+                # A non-finite loss or gradient never reaches the weights: skip the step and count it.
                 skipped += 1
                 opt.zero_grad(set_to_none=True)
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, bad_steps)
                 if bad_steps >= config.max_bad_steps:
                     status = "diverged"
                     break
-                step += 1
-                bar.update(1)
-                if stop_now:
-                    status = "stopped"
-                    break
-                continue
-            bad_steps = 0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
-            grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-            if not grads_finite:
-                skipped += 1
-                opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
                 if stop_now:
