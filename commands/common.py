@@ -111,3 +111,17 @@ def start_run(kw: dict, kind: str):
     if checkpoint is not None:
         echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
     return device, echo, checkpoint
+
+
+def check_outputs(*paths):
+    """Fail before any work when an output folder is missing (outputs are written atomically at the end)."""
+    for p in paths:
+        if p is None:
+            continue
+        parent = Path(p).parent
+        if not parent.is_dir():
+            raise UserError(f"output folder does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"output folder is not writable: {parent}")
+        if Path(p).is_dir():
+            raise UserError(f"output path is a folder: {p}")

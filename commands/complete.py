@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
-from .sample import _check_outputs
+from .common import check_outputs, device_option, guarded, resolve_device
 
 
 @click.command("complete")
@@ -43,7 +42,7 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
     from vqprior.images import load_image, save_grid
 
     device = resolve_device(device)
-    _check_outputs(out)
+    check_outputs(out)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
     bottom_model = load_model(bottom, device, kind="prior") if bottom else None
     generator = torch.Generator(device=device).manual_seed(seed)

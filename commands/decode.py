@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
+from .common import check_outputs, device_option, guarded, resolve_device
 
 
 @click.command("decode")
@@ -24,10 +24,9 @@ def decode(vqvae_path, codes_path, out, nrow, scale, device):
     from vqprior.images import save_grid
 
     from .arrays import load_codes_file
-    from .sample import _check_outputs
-
+    
     device = resolve_device(device)
-    _check_outputs(out)
+    check_outputs(out)
     model = load_model(vqvae_path, device, kind=("vqvae", "prior"))
     vq = model if getattr(model, "checkpoint_kind", "") == "vqvae" else getattr(model, "vqvae", None)
     if vq is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import guarded
+from .common import check_outputs, guarded
 
 
 @click.command("export")
@@ -19,9 +19,8 @@ def export(checkpoint, out, fp32):
     from vqprior.checkpoint import export_checkpoint, read_checkpoint
     from vqprior.errors import UserError
 
-    from .sample import _check_outputs
-
-    _check_outputs(out)
+    
+    check_outputs(out)
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise UserError(f"--out would replace the checkpoint being exported: {out}")
     read_checkpoint(checkpoint)  # one-line errors for a missing, corrupt or foreign file before anything else

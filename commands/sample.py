@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
+from .common import check_outputs, device_option, guarded, resolve_device
 
 
 def sampling_options(fn):
@@ -58,7 +58,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     from .arrays import save_codes_file, save_npy
 
     device = resolve_device(device)
-    _check_outputs(out, save_codes, save_array, animate)
+    check_outputs(out, save_codes, save_array, animate)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
     bottom_model = load_model(bottom, device, kind="prior") if bottom else None
     if save_codes and model.config.head == "pixels":
@@ -75,22 +75,3 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     if animate:
         save_gif(result.frames + [result.frames[-1]] if result.frames else [], animate, scale=scale)
     click.echo(f"wrote {num} samples to {out}" + (f", animation to {animate}" if animate else ""))
-
-
-def _check_outputs(*paths):
-    """Fail before any work when an output folder is missing (outputs are written atomically at the end)."""
-    import os
-    from pathlib import Path
-
-    from vqprior.errors import UserError
-
-    for p in paths:
-        if p is None:
-            continue
-        parent = Path(p).parent
-        if not parent.is_dir():
-            raise UserError(f"output folder does not exist: {parent}")
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"output folder is not writable: {parent}")
-        if Path(p).is_dir():
-            raise UserError(f"output path is a folder: {p}")

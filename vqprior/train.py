@@ -276,8 +276,9 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 break
     bar.close()
     if status == "diverged":
-        raise UserError(f"training stopped: {bad_steps} consecutive non-finite losses at step {step}; "
-                        f"the last good checkpoint is kept in {out / CHECKPOINT_NAME}")
+        kept = (f"the last good checkpoint is kept in {out / CHECKPOINT_NAME}" if (out / CHECKPOINT_NAME).exists()
+                else "no checkpoint had been written yet")
+        raise UserError(f"training stopped: {bad_steps} consecutive non-finite losses at step {step}; {kept}")
     if status == "finished":
         run_eval(step)
         run_samples(step)
