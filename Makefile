@@ -4,8 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN = $(VENV)/bin
-# torch's AVX-512 ELU kernel is several times slower than its AVX2 one on these CPUs; this only picks kernels.
-export ATEN_CPU_CAPABILITY ?= avx2
 
 .PHONY: setup demo test bench clean
 

@@ -26,9 +26,19 @@ How each number is measured:
   projections around it), and "kernel" names the SDPA implementation the dispatcher chose (``math`` builds explicit
   L x L score matrices; ``flash`` is the fused CPU kernel). Profiler overhead inflates small models' step times.
 
+* **variants**: ``plain`` is the eager step; ``compile`` runs the same step through ``torch.compile`` (its compile
+  time is reported separately, not in s/step); ``checkpoint`` recomputes each PixelSNAIL block in the backward pass
+  (``--checkpoint-activations``), which is what its peak RSS column is for.
+* **--baseline REV**: the same rows for the code at git revision REV (checked out into a temporary worktree and
+  imported from there), side by side with the working tree's in one run, and the speed-up of the fastest variant
+  of each (preset, precision) over the baseline's plain step. The step replicates the loop's per-step work for
+  both trees: forward under autocast, backward, the non-finite gradient check, Adam, the EMA update, each done the
+  way that tree's ``vqprior.train`` does it (detected by what the tree provides).
+
 Usage (the full run takes several minutes; run it on an otherwise idle machine):
     python bench/train_speed.py                      # tiny, small, paper-cifar10; fp32 and bf16
     python bench/train_speed.py --quick --presets tiny
+    python bench/train_speed.py --presets small,paper-cifar10 --variants plain,compile --baseline 42ec96d
 """
 from __future__ import annotations
 
@@ -43,6 +53,7 @@ import time
 
 PRESETS = ("tiny", "small", "paper-cifar10")
 PRECISIONS = ("fp32", "bf16")
+VARIANTS = ("plain", "compile", "checkpoint")
 DEFAULT_REPEATS = {"tiny": 20, "small": 10, "paper-cifar10": 3}  # paper-cifar10 takes seconds per step on 2 cores
 BATCH, SIZE = 8, 32
 
@@ -113,14 +124,36 @@ def _sdpa_kernel(events) -> str:
     return "+".join(kernels) or "-"
 
 
+def _loop_pieces(model):
+    """The optimizer, the non-finite gradient check and the EMA the imported tree's training loop uses."""
+    import torch
+
+    from vqprior.run_state import EMA
+
+    try:  # the working tree: fused Adam, one fused gradient norm
+        from vqprior.acceleration import clip_and_measure, make_optimizer
+
+        optimizer = make_optimizer(model, 1e-3, (0.95, 0.9995))
+
+        def grads_finite():
+            return bool(torch.isfinite(clip_and_measure(list(model.parameters()), 0.0)))
+    except ImportError:  # an older tree: plain Adam, one isfinite per parameter (as its loop did)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.9995))
+
+        def grads_finite():
+            return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    return optimizer, grads_finite, EMA(model, 0.9995)
+
+
 def measure_training_step(spec: dict) -> dict:
-    """Time, memory, FLOPs and attention share of one (preset, precision) training step."""
+    """Time, memory, FLOPs and attention share of one (preset, precision, variant) training step."""
     import contextlib
 
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
     from torch.utils import flop_counter
 
+    import vqprior
     from vqprior.config import model_config_from_preset
     from vqprior.pixelsnail import PixelSNAIL
 
@@ -129,8 +162,12 @@ def measure_training_step(spec: dict) -> dict:
     base_rss = _peak_rss_mib()
     torch.manual_seed(0)
     model = PixelSNAIL(model_config_from_preset(spec["preset"], height=SIZE, width=SIZE)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.9995))
+    if spec["variant"] == "checkpoint":
+        model.checkpoint_activations = True
+    forward = torch.compile(model) if spec["variant"] == "compile" else model
+    optimizer, grads_finite, ema = _loop_pieces(model)
     x = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
+    counter = [0]
 
     def autocast():
         if spec["precision"] == "bf16":
@@ -138,23 +175,37 @@ def measure_training_step(spec: dict) -> dict:
         return contextlib.nullcontext()
 
     def forward_backward():
-        with autocast():
-            loss = -model.log_prob(x).mean()
+        with autocast():  # as PixelTask.loss: the likelihood in fp32 from the head's parameters
+            loss = -model.head.log_prob(forward(x).float(), x).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
     def step():
         forward_backward()
-        optimizer.step()
+        if grads_finite():
+            optimizer.step()
+            ema.update(model, counter[0])
+        counter[0] += 1
 
+    warm = []
     for _ in range(spec["warmup"]):
+        start = time.perf_counter()
         step()
+        warm.append(time.perf_counter() - start)
     times = []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     peak_rss = _peak_rss_mib()
+    median = statistics.median(times)
+    result = dict(preset=spec["preset"], precision=spec["precision"], variant=spec["variant"],
+                  tree=spec.get("tree", "working tree"), vqprior_version=vqprior.__version__,
+                  parameters=model.num_parameters(), repeats=spec["repeats"], step_s=median,
+                  images_per_s=BATCH / median, peak_rss_mib=peak_rss, step_rss_mib=peak_rss - base_rss,
+                  first_step_s=warm[0] if warm else None)
+    if not spec.get("profile", True):
+        return result
 
     cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -163,9 +214,10 @@ def measure_training_step(spec: dict) -> dict:
         cpu_flash_backward: lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(
             g, q, k, v),
     }
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    forward = model  # FLOPs and the profile are of the eager step (the same arithmetic)
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter_mode:
         forward_backward()
-    flops = counter.get_total_flops()
+    flops = counter_mode.get_total_flops()
 
     _attention_ranges(model)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -173,29 +225,43 @@ def measure_training_step(spec: dict) -> dict:
             step()
     events = prof.events()
     step_us = sum(e.time_range.elapsed_us() for e in events if e.name == "train_step")
-    median = statistics.median(times)
-    return dict(preset=spec["preset"], precision=spec["precision"], parameters=model.num_parameters(),
-                repeats=spec["repeats"], step_s=median, images_per_s=BATCH / median, peak_rss_mib=peak_rss,
-                step_rss_mib=peak_rss - base_rss, flops=flops, achieved_flops=flops / median,
-                attention_share=attributed_time_us(events, lambda e: e.name == "CausalSelfAttention") / step_us,
-                sdpa_share=attributed_time_us(events, lambda e: e.name == "aten::scaled_dot_product_attention")
-                / step_us,
-                sdpa_kernel=_sdpa_kernel(events))
+    result.update(flops=flops, achieved_flops=flops / median,
+                  attention_share=attributed_time_us(events, lambda e: e.name == "CausalSelfAttention") / step_us,
+                  sdpa_share=attributed_time_us(events, lambda e: e.name == "aten::scaled_dot_product_attention")
+                  / step_us,
+                  sdpa_kernel=_sdpa_kernel(events))
+    return result
 
 
 # ---- parent side ---------------------------------------------------------------------------------------------------
-def run_worker(spec: dict) -> dict:
-    """Run one measurement in a fresh interpreter; a failure becomes {"error": last stderr line}."""
+def run_worker(spec: dict, tree: str | None = None) -> dict:
+    """Run one measurement in a fresh interpreter (importing vqprior from ``tree`` when given); a failure becomes
+    {"error": last stderr line}."""
+    env = dict(os.environ)
+    if tree:
+        env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def describe_cpu() -> str:
-    """CPU model name, physical cores (distinct (physical id, core id) pairs) and logical CPUs, from /proc/cpuinfo."""
+    """CPU model name, physical cores (distinct (physical id, core id) pairs), logical CPUs and the bf16 hardware
+    (AMX tiles, AVX512-BF16), from /proc/cpuinfo."""
     model, cores = platform.processor() or "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -206,29 +272,81 @@ def describe_cpu() -> str:
         cores = {(b.get("physical id"), b.get("core id")) for b in blocks if "core id" in b}
     except OSError:
         pass
-    return f"{model}, {len(cores) or '?'} physical cores, {os.cpu_count()} logical CPUs"
+    flags = cpu_flags()
+    bf16 = ", ".join(name for name, flag in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if flag in flags)
+    return (f"{model}, {len(cores) or '?'} physical cores, {os.cpu_count()} logical CPUs; "
+            f"bf16 hardware: {bf16 or 'none'}")
+
+
+def _cell(r, key, fmt):
+    return format(r[key], fmt) if r.get(key) is not None else "-"
 
 
 def format_table(rows: list[dict], peak: dict) -> str:
-    head = ("| preset | params | precision | repeats | s/step (median) | images/s | peak RSS MiB (+step) | GFLOP/step "
-            "| GFLOP/s | of matmul peak | attention share | SDPA share | SDPA kernel |")
+    head = ("| code | preset | params | precision | variant | repeats | s/step (median) | images/s | first step s "
+            "| peak RSS MiB (+step) | GFLOP/step | GFLOP/s | of matmul peak | attention share | SDPA share |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | | {r['precision']} | failed: {r['error'][:120]} |" + " |" * 9)
+            lines.append(f"| {r['tree']} | {r['preset']} | | {r['precision']} | {r['variant']} "
+                         f"| failed: {r['error'][:120]} |" + " |" * 9)
             continue
+        flops = r.get("flops") or r.get("preset_flops")
+        achieved = flops / r["step_s"] if flops else None
         lines.append(
-            f"| {r['preset']} | {r['parameters'] / 1e6:.2f}M | {r['precision']} | {r['repeats']} | {r['step_s']:.3f} "
-            f"| {r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} (+{r['step_rss_mib']:.0f}) | {r['flops'] / 1e9:.2f} "
-            f"| {r['achieved_flops'] / 1e9:.1f} | {r['achieved_flops'] / peak['peak_' + r['precision'] + '_flops']:.1%} "
-            f"| {r['attention_share']:.1%} | {r['sdpa_share']:.1%} | {r['sdpa_kernel']} |")
+            f"| {r['tree']} | {r['preset']} | {r['parameters'] / 1e6:.2f}M | {r['precision']} | {r['variant']} "
+            f"| {r['repeats']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} | {_cell(r, 'first_step_s', '.1f')} "
+            f"| {r['peak_rss_mib']:.0f} (+{r['step_rss_mib']:.0f}) "
+            f"| {flops / 1e9:.2f} | {achieved / 1e9:.1f} | {achieved / peak['peak_' + r['precision'] + '_flops']:.1%} "
+            if flops else
+            f"| {r['tree']} | {r['preset']} | {r['parameters'] / 1e6:.2f}M | {r['precision']} | {r['variant']} "
+            f"| {r['repeats']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} | {_cell(r, 'first_step_s', '.1f')} "
+            f"| {r['peak_rss_mib']:.0f} (+{r['step_rss_mib']:.0f}) | - | - | - ")
+        lines[-1] += (f"| {_cell(r, 'attention_share', '.1%')} | {_cell(r, 'sdpa_share', '.1%')} |")
     return "\n".join(lines)
+
+
+def format_speedups(rows: list[dict]) -> str:
+    """Per (preset, precision): the baseline's plain images/s, each working-tree variant's, and their ratio."""
+    ok = [r for r in rows if "error" not in r]
+    lines = ["| preset | precision | baseline plain images/s | variant | images/s | speed-up | peak RSS ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in ok:
+        if r["tree"] == "baseline":
+            continue
+        base = next((b for b in ok if b["tree"] == "baseline" and b["variant"] == "plain"
+                     and b["preset"] == r["preset"] and b["precision"] == r["precision"]), None)
+        if base is None:
+            continue
+        lines.append(f"| {r['preset']} | {r['precision']} | {base['images_per_s']:.2f} | {r['variant']} "
+                     f"| {r['images_per_s']:.2f} | **{r['images_per_s'] / base['images_per_s']:.2f}x** "
+                     f"| {r['step_rss_mib'] / base['step_rss_mib']:.2f} |")
+    return "\n".join(lines)
+
+
+def checkout(rev: str) -> str:
+    """A temporary detached worktree of ``rev`` (removed at exit)."""
+    import atexit
+    import tempfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tempfile.mkdtemp(prefix="vqprior-baseline-")
+    subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", "-f", path, rev], check=True,
+                   capture_output=True, text=True)
+    atexit.register(lambda: subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", path],
+                                           capture_output=True))
+    return path
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default=",".join(PRESETS), help="Comma-separated presets (default: %(default)s).")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32 and/or bf16 (default: both).")
+    parser.add_argument("--variants", default="plain", help=f"Comma-separated, of {', '.join(VARIANTS)} "
+                                                             "(default: %(default)s).")
+    parser.add_argument("--baseline", metavar="REV", help="Also measure the plain step of git revision REV.")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="Skip the profiled step (attention shares); FLOPs are still counted once per preset.")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"Timed steps per config (default per preset: {DEFAULT_REPEATS}).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before timing (default: 2).")
@@ -243,35 +361,55 @@ def main(argv=None) -> None:
         print(json.dumps(result))
         return
 
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    for p in presets:
-        if p not in DEFAULT_REPEATS:
-            parser.error(f"unknown preset {p!r}; choose from {', '.join(DEFAULT_REPEATS)}")
-    for p in precisions:
-        if p not in PRECISIONS:
-            parser.error(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    def names(text, allowed, what):
+        chosen = [p.strip() for p in text.split(",") if p.strip()]
+        for p in chosen:
+            if p not in allowed:
+                parser.error(f"unknown {what} {p!r}; choose from {', '.join(allowed)}")
+        return chosen
+
+    presets = names(args.presets, DEFAULT_REPEATS, "preset")
+    precisions = names(args.precisions, PRECISIONS, "precision")
+    variants = names(args.variants, VARIANTS, "variant")
     warmup = 1 if args.quick else args.warmup
     load = os.getloadavg()[0]
     peak = run_worker(dict(task="peak", threads=args.threads, matmul_size=1024 if args.quick else 2048,
                            matmul_warmup=1 if args.quick else 3, matmul_repeats=3 if args.quick else 10))
     if "error" in peak:
         sys.exit(f"matmul peak measurement failed: {peak['error']}")
-    rows = []
+    trees = [("working tree", None, variants)]
+    if args.baseline:
+        trees.insert(0, ("baseline", checkout(args.baseline), ["plain"]))
+    rows, preset_flops = [], {}
     for preset in presets:
         repeats = args.repeats or (2 if args.quick else DEFAULT_REPEATS[preset])
         for precision in precisions:
-            spec = dict(task="step", preset=preset, precision=precision, repeats=repeats, warmup=warmup,
-                        threads=args.threads)
-            rows.append({"preset": preset, "precision": precision, **run_worker(spec)})
-            print(f"done: {preset} {precision}", file=sys.stderr)
+            for tree, path, tree_variants in trees:
+                for variant in tree_variants:
+                    # The profiled step (and FLOP count) once per preset: the arithmetic is the same in every row.
+                    profile = not args.no_profile or preset not in preset_flops
+                    spec = dict(task="step", preset=preset, precision=precision, variant=variant, tree=tree,
+                                repeats=repeats, warmup=warmup, threads=args.threads,
+                                profile=profile and variant != "compile")
+                    row = {"preset": preset, "precision": precision, "variant": variant, "tree": tree,
+                           **run_worker(spec, path)}
+                    if row.get("flops"):
+                        preset_flops[preset] = row["flops"]
+                    rows.append(row)
+                    print(f"done: {tree} {preset} {precision} {variant}", file=sys.stderr)
+    for row in rows:
+        row.setdefault("preset_flops", preset_flops.get(row["preset"]))
 
     print(f"Machine: {describe_cpu()}; torch {peak['torch_version']} ({peak['cpu_capability']}), "
           f"{peak['torch_threads']} torch threads; 1-minute load average at start {load:.2f}.")
     n = 1024 if args.quick else 2048
     print(f"Matmul peak ({n}x{n} torch.mm, median): fp32 {peak['peak_fp32_flops'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peak['peak_bf16_flops'] / 1e9:.1f} GFLOP/s. Batch {BATCH}, {SIZE}x{SIZE} RGB.\n")
+          f"bf16 {peak['peak_bf16_flops'] / 1e9:.1f} GFLOP/s. Batch {BATCH}, {SIZE}x{SIZE} RGB"
+          + (f"; baseline = git revision {args.baseline}." if args.baseline else ".") + "\n")
     print(format_table(rows, peak))
+    if args.baseline:
+        print()
+        print(format_speedups(rows))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ def train_options(fn=None, **defaults):
         click.option("--seed", type=int, default=d.seed, show_default=True),
         click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=d.precision, show_default=True,
                      help="bf16 = autocast (CPU and CUDA)."),
+        click.option("--compile/--no-compile", "compile", default=d.compile, show_default=True,
+                     help="torch.compile the training model (needs a C++ compiler on CPU, Triton on CUDA); the "
+                          "first step's compile time is reported once."),
+        click.option("--checkpoint-activations/--no-checkpoint-activations", "checkpoint_activations",
+                     default=d.checkpoint_activations, show_default=True,
+                     help="Recompute each PixelSNAIL block in the backward pass: less memory, more time per step."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
                      help="Run folder: latest.pt, metrics.jsonl, sample grids."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its latest.pt."),
@@ -80,7 +86,8 @@ def train_options(fn=None, **defaults):
 
 
 TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "ema", "grad_clip", "eval_every", "sample_every",
-                "checkpoint_every", "eval_limit", "num_samples", "seed", "precision")
+                "checkpoint_every", "eval_limit", "num_samples", "seed", "precision", "compile",
+                "checkpoint_activations")
 
 
 def train_config_from_options(ctx: click.Context, kwargs: dict, checkpoint: dict | None) -> TrainConfig:

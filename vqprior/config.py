@@ -121,6 +121,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    # Speed/memory switches (vqprior.acceleration); they do not change the objective and may change on resume.
+    compile: bool = False  # torch.compile the training model
+    checkpoint_activations: bool = False  # recompute each PixelSNAIL block in the backward pass
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "sample_every", "checkpoint_every", "num_samples",

@@ -48,6 +48,31 @@ class WNConv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
 
 
+class Dropout(nn.Module):
+    """Inverted dropout: each element is zeroed independently with probability ``p``, survivors scaled by 1/(1-p).
+
+    The same distribution as ``nn.Dropout``, but the mask comes from ``torch.rand`` (always float32, so the rate is
+    exact under bf16 autocast too): on CPU ``aten::bernoulli_`` costs ~4x ``torch.rand`` of the same size (26 vs
+    6 ms for (8, 256, 32, 32) here) and was the largest single item of a paper-cifar10 training step's profile.
+    Under ``torch.compile`` the comparison and the scaling fuse with the neighbouring ops.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def down_shift(x: torch.Tensor) -> torch.Tensor:
     """Shift a (B, C, H, W) map one row down; row 0 becomes zeros."""
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
@@ -123,7 +148,7 @@ class GatedResBlock(nn.Module):
         self.class_embedding = nn.Embedding(num_classes, 2 * channels) if num_classes else None
         if self.class_embedding is not None:
             nn.init.zeros_(self.class_embedding.weight)  # start unconditional; the label learns its bias
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None, label: torch.Tensor | None = None,
                 cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, background
 from .config import ModelConfig
@@ -74,6 +75,10 @@ class PixelSNAIL(nn.Module):
         cond_channels = c.cond_channels if c.cond_num_codes else 0
         self.stem = CausalStem(raw_channels + 1, c.filters)  # +1: a channel of ones tells image from padding
         self.blocks = nn.ModuleList(PixelSNAILBlock(c, raw_channels, cond_channels) for _ in range(c.blocks))
+        # Training-time memory option (not architecture): recompute each block in the backward pass instead of
+        # keeping its activations. The RNG state is restored for the recomputation, so dropout masks and gradients
+        # are the same as without it.
+        self.checkpoint_activations = False
 
     # ---- inputs -------------------------------------------------------------------------------------------------
     def check_inputs(self, x: torch.Tensor, label=None, condition=None) -> None:
@@ -124,11 +129,25 @@ class PixelSNAIL(nn.Module):
     def forward_raw(self, raw: torch.Tensor, label=None, condition=None) -> torch.Tensor:
         """Head parameters (B, P, H, W) from the raw input map (see ``embed_input``)."""
         B, _, H, W = raw.shape
+        # Speed: wide models run with channels-last (NHWC) activations. oneDNN's 2x2 convolution from 256 to 512
+        # channels takes 149 ms forward+backward in NHWC against 342 ms in NCHW on CPU (batch 8, 32x32), and a
+        # paper-cifar10 fp32 step 39.5 s against 45.8 s; at 64 filters the layout copies around attention cost more
+        # than the convolutions gain (0.55 vs 0.49 s per `small` step), so narrow models stay NCHW. Every op below
+        # keeps the layout it is given; only the summation order inside the convolutions differs.
+        nhwc = torch.channels_last if self.config.filters >= 128 else torch.contiguous_format
+        raw = raw.contiguous(memory_format=nhwc)
+        stem_in = torch.cat([raw, raw.new_ones(B, 1, H, W)], 1).contiguous(memory_format=nhwc)
         cond = self.condition_features(condition, (H, W))
-        bg = background(H, W, raw.device, raw.dtype)
-        h = self.stem(torch.cat([raw, raw.new_ones(B, 1, H, W)], 1))
+        if cond is not None:
+            cond = cond.contiguous(memory_format=nhwc)
+        bg = background(H, W, raw.device, raw.dtype).expand(B, -1, -1, -1).contiguous(memory_format=nhwc)
+        h = self.stem(stem_in)
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, raw, bg, label, cond)
+            if recompute:
+                h = checkpoint(block, h, raw, bg, label, cond, use_reentrant=False)
+            else:
+                h = block(h, raw, bg, label, cond)
         return self.head(h)
 
     def forward(self, x: torch.Tensor, label=None, condition=None) -> torch.Tensor:

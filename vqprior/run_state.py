@@ -67,11 +67,15 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1.0 + step) / (10.0 + step))
-        params = dict(model.named_parameters())
-        torch._foreach_lerp_([self.state[n] for n in self.names], [params[n].detach() for n in self.names],
-                             1.0 - decay)
-        for name, buf in model.named_buffers():
-            self.state[name].copy_(buf)
+        if getattr(self, "_model", None) is not model:
+            # Built once per model, not per step: the parameter and buffer tensors keep their identity.
+            params = dict(model.named_parameters())
+            self._model = model
+            self._pairs = ([self.state[n] for n in self.names], [params[n].detach() for n in self.names])
+            self._buffers = [(self.state[name], buf) for name, buf in model.named_buffers()]
+        torch._foreach_lerp_(*self._pairs, 1.0 - decay)  # one fused pass over every parameter
+        for averaged, buf in self._buffers:
+            averaged.copy_(buf)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.state

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
+from .acceleration import StepTimer, clip_and_measure, compile_model, make_optimizer
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
@@ -123,7 +123,11 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         from .monitor import TensorBoardLog
 
         board = TensorBoardLog(out, start_step)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+    if config.checkpoint_activations:
+        if not hasattr(model, "checkpoint_activations"):
+            raise UserError("--checkpoint-activations applies to PixelSNAIL models (pixels and priors) only")
+        model.checkpoint_activations = True
+    opt = make_optimizer(model, config.lr, (config.beta1, config.beta2))
 
     if val_set is not None and config.eval_limit and len(val_set) > config.eval_limit:
         val_set = torch.utils.data.Subset(val_set, range(config.eval_limit))
@@ -157,6 +161,9 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        # Compiled around DDP (not inside it) so that DDP's bucketed all-reduce still overlaps the backward pass.
+        train_model = compile_model(train_model, device)
     eval_model = task.build_model().to(device).eval()
     last_metrics: dict[str, float] = dict(checkpoint.get("metrics", {})) if checkpoint else {}
     sample_batch = next(iter(DataLoader(val_set if val_loader else train_set, batch_size=config.num_samples,
@@ -167,7 +174,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
             return
         payload = {"kind": task.kind, "config": {**task.config_dicts(), "train": config.to_dict()},
                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                   "step": step, "rng": rng_state(), "metrics": last_metrics}
+                   "step": step, "rng": rng_state(), "metrics": last_metrics, "train_seconds": timer.seconds}
         payload.update(task.extra_checkpoint())
         save_checkpoint(out / CHECKPOINT_NAME, payload)
 
@@ -181,7 +188,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                     result = task.evaluate(eval_model, val_loader)
             last_metrics.update({f"eval_{k}": v for k, v in result.items()})
             if main:
-                append_jsonl(metrics_path, {"step": step, "split": "eval", **result})
+                append_jsonl(metrics_path, {"step": step, "split": "eval", "train_seconds": timer.seconds, **result})
                 if board:
                     board.scalars("eval", step, result)
                 log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -204,9 +211,11 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     step = start_step
     bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and main), dynamic_ncols=True,
                unit="step")
-    t_last, n_last = time.perf_counter(), 0
+    timer = StepTimer(checkpoint.get("train_seconds", 0.0) if checkpoint else 0.0)
+    t_last, n_last, first_step = timer.seconds, 0, True
     with StopFlag() as stop:
         for batch in loader:
+            timer.start()
             if world > 1:
                 # Ranks must draw different dropout masks, and a resumed run the masks of an uninterrupted one:
                 # seed each step from (seed, step, rank) (one process keeps the saved RNG stream instead).
@@ -230,13 +239,12 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 bad_steps = 0
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
-                skip = not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+                skip = not bool(torch.isfinite(clip_and_measure(list(model.parameters()), config.grad_clip)))
             if skip:
                 # A non-finite loss or gradient never reaches the weights: skip the step and count it.
                 skipped += 1
+                timer.stop()
                 opt.zero_grad(set_to_none=True)
                 if bad_steps >= config.max_bad_steps:
                     status = "diverged"
@@ -249,19 +257,26 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 continue
             opt.step()
             ema.update(model, step)
+            took = timer.stop()
             step += 1
             n_last += len(next(iter(batch.values()))) * world
             bar.update(1)
+            if first_step:
+                # The first step of a process pays one-off costs (torch.compile's compilation, allocator warm-up):
+                # report it once and keep it out of the images/s of the steady-state steps.
+                if config.compile and main:
+                    log.info("torch.compile: first step (compilation included) took %.1f s", took)
+                t_last, n_last, first_step = timer.seconds, 0, False
             if step % 10 == 0 or step == config.steps:
-                now = time.perf_counter()
-                rate = n_last / max(now - t_last, 1e-9)
-                t_last, n_last = now, 0
+                rate = n_last / max(timer.seconds - t_last, 1e-9)
+                t_last, n_last = timer.seconds, 0
                 if world > 1:
                     batch_metrics = distributed.reduce_weighted_means(batch_metrics, 1, device)
                 shown = {k: round(v, 4) for k, v in batch_metrics.items()}
                 bar.set_postfix(**shown, img_s=f"{rate:.1f}")
                 if main:
-                    record = {"lr": lr, "items_per_s": rate, "skipped_steps": skipped, **batch_metrics}
+                    record = {"lr": lr, "items_per_s": rate, "skipped_steps": skipped,
+                              "train_seconds": timer.seconds, **batch_metrics}
                     append_jsonl(metrics_path, {"step": step, "split": "train", **record})
                     if board:
                         board.scalars("train", step, record)

@@ -1,0 +1,133 @@
+"""The training speed paths keep the objective: the rand-based dropout has the rate and independence of dropout,
+activation checkpointing gives the same gradients, a non-finite gradient (finite loss) is still skipped by the
+fused norm check, --compile keeps plain checkpoint keys and resumes, a missing compiler is a one-line error, and
+the Makefile's exported environment trains ``small`` in bf16."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cli_support import TINY_TRAIN, run_cli
+from conftest import REPO, tiny_model
+from test_train import NaNTask, _run, _task
+from vqprior.acceleration import check_compiler
+from vqprior.checkpoint import read_checkpoint
+from vqprior.errors import UserError
+from vqprior.layers import Dropout
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_its_rate_scale_and_independence(p, dtype):
+    torch.manual_seed(0)
+    n = 400_000
+    out = Dropout(p).train()(torch.ones(n, dtype=dtype))
+    dropped = (out == 0).double()
+    rate = dropped.mean().item()
+    assert abs(rate - p) < 5 * (p * (1 - p) / n) ** 0.5  # within 5 standard errors of the nominal rate
+    kept = out[out != 0].float()
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    # Independence: neighbouring mask elements are uncorrelated, and two calls draw different masks.
+    a, b = dropped[:-1] - rate, dropped[1:] - rate
+    assert abs((a * b).mean().item() / (rate * (1 - rate))) < 5 / n ** 0.5
+    assert not torch.equal(Dropout(p).train()(torch.ones(n)) == 0, Dropout(p).train()(torch.ones(n)) == 0)
+    x = torch.randn(100)
+    assert torch.equal(Dropout(p).eval()(x), x)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    def grads(recompute):
+        model = tiny_model(dropout=0.3, height=6, width=6).train()
+        model.checkpoint_activations = recompute
+        x = torch.randint(0, 256, (3, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)  # the same dropout masks in both runs (checkpointing replays the RNG state)
+        model.log_prob(x).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, recomputed = grads(False), grads(True)
+    assert plain.keys() == recomputed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(tmp_path):
+    class BadGradient(NaNTask):
+        def loss(self, model, batch):
+            self.calls += 1
+            loss, metrics = self.task.loss(model, batch)
+            if self.calls == 2:  # forward value stays finite; d sqrt(u)/du at u=0 is inf, times 0 is NaN
+                w = next(model.parameters())
+                loss = loss + 0.0 * torch.sqrt(w - w.detach()).sum()
+            return loss, metrics
+
+    for clip in (0.0, 1.0):  # the guard reads the same fused norm with and without clipping
+        result = _run(tmp_path / f"run{clip}", 4, task=BadGradient(_task(), 0), grad_clip=clip)
+        assert result["status"] == "finished" and result["skipped_steps"] == 1
+        weights = read_checkpoint(tmp_path / f"run{clip}" / "latest.pt")["model"]
+        assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_train_seconds_accumulate_across_resume(tmp_path):
+    _run(tmp_path / "run", 3)
+    first = read_checkpoint(tmp_path / "run" / "latest.pt")
+    assert first["train_seconds"] > 0
+    _run(tmp_path / "run", 5, checkpoint=first)
+    assert read_checkpoint(tmp_path / "run" / "latest.pt")["train_seconds"] > first["train_seconds"]
+
+
+def test_missing_compiler_is_a_one_line_error(tmp_path):
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):  # restored on exit for the other tests
+        with pytest.raises(UserError, match="C\\+\\+ compiler"):
+            check_compiler(torch.device("cpu"))
+        result = run_cli("train-pixels", *TINY_TRAIN, "--image-size", "8", "--steps", "2", "--compile",
+                         "--out", tmp_path / "run")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("Error: --compile needs a C++ compiler")
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_activations_is_refused_for_the_vqvae(tmp_path):
+    result = run_cli("train-vqvae", "--preset", "tiny", "--image-size", "8", "--steps", "1", "--batch-size", "4",
+                     "--quiet", "--device", "cpu", "--checkpoint-activations", "--out", tmp_path / "vq")
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1].startswith("Error: --checkpoint-activations applies to PixelSNAIL")
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/c++") and not os.environ.get("CXX"), reason="no C++ compiler")
+def test_compiled_training_keeps_plain_keys_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    common = [*TINY_TRAIN, "--image-size", "8", "--compile", "--checkpoint-every", "1", "--out", out]
+    first = run_cli("train-pixels", *common, "--steps", "2")
+    assert first.exit_code == 0, first.output
+    ckpt = read_checkpoint(out / "latest.pt")
+    assert ckpt["step"] == 2 and ckpt["config"]["train"]["compile"] is True
+    assert not [k for k in [*ckpt["model"], *ckpt["ema"]] if "_orig_mod" in k or k.startswith("module.")]
+    resumed = run_cli("train-pixels", *common, "--steps", "3", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert read_checkpoint(out / "latest.pt")["step"] == 3
+
+
+def _makefile_environment() -> dict[str, str]:
+    """The variables the Makefile exports to every recipe (``export NAME ?= value`` / ``export NAME = value``)."""
+    env = {}
+    for line in (REPO / "Makefile").read_text().splitlines():
+        m = re.match(r"\s*export\s+(\w+)\s*[?:]?=\s*(.*)$", line)
+        if m:
+            env[m.group(1)] = m.group(2).strip()
+    return env
+
+
+def test_small_trains_in_bf16_under_the_makefile_environment(tmp_path):
+    env = {**os.environ, **_makefile_environment(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vqprior.commands.cli", "train-pixels", "--dataset", "sample", "--preset", "small",
+         "--precision", "bf16", "--steps", "2", "--batch-size", "2", "--eval-limit", "4", "--num-samples", "1",
+         "--quiet", "--device", "cpu", "--out", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 2
