@@ -93,6 +93,23 @@ def resolve_device(name: str):
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA when available), cpu, cuda or cuda:N.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+PRECISIONS = ("fp32", "tf32", "bf16")  # vqprior.config.PRECISIONS, spelled out so --help never imports the library
+
+
+def precision_option(sampling: bool = False, default: str = "fp32"):
+    """--precision (vqprior.precision): fp32 (strict, TF32 off on CUDA), tf32 (CUDA TF32), bf16 (autocast)."""
+    exact = ", the cached sampler exact" if sampling else ""
+    bf16 = "; sampling arithmetic stays float32" if sampling else ""
+    return click.option("--precision", type=click.Choice(PRECISIONS), default=default, show_default=True,
+                        help=f"fp32: strict float32{exact} (TF32 off on CUDA); tf32: TF32 matmuls and convolutions "
+                             f"on CUDA; bf16: autocast of the model calls (CPU and CUDA{bf16}).")
+
+
+def apply_precision(precision: str) -> None:
+    """The precision policy for a command's whole run (vqprior.precision), set before any model call."""
+    from vqprior.precision import apply_precision_policy
+
+    apply_precision_policy(precision)
 
 
 def setup_logging(verbose: bool = False) -> None:

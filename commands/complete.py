@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_outputs, device_option, guarded, resolve_device
+from .common import apply_precision, check_outputs, device_option, guarded, precision_option, resolve_device
 
 
 @click.command("complete")
@@ -23,8 +23,7 @@ from .common import check_outputs, device_option, guarded, resolve_device
 @click.option("--class", "label", type=int, default=None, help="Class label (class-conditional models).")
 @click.option("--method", type=click.Choice(["cached", "naive"]), default="cached", show_default=True)
 @click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 = autocast of the model calls (CPU and CUDA); fp32 keeps the cached sampler exact.")
+@precision_option(sampling=True)
 @device_option
 @guarded
 def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperature, top_k, top_p, label, method,
@@ -42,6 +41,7 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
     from vqprior.images import load_image, save_grid
 
     device = resolve_device(device)
+    apply_precision(precision)
     check_outputs(out)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
     bottom_model = load_model(bottom, device, kind="prior") if bottom else None

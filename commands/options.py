@@ -9,6 +9,8 @@ import click
 
 from vqprior.config import PRESETS, TrainConfig
 
+from .common import precision_option
+
 _TRAIN_DEFAULTS = TrainConfig()
 
 
@@ -63,8 +65,7 @@ def train_options(fn=None, **defaults):
         click.option("--num-samples", type=click.IntRange(min=1), default=d.num_samples, show_default=True,
                      help="Images in each sample grid."),
         click.option("--seed", type=int, default=d.seed, show_default=True),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=d.precision, show_default=True,
-                     help="bf16 = autocast (CPU and CUDA)."),
+        precision_option(default=d.precision),
         click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
                      help="Run folder: latest.pt, metrics.jsonl, sample grids."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its latest.pt."),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_outputs, device_option, guarded, resolve_device
+from .common import apply_precision, check_outputs, device_option, guarded, precision_option, resolve_device
 
 
 def sampling_options(fn):
@@ -41,8 +41,7 @@ def sampling_options(fn):
               help="Write the sampled images as a uint8 (N, C, H, W) .npy array.")
 @click.option("--animate", type=click.Path(dir_okay=False), default=None,
               help="Also write a GIF of the samples filling in position by position.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 = autocast of the model calls (CPU and CUDA); fp32 keeps the cached sampler exact.")
+@precision_option(sampling=True)
 @device_option
 @guarded
 def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, batch_size, scale,
@@ -58,6 +57,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     from .arrays import save_codes_file, save_npy
 
     device = resolve_device(device)
+    apply_precision(precision)
     check_outputs(out, save_codes, save_array, animate)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
     bottom_model = load_model(bottom, device, kind="prior") if bottom else None

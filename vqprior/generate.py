@@ -9,6 +9,7 @@ import torch
 
 from .errors import UserError
 from .images import make_grid
+from .precision import apply_precision_policy, autocast
 
 
 @dataclass
@@ -52,14 +53,11 @@ class _FrameRecorder:
 
 
 def generate(model, num: int, *, precision: str = "fp32", **kwargs) -> Generated:
-    """``_generate`` (below, all keyword options) under ``precision``: "fp32", or "bf16" = torch.autocast of every
-    model call (the sampled values stay integers; the cached sampler's exactness holds only in fp32)."""
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"precision must be fp32 or bf16, got {precision!r}")
-    if precision == "fp32":
-        return _generate(model, num, **kwargs)
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    """``_generate`` (below, all keyword options) under ``precision`` (see ``vqprior.precision``): "fp32", "tf32",
+    or "bf16" = torch.autocast of every model call (the sampled values stay integers and the sampling arithmetic
+    float32; the cached sampler's exactness holds only in fp32)."""
+    apply_precision_policy(precision)
+    with autocast(next(model.parameters()).device, precision):
         return _generate(model, num, **kwargs)
 
 

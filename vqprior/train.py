@@ -23,7 +23,6 @@ flag and the non-finite check are agreed by an all-reduce each step so every ran
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -38,6 +37,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
 from .images import make_grid, save_grid
+from .precision import apply_precision_policy, autocast
 from .run_state import EMA, StepBatchSampler, StopFlag, append_jsonl, rng_state, set_rng_state, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,6 @@ CHECKPOINT_NAME = "latest.pt"
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict[str, Any] | None:
@@ -103,6 +97,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     from tqdm import tqdm
 
     device = torch.device(device)
+    apply_precision_policy(config.precision)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     main = rank == 0
     if config.batch_size % world:
