@@ -116,20 +116,6 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
-def start_run(kw: dict, kind: str):
-    """The common start of a train command: pick the device, join the process group under torchrun, and find the
-    checkpoint to resume from. Returns (device, echo, checkpoint or None); ``echo`` prints on rank 0 only."""
-    from vqprior.distributed import init_distributed
-    from vqprior.train import prepare_run_dir
-
-    rank, _, device = init_distributed(resolve_device(kw["device"]))
-    echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
-    checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], kind)
-    if checkpoint is not None:
-        echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
-    return device, echo, checkpoint
-
-
 def check_outputs(*paths):
     """Fail before any work when an output folder is missing (outputs are written atomically at the end)."""
     for p in paths:

@@ -68,7 +68,12 @@ def train_options(fn=None, **defaults):
         precision_option(default=d.precision),
         click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
                      help="Run folder: latest.pt, metrics.jsonl, sample grids."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its latest.pt."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run in --out from its latest.pt (architecture and data options must agree "
+                          "with the run; the others are applied)."),
+        click.option("--init-from", type=click.Path(dir_okay=False), default=None,
+                     help="Start a new run from this checkpoint's weights (any checkpoint of this kind, exports "
+                          "included): its architecture, a fresh optimizer, step 0."),
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="DataLoader worker processes."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

@@ -155,6 +155,7 @@ class DataConfig:
     cache: str = ""
     download: bool = False
     class_conditional: bool = False
+    limit: int = 0  # train on the first N training images only (0 = all); a resumed run keeps it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

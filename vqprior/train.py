@@ -57,7 +57,11 @@ def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict
     if ckpt.exists():
         if not resume:
             raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        return read_checkpoint(ckpt, kind)
+        data = read_checkpoint(ckpt, kind)
+        if "optimizer" not in data:
+            raise UserError(f"{ckpt} is an exported checkpoint (weights only, no optimizer state) and cannot be "
+                            f"resumed; start a new run from its weights with --init-from {ckpt} --out NEW_FOLDER")
+        return data
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -86,8 +90,10 @@ def _reduce_eval(task, eval_model, val_set, batch_size: int, num_workers: int, l
 
 def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathLike, *,
           checkpoint: dict[str, Any] | None = None, device: str | torch.device = "cpu", progress: bool = True,
-          num_workers: int = 0, tensorboard: bool = False) -> dict[str, Any]:
-    """Train ``task`` on ``train_set`` for ``config.steps`` steps (continuing ``checkpoint`` if given).
+          num_workers: int = 0, tensorboard: bool = False,
+          init_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train ``task`` on ``train_set`` for ``config.steps`` steps (continuing ``checkpoint`` if given; a new run
+    starts from ``init_weights``, a state dict of the task's model, instead of the data-dependent init if given).
 
     Writes ``out_dir/latest.pt`` every ``checkpoint_every`` steps and at the end, ``metrics.jsonl``, and a PNG grid
     ``samples_stepN.png`` every ``sample_every`` steps; with ``tensorboard`` the same scalars and grids go to
@@ -136,9 +142,12 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                             generator=loader_rng()) if val_set is not None and len(val_set) else None
 
     if checkpoint is None:
-        first = to_device(next(iter(DataLoader(train_set, batch_sampler=[sampler.global_batch(0)],
-                                               generator=loader_rng()))), device)
-        task.init_model(model, first)  # weight-norm data-dependent init on one batch (the same on every rank)
+        if init_weights is not None:
+            model.load_state_dict(init_weights, strict=True)  # fine-tuning: the weights are already initialised
+        else:
+            first = to_device(next(iter(DataLoader(train_set, batch_sampler=[sampler.global_batch(0)],
+                                                   generator=loader_rng()))), device)
+            task.init_model(model, first)  # weight-norm data-dependent init on one batch (the same on every rank)
         ema = EMA(model, config.ema)
         if main:
             truncate_metrics(metrics_path, -1)
