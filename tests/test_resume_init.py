@@ -199,3 +199,21 @@ def test_init_from_refusals(pixel_run, pipeline, tmp_path, command, source, args
     result = run_cli(command, *args, "--init-from", sources[source], *FAST, "--out", tmp_path / "ft")
     assert re.search(word, error_line(result)), error_line(result)
     assert not (tmp_path / "ft").exists()
+
+
+def test_init_from_a_class_conditional_model_needs_labelled_data(tmp_path):
+    from PIL import Image
+
+    train_pixel_run(tmp_path / "cond", "--class-conditional", steps=1, limit=8)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    line = error_line(run_cli("train-pixels", "--dataset", "folder", "--data-dir", folder, "--init-from",
+                              tmp_path / "cond" / "latest.pt", *FAST, "--out", tmp_path / "ft"))
+    assert "class-conditional over 10 classes, but the data have no class labels" in line, line
+    # The same checkpoint on labelled data: conditioning follows the checkpoint without --class-conditional.
+    check_ok(run_cli("train-pixels", "--dataset", "sample", "--image-size", "8", "--limit", "8", "--init-from",
+                     tmp_path / "cond" / "latest.pt", *FAST, "--out", tmp_path / "ok"))
+    assert read_checkpoint(tmp_path / "ok" / "latest.pt")["config"]["data"]["class_conditional"] is True
