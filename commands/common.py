@@ -112,8 +112,28 @@ def apply_precision(precision: str) -> None:
     apply_precision_policy(precision)
 
 
+class _TqdmHandler(logging.Handler):
+    """Log records as lines on the current stderr, printed above any progress bar (tqdm.write) instead of through
+    it; looked up at each record so that click's test runner captures them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break a run
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    """Show the library's log lines (held-out evaluations during training, skipped steps) on stderr, once."""
+    logger = logging.getLogger("vqprior")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
 
 
 def check_outputs(*paths):

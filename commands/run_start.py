@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from .common import resolve_device
+from .common import resolve_device, setup_logging
 
 NOT_ECHOED = ("out_dir", "resume", "init_from")
 
@@ -48,6 +48,7 @@ def start_run(ctx: click.Context, kw: dict, kind: str) -> RunStart:
             raise click.UsageError("--init-from starts a new run and --resume continues one: pass only one")
         init = read_checkpoint(kw["init_from"], kind)
         build_model(init, path=kw["init_from"])  # its weights must fit its config: one line now, not a traceback
+    setup_logging()  # the held-out evaluation of every eval interval is a line on stderr
     rank, _, device = init_distributed(resolve_device(kw["device"]))
     echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
     checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], kind)

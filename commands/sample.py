@@ -43,10 +43,11 @@ def sampling_options(fn):
               help="Also write a GIF of the samples filling in position by position.")
 @precision_option(sampling=True)
 @device_option
+@click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
 def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, batch_size, scale,
            save_codes, save_array, animate, device,
-           precision):
+           precision, quiet):
     """Sample a PNG grid from CHECKPOINT (a pixel model or a code prior)."""
     import torch
 
@@ -66,7 +67,8 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     generator = torch.Generator(device=device).manual_seed(seed)
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
                       top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size,
-                      precision=precision)
+                      precision=precision,
+                      progress=False if quiet else None)
     save_grid(result.images, out, nrow=nrow, scale=scale)
     if save_codes:
         save_codes_file(save_codes, result.codes)

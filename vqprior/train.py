@@ -175,14 +175,16 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         payload.update(task.extra_checkpoint())
         save_checkpoint(out / CHECKPOINT_NAME, payload)
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, final: bool = False) -> None:
         eval_model.load_state_dict(ema.state_dict())
         if val_loader is not None:
             with torch.no_grad(), autocast(device, config.precision):
                 if world > 1:
                     result = _reduce_eval(task, eval_model, val_set, eval_batch, num_workers, loader_rng, device)
-                else:
-                    result = task.evaluate(eval_model, val_loader)
+                else:  # the final evaluation (often the whole held-out split) shows its own progress bar
+                    batches = tqdm(val_loader, desc="final evaluation", unit="batch", leave=False,
+                                   dynamic_ncols=True, disable=not (progress and final))
+                    result = task.evaluate(eval_model, batches)
             last_metrics.update({f"eval_{k}": v for k, v in result.items()})
             if main:
                 append_jsonl(metrics_path, {"step": step, "split": "eval", **result})
@@ -284,7 +286,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 else "no checkpoint had been written yet")
         raise UserError(f"training stopped: {bad_steps} consecutive non-finite losses at step {step}; {kept}")
     if status == "finished":
-        run_eval(step)
+        run_eval(step, final=True)
         run_samples(step)
     save(step)
     if board:
