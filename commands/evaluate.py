@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
+from .common import apply_precision, device_option, guarded, precision_option, resolve_device
 from .options import DATASETS
 
 
@@ -18,18 +18,23 @@ from .options import DATASETS
               help="Score only the first N items (0: all).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
+@precision_option()
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
-def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cache, device, quiet):
-    """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights."""
+def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cache, precision, device, quiet):
+    """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights (the
+    likelihood itself is float32 under --precision bf16)."""
     from torch.utils.data import DataLoader
 
     from vqprior.checkpoint import load_model, read_checkpoint
     from vqprior.config import DataConfig
     from vqprior.evaluate import evaluate_nll
 
+    from vqprior.precision import autocast
+
     device = resolve_device(device)
+    apply_precision(precision)
     kind = read_checkpoint(checkpoint, ("pixels", "prior"))["kind"]
     model = load_model(checkpoint, device)
     data = DataConfig.from_dict(read_checkpoint(checkpoint)["config"]["data"])
@@ -45,8 +50,9 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
             raise click.ClickException(
                 f"dataset images are {ds.channels}x{ds.height}x{ds.width} but the model was trained on "
                 f"{model.config.channels}x{model.config.height}x{model.config.width}")
-        result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key="image",
-                              use_label=bool(model.config.num_classes), limit=limit, progress=not quiet)
+        with autocast(device, precision):
+            result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key="image",
+                                  use_label=bool(model.config.num_classes), limit=limit, progress=not quiet)
         unit, where = "bits/dim", f"{name} {split}"
     else:
         if not codes:
@@ -57,9 +63,10 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
         ds = CodeDataset(codes)
         check_codebook(ds.metadata, model.config.num_codes, level)
         cond = "top" if level == "bottom" else None
-        result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key=level,
-                              condition_key=cond, use_label=bool(model.config.num_classes), limit=limit,
-                              progress=not quiet)
+        with autocast(device, precision):
+            result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key=level,
+                                  condition_key=cond, use_label=bool(model.config.num_classes), limit=limit,
+                                  progress=not quiet)
         unit, where = "bits/code", f"{codes} ({level} codes)"
     click.echo(f"{result['bits_per_value']:.4f} {unit} on {where}: {result['examples']} items, "
                f"{result['nll_nats']:.1f} nats total")

@@ -9,6 +9,8 @@ import click
 
 from vqprior.config import PRESETS, TrainConfig
 
+from .common import precision_option
+
 _TRAIN_DEFAULTS = TrainConfig()
 
 
@@ -63,11 +65,15 @@ def train_options(fn=None, **defaults):
         click.option("--num-samples", type=click.IntRange(min=1), default=d.num_samples, show_default=True,
                      help="Images in each sample grid."),
         click.option("--seed", type=int, default=d.seed, show_default=True),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=d.precision, show_default=True,
-                     help="bf16 = autocast (CPU and CUDA)."),
+        precision_option(default=d.precision),
         click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
                      help="Run folder: latest.pt, metrics.jsonl, sample grids."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its latest.pt."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run in --out from its latest.pt (architecture and data options must agree "
+                          "with the run; the others are applied)."),
+        click.option("--init-from", type=click.Path(dir_okay=False), default=None,
+                     help="Start a new run from this checkpoint's weights (any checkpoint of this kind, exports "
+                          "included): its architecture, a fresh optimizer, step 0."),
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="DataLoader worker processes."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_outputs, device_option, guarded, resolve_device
+from .common import apply_precision, check_outputs, device_option, guarded, precision_option, resolve_device
 
 
 def sampling_options(fn):
@@ -41,13 +41,13 @@ def sampling_options(fn):
               help="Write the sampled images as a uint8 (N, C, H, W) .npy array.")
 @click.option("--animate", type=click.Path(dir_okay=False), default=None,
               help="Also write a GIF of the samples filling in position by position.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 = autocast of the model calls (CPU and CUDA); fp32 keeps the cached sampler exact.")
+@precision_option(sampling=True)
 @device_option
+@click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
 def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, batch_size, scale,
            save_codes, save_array, animate, device,
-           precision):
+           precision, quiet):
     """Sample a PNG grid from CHECKPOINT (a pixel model or a code prior)."""
     import torch
 
@@ -58,6 +58,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     from .arrays import save_codes_file, save_npy
 
     device = resolve_device(device)
+    apply_precision(precision)
     check_outputs(out, save_codes, save_array, animate)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
     bottom_model = load_model(bottom, device, kind="prior") if bottom else None
@@ -66,7 +67,8 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     generator = torch.Generator(device=device).manual_seed(seed)
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
                       top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size,
-                      precision=precision)
+                      precision=precision,
+                      progress=False if quiet else None)
     save_grid(result.images, out, nrow=nrow, scale=scale)
     if save_codes:
         save_codes_file(save_codes, result.codes)

@@ -146,6 +146,15 @@ def read_only_folder(d: Path, a) -> None:
     (d / "ro").chmod(0o500)
 
 
+def exported_run(d: Path, a) -> None:
+    (d / "exp").mkdir()
+    check_ok(run_cli("export", a["px"], "--out", d / "exp" / "latest.pt"))
+
+
+def copied_run(key: str, name: str):
+    return lambda d, a: shutil.copytree(Path(a[key]).parent, d / name)
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -285,6 +294,28 @@ CASES = [
     case("export-truncated-checkpoint", "export cut.pt --out small.pt", "truncated", truncated("px", "cut.pt")),
     case("export-pickled-object-checkpoint", "export evil.pt --out small.pt", "pickled", evil_checkpoint,
          evil_never_ran),
+    # resume and init-from
+    case("resume-changes-architecture", "train-pixels --out run --resume --filters 64 --quiet", "--filters 64",
+         copied_run("px", "run")),
+    case("resume-changes-dataset", "train-pixels --out run --resume --dataset mnist --quiet", "--dataset mnist",
+         copied_run("px", "run")),
+    case("resume-prior-other-codes", "train-prior --codes {test_codes} --out top --resume --quiet", "--codes",
+         copied_run("top", "top")),
+    case("resume-vqvae-changes-codebook", "train-vqvae --out vq --resume --codebook-size 8 --quiet",
+         "--codebook-size 8", copied_run("vq", "vq")),
+    case("resume-exported-checkpoint", "train-pixels --out exp --resume --dataset cifar10 --quiet",
+         "exported checkpoint", exported_run),
+    case("init-from-and-resume", f"train-pixels --init-from {{px}} --resume --out run {TRAIN}", "only one"),
+    case("init-from-missing", f"train-pixels --init-from nope.pt --out run {TRAIN}", "not found"),
+    case("init-from-other-kind", f"train-pixels --init-from {{vq}} --out run {TRAIN}", "vqvae checkpoint"),
+    case("init-from-with-architecture", f"train-pixels --init-from {{px}} --blocks 3 --out run {TRAIN}",
+         "--blocks 3"),
+    case("init-from-other-image-size", "train-pixels --init-from {px} --image-size 16 --steps 1 --out run --quiet",
+         "3x8x8"),
+    case("init-from-prior-other-codebook", f"train-prior --codes {{other_codes}} --init-from {{top}} --out run {PRIOR}",
+         "codebook size"),
+    case("init-from-vqvae-1-channel-data",
+         "train-vqvae --dataset mnist --data-dir {mnist} --init-from {vq} --steps 1 --out run --quiet", "1 channel"),
     # receptive field
     case("position-outside-map", "receptive-field --preset tiny --size 8 --position 8,0 --out out.png", "outside"),
     case("position-outside-checkpoint-map", "receptive-field {px} --position 0,9 --out out.png", "outside"),

@@ -13,6 +13,9 @@ from typing import Any
 from .errors import UserError
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")  # see vqprior.precision
+
+
 class ConfigError(UserError, ValueError):
     """A configuration value is invalid or unknown (always a user error with a one-line message)."""
 
@@ -131,8 +134,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be fp32, tf32 or bf16, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +155,7 @@ class DataConfig:
     cache: str = ""
     download: bool = False
     class_conditional: bool = False
+    limit: int = 0  # train on the first N training images only (0 = all); a resumed run keeps it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,5 +195,5 @@ def model_config_from_preset(preset: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**values)
 
 
-__all__ = ["ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "model_config_from_preset",
+__all__ = ["PRECISIONS", "ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "model_config_from_preset",
            "replace", "field"]
