@@ -1,6 +1,6 @@
 """Checkpoints: one ``.pt`` file of plain data, written atomically, read with ``weights_only=True``.
 
-Layout (DESIGN.md section 6)::
+Layout (docs/design.md section 6)::
 
     format_version  int                 FORMAT_VERSION
     kind            "pixels" | "prior" | "vqvae"
