@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
+from .common import check_dataset_options, device_option, guarded, refuse_unused, resolve_device
 from .options import DATASETS
 
 
@@ -35,6 +35,10 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
     stored = read_checkpoint(checkpoint, ("pixels", "prior", "vqvae"))
     kind, data = stored["kind"], DataConfig.from_dict(stored["config"]["data"])
     model = load_model(checkpoint, device)
+    if kind == "prior":
+        refuse_unused(("dataset", "data_dir", "split", "cache"), "for a prior (it is scored on the --codes cache)")
+    else:
+        check_dataset_options(dataset or data.dataset)
     if kind == "vqvae":
         if codes:
             raise click.UsageError("--codes is for priors; a VQ-VAE is evaluated on images (--dataset)")

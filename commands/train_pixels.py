@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error, start_run
+from .common import check_dataset_options, device_option, guarded, removes_new_folder_on_error, start_run
 from .options import MODEL_FIELDS, data_options, model_options, train_config_from_options, train_options
 
 
@@ -32,6 +32,7 @@ def train_pixels(ctx, **kw):
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = ModelConfig.from_dict(checkpoint["config"]["model"])
     else:
+        check_dataset_options(kw["dataset"], ctx)
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"],
                                  class_conditional=kw["class_conditional"])

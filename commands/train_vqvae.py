@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error, start_run
+from .common import (check_dataset_options, device_option, guarded, refuse_unused, removes_new_folder_on_error,
+                     start_run)
 from .options import data_options, train_config_from_options, train_options
 
 
@@ -13,9 +14,12 @@ from .options import data_options, train_config_from_options, train_options
 @click.option("--codebook-size", type=click.IntRange(2, 65536), default=None, help="Codes per codebook (default: preset).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
               help="VQ-VAE architecture preset.")
-@click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="Code vector width.")
+@click.option("--embed-dim", type=click.IntRange(min=1), default=None,
+              help="Width of each codebook vector (not train-prior's --embed-dim, the prior's input embedding).")
 @click.option("--hidden", type=click.IntRange(min=2), default=None, help="Encoder/decoder channels.")
-@click.option("--res-blocks", type=click.IntRange(min=0), default=None, help="Residual blocks per stack.")
+@click.option("--res-blocks", type=click.IntRange(min=0), default=None,
+              help="Residual blocks per encoder/decoder stack (not the PixelSNAIL --res-blocks of the other train "
+                   "commands).")
 @click.option("--res-channels", type=click.IntRange(min=1), default=None, help="Residual block bottleneck width.")
 @click.option("--bottom-stride", type=int, default=None, help="Image pixels per bottom code, per side (power of 2).")
 @click.option("--top-stride", type=int, default=None, help="Bottom codes per top code, per side (power of 2).")
@@ -45,6 +49,9 @@ def train_vqvae(ctx, **kw):
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = VQVAEConfig.from_dict(checkpoint["config"]["model"])
     else:
+        check_dataset_options(kw["dataset"], ctx)
+        if (kw["levels"] or 1) == 1:  # no preset sets levels
+            refuse_unused(("top_stride",), "with one level (--levels 2 adds the top level it spaces)", ctx)
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"])
     train_set = load_split(data_config, "train", kw["limit"])

@@ -33,6 +33,13 @@ FORMAT_VERSION = 1
 KINDS = ("pixels", "prior", "vqvae")
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` for a temp file beside ``path``, fsync it, then ``os.replace`` it into place.
 
@@ -44,9 +51,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise UserError(f"output folder does not exist: {parent}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs should have the usual permissions
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs should have the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
