@@ -14,6 +14,9 @@ from vqprior.commands.cli import cli
 # Tiny everything, CPU, no progress bars: each training command takes a second or two.
 TINY_TRAIN = ["--preset", "tiny", "--batch-size", "8", "--eval-limit", "16", "--num-samples", "4", "--quiet",
               "--device", "cpu"]
+# One step of a tiny model on 8x8 images: for commands that must fail (or just run) as fast as possible.
+TRAIN_FAST = ["--preset", "tiny", "--image-size", "8", "--steps", "1", "--batch-size", "4", "--num-samples", "2",
+              "--eval-limit", "4", "--quiet", "--device", "cpu"]
 
 
 def run_cli(*args) -> Result:
