@@ -397,7 +397,7 @@ def test_full_disk_is_a_one_line_error_and_writes_nothing(what, command, artefac
     args = [a.format(**artefacts) for a in command.split()]
     before = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "vqprior.commands.cli", *args], cwd=tmp_path, capture_output=True,
-                          text=True, preexec_fn=_limit_file_size(2048), timeout=300)
+                          text=True, preexec_fn=_limit_file_size(2048), timeout=600)
     assert proc.returncode not in (0, None), proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
