@@ -50,3 +50,25 @@ def test_shipped_priors_sample_decoded_images(tmp_path):
     images = np.load(array)
     assert images.shape == (2, 3, 32, 32) and images.dtype == np.uint8
     assert images.std() > 10
+
+
+def test_shipped_checkpoints_carry_no_machine_paths():
+    import torch
+
+    def strings(obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from strings(k)
+                yield from strings(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from strings(v)
+        elif isinstance(obj, str):
+            yield obj
+
+    shipped = sorted(CHECKPOINTS.glob("*.pt"))
+    assert len(shipped) == 4
+    for path in shipped:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        assert not [s for s in strings(data) if s.startswith(("/", "~")) or "\\" in s], path.name
+        assert b"/work/" not in path.read_bytes() and b"/home/" not in path.read_bytes(), path.name
