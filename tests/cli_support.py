@@ -42,6 +42,15 @@ def train_pixel_run(out: Path, *extra, steps: int = 4, image_size: int = 8, limi
                             "--steps", steps, *TINY_TRAIN, "--out", out, *extra))
 
 
+def absolute_paths_in(obj) -> list[str]:
+    """Every string inside nested dicts / lists / tuples (keys too) that is an absolute or home-relative path."""
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in absolute_paths_in(k) + absolute_paths_in(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in absolute_paths_in(v)]
+    return [obj] if isinstance(obj, str) and (obj.startswith(("/", "~")) or "\\" in obj) else []
+
+
 @dataclass
 class PriorPipeline:
     """The artefacts of train-vqvae (2 levels) -> extract-codes train/test -> train-prior top and bottom, with the

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_support import TRAIN_FAST, build_prior_pipeline, check_ok, run_cli, train_pixel_run
+from cli_support import (TRAIN_FAST, absolute_paths_in, build_prior_pipeline, check_ok, run_cli,
+                         train_pixel_run)
 from vqprior.checkpoint import read_checkpoint
 from vqprior.config import PRESETS
 from vqprior.vqvae import VQVAE_PRESETS
@@ -131,18 +132,6 @@ def test_evaluate_vqvae_reports_the_trainers_held_out_metrics(pipeline):
 
 # --- exports carry no machine paths ---------------------------------------------------------------------------------
 
-def _strings(obj):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _strings(k)
-            yield from _strings(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _strings(v)
-    elif isinstance(obj, str):
-        yield obj
-
-
 def test_export_holds_no_absolute_path_and_re_exports_identically(pipeline, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -159,8 +148,7 @@ def test_export_holds_no_absolute_path_and_re_exports_identically(pipeline, tmp_
         check_ok(run_cli("export", once, "--out", twice))  # an export of an export
         for path in (once, twice):
             data = torch.load(path, map_location="cpu", weights_only=True)
-            absolute = [s for s in _strings(data) if s.startswith("/") or "\\" in s]
-            assert not absolute, (src, absolute)
+            assert not absolute_paths_in(data), (src, absolute_paths_in(data))
             assert str(tmp_path).encode() not in path.read_bytes()
         a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (once, twice))
         assert a["config"] == b["config"] and a["metrics"] == b["metrics"] and a["step"] == b["step"]

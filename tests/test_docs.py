@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*(REPO / "vqprior").rglob("*.py"), *(REPO / "commands").rglob("*.py"), *(REPO / "bench").glob("*.py")])
+SOURCES = sorted([*(REPO / "vqprior").rglob("*.py"), *(REPO / "commands").rglob("*.py"),
+                  *(REPO / "bench").glob("*.py")])
 
 
 def test_docstrings_cite_docs_design_sections_that_exist():
