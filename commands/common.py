@@ -136,6 +136,28 @@ def setup_logging(verbose: bool = False) -> None:
     logger.propagate = False
 
 
+def refuse_unused(names, why: str, ctx: click.Context | None = None) -> None:
+    """No option is silently ignored: a UsageError (exit 2) naming every option among ``names`` (parameter names)
+    that was given a value other than its default, since here it would do nothing (``why``, e.g. "for a pixel
+    model"). An option repeated at its default value (``--top-k 0``) is harmless and allowed."""
+    from click.core import ParameterSource
+
+    ctx = ctx or click.get_current_context()
+    used = [p.opts[0] if p.opts else p.name for p in ctx.command.params
+            if p.name in names and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)
+            and ctx.params.get(p.name) != p.default]
+    if used:
+        raise click.UsageError(f"{', '.join(used)} {'does' if len(used) == 1 else 'do'} nothing {why}")
+
+
+def check_dataset_options(dataset: str, ctx: click.Context | None = None) -> None:
+    """Data options that do not apply to ``dataset`` are errors, not silently dropped."""
+    if dataset == "sample":
+        refuse_unused(("data_dir",), "with --dataset sample (the bundled images need no folder)", ctx)
+    if dataset not in ("cifar10", "mnist"):
+        refuse_unused(("download",), f"with --dataset {dataset} (only cifar10 and mnist download)", ctx)
+
+
 def check_outputs(*paths):
     """Fail before any work when an output folder is missing (outputs are written atomically at the end)."""
     for p in paths:

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import click
 
-from .common import apply_precision, check_outputs, device_option, guarded, precision_option, resolve_device
+from .common import (apply_precision, check_outputs, device_option, guarded, precision_option, refuse_unused,
+                     resolve_device)
 
 
 @click.command("complete")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.option("--image", "image_path", type=click.Path(), required=True, help="The image to complete (any format).")
 @click.option("--keep-rows", type=click.IntRange(min=0), required=True,
               help="Image rows to keep (raster prefix); the rest is sampled.")
 @click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level VQ-VAE.")
 @click.option("--num", type=click.IntRange(min=1), default=8, show_default=True, help="Completions to draw.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
-              help="PNG: original, masked input, then the completions.")
+              help="Image grid: original, masked input, then the completions (format from the suffix).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Priors: top-k (0: off).")
@@ -40,12 +41,15 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
     from vqprior.checkpoint import load_model
     from vqprior.errors import UserError
     from vqprior.generate import encode_prefix, generate
-    from vqprior.images import load_image, save_grid
+    from vqprior.images import image_format, load_image, save_grid
 
     device = resolve_device(device)
     apply_precision(precision)
     check_outputs(out)
+    image_format(out)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
+    if model.config.head == "pixels":
+        refuse_unused(("top_k", "top_p"), "for a pixel model (they filter the code distributions of priors)")
     bottom_model = load_model(bottom, device, kind="prior") if bottom else None
     generator = torch.Generator(device=device).manual_seed(seed)
     c = model.config

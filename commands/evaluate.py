@@ -1,16 +1,18 @@
-"""``vqprior evaluate``: held-out bits/dim of a pixel model, or bits/code of a code prior."""
+"""``vqprior evaluate``: held-out bits/dim of a pixel model, bits/code of a code prior, or the reconstruction
+MSE / PSNR and per-level codebook usage and perplexity of a VQ-VAE."""
 from __future__ import annotations
 
 import click
 
-from .common import apply_precision, device_option, guarded, precision_option, resolve_device
+from .common import (apply_precision, check_dataset_options, device_option, guarded, precision_option, refuse_unused,
+                     resolve_device)
 from .options import DATASETS
 
 
 @click.command("evaluate")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
-              help="Pixel models: dataset to score (default: the one it was trained on).")
+              help="Pixel models and VQ-VAEs: dataset to score (default: the one it was trained on).")
 @click.option("--data-dir", type=click.Path(), default=None, help="Dataset folder (default: the training one).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
 @click.option("--codes", type=click.Path(), default=None, help="Priors: an LMDB code cache to score.")
@@ -24,20 +26,30 @@ from .options import DATASETS
 @guarded
 def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cache, precision, device, quiet):
     """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights (the
-    likelihood itself is float32 under --precision bf16)."""
+    likelihood itself is float32 under --precision bf16); for a VQ-VAE, the reconstruction MSE (0..255 scale) and
+    PSNR, and codebook usage and perplexity per level."""
     from torch.utils.data import DataLoader
 
     from vqprior.checkpoint import load_model, read_checkpoint
     from vqprior.config import DataConfig
     from vqprior.evaluate import evaluate_nll
-
     from vqprior.precision import autocast
 
     device = resolve_device(device)
     apply_precision(precision)
-    kind = read_checkpoint(checkpoint, ("pixels", "prior"))["kind"]
+    stored = read_checkpoint(checkpoint, ("pixels", "prior", "vqvae"))
+    kind, data = stored["kind"], DataConfig.from_dict(stored["config"]["data"])
     model = load_model(checkpoint, device)
-    data = DataConfig.from_dict(read_checkpoint(checkpoint)["config"]["data"])
+    if kind == "prior":
+        refuse_unused(("dataset", "data_dir", "split", "cache"), "for a prior (it is scored on the --codes cache)")
+    else:
+        check_dataset_options(dataset or data.dataset)
+    if kind == "vqvae":
+        if codes:
+            raise click.UsageError("--codes is for priors; a VQ-VAE is evaluated on images (--dataset)")
+        with autocast(device, precision):
+            _evaluate_vqvae(model, data, dataset, data_dir, split, limit, batch_size, cache, quiet)
+        return
     if kind == "pixels":
         if codes:
             raise click.UsageError("--codes is for priors; this is a pixel model")
@@ -70,3 +82,29 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
         unit, where = "bits/code", f"{codes} ({level} codes)"
     click.echo(f"{result['bits_per_value']:.4f} {unit} on {where}: {result['examples']} items, "
                f"{result['nll_nats']:.1f} nats total")
+
+
+def _evaluate_vqvae(model, data, dataset, data_dir, split, limit, batch_size, cache, quiet) -> None:
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from vqprior.data.datasets import load_image_dataset
+    from vqprior.vqvae_task import VQVAETask
+
+    name = dataset or data.dataset
+    ds = load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
+                            or None, image_size=data.image_size, cache=cache, limit=limit)
+    if ds.channels != model.config.channels:
+        raise click.ClickException(f"dataset images have {ds.channels} channel(s) but the VQ-VAE was trained on "
+                                   f"{model.config.channels}")
+    stride = model.config.total_stride
+    if ds.height % stride or ds.width % stride:
+        raise click.ClickException(f"dataset images of {ds.height}x{ds.width} are not divisible by the VQ-VAE's "
+                                   f"total stride {stride}")
+    loader = tqdm(DataLoader(ds, batch_size=batch_size), disable=quiet, desc="evaluate", unit="batch",
+                  dynamic_ncols=True)
+    m = VQVAETask(model.config, data).evaluate(model, loader)
+    levels = "; ".join(f"{level}: usage {m[f'usage_{level}']:.1%}, perplexity {m[f'perplexity_{level}']:.1f} of "
+                       f"{model.config.codebook_size}" for level in model.level_names)
+    click.echo(f"MSE {m['mse']:.2f} (0..255 scale), PSNR {m['psnr']:.2f} dB on {name} {split}: {len(ds)} images; "
+               f"{levels}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error
+from .common import check_dataset_options, device_option, guarded, removes_new_folder_on_error
 from .options import MODEL_FIELDS, data_options, model_options, train_config_from_options, train_options
 from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, differing, refuse_on_resume,
                         refuse_with_init, resumed_data_config, start_run)
@@ -39,6 +39,7 @@ def train_pixels(ctx, **kw):
         refuse_on_resume(arch_conflicts(ctx, kw, model_config) + data_conflicts(ctx, kw, data_config), kw["out_dir"])
         data_config = resumed_data_config(ctx, kw, data_config)
     else:
+        check_dataset_options(kw["dataset"], ctx)
         if start.init is not None:
             model_config = ModelConfig.from_dict(start.init["config"]["model"])
             refuse_with_init(arch_conflicts(ctx, kw, model_config), kw["init_from"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error
+from .common import device_option, guarded, refuse_unused, removes_new_folder_on_error
 from .options import MODEL_FIELDS, model_options, train_config_from_options, train_options
 from .run_start import (announce, architecture_conflicts, differing, refuse_on_resume, refuse_with_init, same_path,
                         start_run)
@@ -19,7 +19,9 @@ PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *MODEL_FIELDS)  # w
 @click.option("--class-conditional", is_flag=True, help="Condition on the source images' class labels.")
 @click.option("--vqvae", "vqvae_path", type=click.Path(), default=None,
               help="The VQ-VAE checkpoint to embed (default: the one recorded in the cache, checked by sha256).")
-@click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="Code embedding width.")
+@click.option("--embed-dim", type=click.IntRange(min=1), default=None,
+              help="Width of the learned embedding of a code index, the prior's input (not train-vqvae's "
+                   "--embed-dim, the codebook vector width).")
 @click.option("--cond-channels", type=click.IntRange(min=1), default=None,
               help="Bottom priors: width of the top-code condition stack.")
 @click.option("--cond-layers", type=click.IntRange(min=0), default=None,
@@ -58,6 +60,10 @@ def train_prior(ctx, **kw):
             model_config = ModelConfig.from_dict(start.init["config"]["model"])
             level = start.init["config"].get("prior", {}).get("level", "top")
             refuse_with_init(arch_conflicts(ctx, kw, model_config, level), kw["init_from"])
+        refuse_unused(("mixtures",), "for a code prior (the logistic mixture is the pixel head's)", ctx)
+        if level == "top":
+            refuse_unused(("cond_channels", "cond_layers"), "for a top prior (only a bottom prior has a "
+                                                            "condition stack)", ctx)
         vq_path = kw["vqvae_path"] or meta.get("vqvae_path")
         if not vq_path or not Path(vq_path).exists():
             raise UserError("the VQ-VAE checkpoint of this code cache was not found; pass it with --vqvae")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error
+from .common import check_dataset_options, device_option, guarded, refuse_unused, removes_new_folder_on_error
 from .options import data_options, train_config_from_options, train_options
 from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, refuse_on_resume,
                         refuse_with_init, resumed_data_config, start_run)
@@ -18,9 +18,12 @@ FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_c
 @click.option("--codebook-size", type=click.IntRange(2, 65536), default=None, help="Codes per codebook (default: preset).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
               help="VQ-VAE architecture preset.")
-@click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="Code vector width.")
+@click.option("--embed-dim", type=click.IntRange(min=1), default=None,
+              help="Width of each codebook vector (not train-prior's --embed-dim, the prior's input embedding).")
 @click.option("--hidden", type=click.IntRange(min=2), default=None, help="Encoder/decoder channels.")
-@click.option("--res-blocks", type=click.IntRange(min=0), default=None, help="Residual blocks per stack.")
+@click.option("--res-blocks", type=click.IntRange(min=0), default=None,
+              help="Residual blocks per encoder/decoder stack (not the PixelSNAIL --res-blocks of the other train "
+                   "commands).")
 @click.option("--res-channels", type=click.IntRange(min=1), default=None, help="Residual block bottleneck width.")
 @click.option("--bottom-stride", type=int, default=None, help="Image pixels per bottom code, per side (power of 2).")
 @click.option("--top-stride", type=int, default=None, help="Bottom codes per top code, per side (power of 2).")
@@ -54,9 +57,13 @@ def train_vqvae(ctx, **kw):
         refuse_on_resume(arch_conflicts(ctx, kw, model_config) + data_conflicts(ctx, kw, data_config), kw["out_dir"])
         data_config = resumed_data_config(ctx, kw, data_config)
     else:
+        check_dataset_options(kw["dataset"], ctx)
         if start.init is not None:
             model_config = VQVAEConfig.from_dict(start.init["config"]["model"])
             refuse_with_init(arch_conflicts(ctx, kw, model_config), kw["init_from"])
+        levels = model_config.levels if start.init is not None else kw["levels"] or 1  # no preset sets levels
+        if levels == 1:
+            refuse_unused(("top_stride",), "with one level (--levels 2 adds the top level it spaces)", ctx)
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"], limit=kw["limit"])
     announce(start, ctx, kw, ("preset", *FIELDS, *DATA_FIXED))

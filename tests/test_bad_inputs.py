@@ -3,7 +3,8 @@ uncaught exception, and nothing written (no partial output, no stray temp file, 
 
 One table (CASES) drives one test. Each case names the command line (``{name}`` fields are filled with the shared
 tiny artefacts; relative paths land in the test's own empty folder), a word the error line must contain, and
-optionally a setup that writes the bad file(s) first. Inputs that look odd but must work are checked at the end.
+optionally a setup that writes the bad file(s) first. Inputs that look odd but must work are checked in
+test_odd_inputs.py; a full disk is simulated at the end.
 """
 from __future__ import annotations
 
@@ -20,12 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_support import TINY_TRAIN, build_prior_pipeline, check_ok, run_cli, train_pixel_run
-
-TRAIN_FAST = ["--preset", "tiny", "--image-size", "8", "--steps", "1", "--batch-size", "4", "--num-samples", "2",
-              "--eval-limit", "4", "--quiet", "--device", "cpu"]
-
-
+from cli_support import TINY_TRAIN, TRAIN_FAST, build_prior_pipeline, check_ok, run_cli, train_pixel_run
 
 
 def write_images(folder: Path, count: int, size=(8, 8), seed: int = 0) -> None:
@@ -141,6 +137,10 @@ def mixed_sizes(d: Path, a) -> None:
     write_images(d / "mixed" / "more", 20, size=(10, 12), seed=1)
 
 
+def image_in_png(d: Path, a) -> None:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "in.png")
+
+
 def read_only_folder(d: Path, a) -> None:
     (d / "ro").mkdir()
     (d / "ro").chmod(0o500)
@@ -187,7 +187,9 @@ CASES = [
     case("newer-format", "sample new.pt --out out.png", "newer",
          torch_file("new.pt", {"format_version": 99, "kind": "pixels"})),
     case("vqvae-given-to-sample", "sample {vq} --out out.png", "vqvae checkpoint"),
-    case("vqvae-given-to-evaluate", "evaluate {vq}", "vqvae checkpoint"),
+    case("vqvae-given-to-receptive-field", "receptive-field {vq} --out out.png", "vqvae checkpoint"),
+    case("info-missing-checkpoint", "info nope.pt", "not found"),
+    case("info-folder-as-checkpoint", "info adir", "folder", make_dirs("adir")),
     case("pixels-given-to-decode", "decode {px} codes.npz --out out.png", "pixels checkpoint"),
     case("pixels-given-to-extract", "extract-codes --vqvae {px} --out codes.lmdb", "pixels checkpoint"),
     case("pickled-object-checkpoint", "sample evil.pt --out out.png", "pickled", evil_checkpoint, evil_never_ran),
@@ -217,7 +219,11 @@ CASES = [
     case("evaluate-prior-without-codes", "evaluate {top}", "needs --codes"),
     case("evaluate-pixels-with-codes", "evaluate {px} --codes {test_codes}", "for priors"),
     case("evaluate-pixels-on-1-channel-data", "evaluate {px} --dataset mnist --data-dir {mnist} --quiet", "trained on"),
+    case("evaluate-vqvae-with-codes", "evaluate {vq} --codes {test_codes}", "for priors"),
+    case("evaluate-vqvae-on-1-channel-data", "evaluate {vq} --dataset mnist --data-dir {mnist} --quiet", "channel"),
     # codes files for decode
+    case("decode-without-vqvae", "decode codes.npz --out out.png", "--vqvae"),
+    case("decode-two-codes-files", "decode --vqvae {vq} a.npz b.npz --out out.png", "one CODES"),
     case("codes-outside-codebook-npz", "decode {vq} oor.npz --out out.png", "outside the codebook", OOR_NPZ),
     case("codes-outside-codebook-npy", "decode {vq1} oor.npy --out out.png", "outside the codebook",
          codes_npy("oor.npy", np.full((2, 8, 8), 8, np.int64))),
@@ -259,6 +265,30 @@ CASES = [
          "divisible"),
     case("device-cuda-unavailable", "sample {px} --device cuda --out out.png", "CUDA", marks=NO_CUDA),
     case("device-unknown", "sample {px} --device tpu --out out.png", "unknown device"),
+    # options that would do nothing
+    case("top-k-on-pixel-model", "sample {px} --top-k 5 --out out.png", "--top-k does nothing"),
+    case("top-p-on-pixel-model", "sample {px} --top-p 0.9 --out out.png", "--top-p does nothing"),
+    case("complete-top-k-on-pixel-model", "complete {px} --image in.png --keep-rows 2 --top-k 3 --out out.png",
+         "--top-k does nothing", image_in_png),
+    case("data-dir-with-sample-dataset", f"train-pixels --data-dir somewhere --out run {TRAIN}", "--dataset sample"),
+    case("download-with-folder-dataset",
+         f"train-pixels --dataset folder --data-dir {{images}} --download --out run {TRAIN}", "--download"),
+    case("extract-data-dir-with-sample", "extract-codes --vqvae {vq} --dataset sample --data-dir x --out c.lmdb",
+         "--dataset sample"),
+    case("evaluate-prior-with-dataset", "evaluate {top} --codes {test_codes} --dataset sample", "for a prior"),
+    case("evaluate-prior-with-split", "evaluate {top} --codes {test_codes} --split train", "--split"),
+    case("mixtures-for-code-prior", f"train-prior --codes {{train_codes}} --mixtures 3 --out run {PRIOR}",
+         "code prior"),
+    case("condition-stack-for-top-prior", f"train-prior --codes {{train_codes}} --cond-layers 1 --out run {PRIOR}",
+         "top prior"),
+    case("top-stride-with-one-level", "train-vqvae --preset tiny --top-stride 4 --steps 1 --out run --quiet",
+         "one level"),
+    case("num-codes-for-pixel-preset", "receptive-field --preset tiny --num-codes 8 --out out.png", "--num-codes"),
+    case("nrow-without-grid", "sample {px} --nrow 2 --save-array a.npy", "--nrow"),
+    case("overwrite-without-out-dir", "sample {px} --overwrite --out out.png", "--overwrite"),
+    case("sample-nothing-to-write", "sample {px}", "nothing to write"),
+    case("threads-zero", "sample {px} --threads 0 --out out.png", "--threads"),
+    case("presets-extra-argument", "presets tiny", "unexpected extra argument"),
     # data
     case("empty-image-folder", f"train-pixels --dataset folder --data-dir imgs --out run {TRAIN}", "empty",
          make_dirs("imgs")),
@@ -287,6 +317,14 @@ CASES = [
     case("train-into-existing-run", f"train-pixels --out {{px_dir}} {TRAIN}", "--resume"),
     case("extract-out-is-a-file", "extract-codes --vqvae {vq} --limit 4 --out afile --quiet", "file exists",
          write_bytes("afile", b"x")),
+    case("image-suffix-unknown", "sample {px} --out out.xyz", "suffix"),
+    case("image-without-suffix", "sample {px} --out grid", "without a suffix"),
+    case("animation-suffix-not-animated", "sample {px} --out out.png --animate a.jpg", "animation"),
+    case("decode-image-suffix-unknown", "decode --vqvae {vq} codes.npz --out out.txt", "suffix"),
+    case("complete-image-suffix-unknown", "complete {px} --image in.png --keep-rows 2 --out out.npy", "suffix", image_in_png),
+    case("receptive-field-suffix-unknown", "receptive-field --preset tiny --out rf.pt", "suffix"),
+    case("out-dir-not-empty", "sample {px} --out-dir full", "--overwrite", folder_of_files("full", "keep.txt")),
+    case("out-dir-is-a-file", "sample {px} --out-dir afile", "is a file", write_bytes("afile", b"x")),
     case("decode-out-in-missing-folder", "decode {vq} {px} --out /nonexistent/dir/x.png", "does not exist"),
     # export
     case("export-missing-checkpoint", "export nothing.pt --out small.pt", "not found"),
@@ -364,35 +402,6 @@ def test_the_table_covers_every_command():
     assert covered >= set(cli.commands) - {"complete"}  # complete's bad inputs live with its own tests
 
 
-# --- inputs that look unusual but must work ---------------------------------------------------------------------
-
-def test_folder_of_mixed_image_modes_trains(tmp_path):
-    """Grayscale, RGBA, 16-bit, palette, gray+alpha, 1-bit and CMYK JPEG images all become RGB."""
-    folder = tmp_path / "modes"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    modes = ["L", "RGBA", "I;16", "P", "RGB", "LA", "CMYK", "1"]
-    for i in range(24):
-        mode = modes[i % len(modes)]
-        if mode == "I;16":
-            image = Image.fromarray(rng.integers(0, 65536, (10, 12), dtype=np.uint16))
-        else:
-            image = Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).convert(mode)
-        image.save(folder / f"{i:02d}.{'jpg' if mode == 'CMYK' else 'png'}")
-    result = check_ok(run_cli("train-pixels", "--dataset", "folder", "--data-dir", folder, *TRAIN_FAST,
-                              "--out", tmp_path / "run"))
-    assert "3x8x8" in result.output
-    assert (tmp_path / "run" / "latest.pt").exists()
-
-
-def test_failed_fresh_run_leaves_no_nested_folders(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "imgs").mkdir()
-    result = run_cli("train-pixels", "--dataset", "folder", "--data-dir", "imgs", *TRAIN_FAST, "--out", "a/b/run")
-    assert result.exit_code == 1 and "empty" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
-
-
 # --- a full disk, simulated with a file-size limit on a real subprocess --------------------------------------------
 
 def _limit_file_size(limit: int):
@@ -419,7 +428,7 @@ def test_full_disk_is_a_one_line_error_and_writes_nothing(what, command, artefac
     args = [a.format(**artefacts) for a in command.split()]
     before = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "vqprior.commands.cli", *args], cwd=tmp_path, capture_output=True,
-                          text=True, preexec_fn=_limit_file_size(2048), timeout=300)
+                          text=True, preexec_fn=_limit_file_size(2048), timeout=600)
     assert proc.returncode not in (0, None), proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]

@@ -39,7 +39,7 @@ def _strict_from_dict(cls, data: dict[str, Any]):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """PixelSNAIL architecture (DESIGN.md section 3).
+    """PixelSNAIL architecture (docs/design.md section 3).
 
     ``head`` selects what the network models: ``"pixels"`` (discretized logistic mixture over ``channels`` image
     channels, 1 or 3) or ``"codes"`` (categorical over ``num_codes`` VQ-VAE code indices).
@@ -106,7 +106,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation loop (DESIGN.md section 3: Adam(0.95, 0.9995), lr decay per step, Polyak EMA)."""
+    """The optimisation loop (docs/design.md section 3: Adam(0.95, 0.9995), lr decay per step, Polyak EMA)."""
 
     steps: int = 1000
     batch_size: int = 8
