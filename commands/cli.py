@@ -35,6 +35,7 @@ def _set_threads(ctx, param, value):
         import torch
 
         torch.set_num_threads(value)
+        ctx.meta.setdefault("vqprior.shared_options", {})[param.name] = value  # so a resume can echo it
     return value
 
 

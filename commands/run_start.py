@@ -113,8 +113,9 @@ def announce(start: RunStart, ctx: click.Context, kw: dict, fixed: tuple[str, ..
     """Say what the run starts from: "Resuming OUT from step N with: --steps 2000, --quiet." (the options applied
     on resume), or the checkpoint a new run is initialised from."""
     if start.checkpoint is not None:
-        applied = [spelled(ctx, p.name, kw[p.name]) for p in ctx.command.params
-                   if p.name not in fixed + NOT_ECHOED and explicit(ctx, p.name)]
+        given = {**ctx.meta.get("vqprior.shared_options", {}), **kw}  # --threads (cli.py) is not in kw
+        applied = [spelled(ctx, p.name, given[p.name]) for p in ctx.command.params
+                   if p.name not in fixed + NOT_ECHOED and explicit(ctx, p.name) and p.name in given]
         tail = f" with: {', '.join(applied)}." if applied else "."
         start.echo(f"Resuming {kw['out_dir']} from step {start.checkpoint['step']}{tail}", err=True)
     elif start.init is not None:

@@ -93,6 +93,13 @@ def test_resume_without_options_says_so(pixel_run, tmp_path):
     assert re.search(r"Resuming .* from step 2 with: --steps 2, --quiet\.", result.stderr), result.stderr
 
 
+def test_resume_echoes_threads_among_the_applied_options(pixel_run, tmp_path):
+    # --threads is added to every command by cli.py without a keyword argument; resuming with it is applied and said.
+    run = copy_run(pixel_run, tmp_path)
+    result = check_ok(run_cli("train-pixels", "--out", run, "--resume", "--steps", "2", "--threads", "1", "--quiet"))
+    assert re.search(r"Resuming .* from step 2 with: .*--threads 1", result.stderr), result.stderr
+
+
 def test_resume_of_an_exported_checkpoint_is_one_line_before_loading_data(pixel_run, tmp_path):
     run = tmp_path / "exported"
     run.mkdir()
