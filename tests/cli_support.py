@@ -1,4 +1,4 @@
-"""Helpers for the CLI tests (test_cli.py, test_bad_inputs.py): invoking ``vqprior`` in-process with click's
+"""Helpers for the CLI tests (test_cli.py, the bad-input tables): invoking ``vqprior`` in-process with click's
 CliRunner, and building the tiny trained artefacts (a pixel run; a 2-level VQ-VAE with code caches and top/bottom
 priors) that the tests share. Not a test module itself.
 """

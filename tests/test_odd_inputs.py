@@ -1,4 +1,4 @@
-"""Inputs that look unusual but must work (the bad ones are in test_bad_inputs.py): image folders of every PIL mode,
+"""Inputs that look unusual but must work (the bad ones are in test_bad_inputs_*.py): image folders of every PIL mode,
 and a failed fresh run that leaves no nested folders behind."""
 from __future__ import annotations
 
