@@ -13,7 +13,7 @@ setup(
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vqprior", "vqprior.data", "vqprior.commands"],
+    packages=["vqprior", "vqprior.data", "vqprior.compress", "vqprior.commands"],
     package_dir={"vqprior": "vqprior", "vqprior.commands": "commands"},
     package_data={"vqprior.data": ["sample/*.npz"]},
     install_requires=["torch>=2.1", "torchvision", "numpy", "click>=8", "pillow", "lmdb", "tqdm"],

@@ -7,6 +7,7 @@ import click
 from vqprior import __version__
 
 from .complete import complete
+from .compress import compress, decompress
 from .decode import decode
 from .evaluate import evaluate
 from .export import export
@@ -27,11 +28,12 @@ def cli():
     Pixels:   train-pixels -> evaluate -> sample / complete
     Priors:   train-vqvae -> extract-codes -> train-prior -> sample -> decode
     Sharing:  export (a small fp16 inference copy of any checkpoint)
+    Coding:   compress / decompress (lossless files of -log2 p(x) bits)
     """
 
 
 for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, complete, decode,
-                receptive_field, export):
+                receptive_field, export, compress, decompress):
     cli.add_command(command)
 
 
