@@ -2,7 +2,7 @@
 
 ``compress_images(model, images)`` -> (file bytes, stats); ``decompress_images(model, data)`` -> (images, names);
 ``compress_codes([top(, bottom)], codes)`` / ``decompress_codes([top(, bottom)], data)`` likewise for code maps.
-A file takes about -log2 p(x) bits under the model (``stats["model_bits"]``) plus a header of ~110 bytes.
+A file takes about -log2 p(x) bits under the model (``stats["model_bits"]``) plus a fixed header of ~130 bytes.
 
 Class-conditional models: the encoder gives each item the label under which the model codes it in the fewest bits
 (a two-part code: the label costs log2(classes) bits, coded uniformly) and stores it in the stream.
@@ -129,8 +129,8 @@ def _decode(models, kind: str, data: bytes, where: str, decode_chunk) -> tuple[H
     labels = torch.cat(labels) if h.num_classes else None
     if container.data_digest(labels, arrays) != h.data_sha256:
         here = container.environment(_device(models[0]))
-        cause = (f"it was encoded with {h.environment} and this is {here}; decode it with the same torch, device "
-                 f"and CPU kernels (e.g. ATEN_CPU_CAPABILITY)" if here != h.environment else
+        cause = (f"it was encoded with {h.environment} and this is {here}; decode it with the same torch, device, "
+                 f"CPU kernels (ATEN_CPU_CAPABILITY) and constriction" if here != h.environment else
                  "the probabilities computed here differ from the encoder's")
         raise CompressedFileError(f"{where}: the decoded data fail the checksum, nothing was written: {cause}")
     return h, arrays, labels

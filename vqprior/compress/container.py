@@ -11,7 +11,8 @@ Layout, little-endian::
     levels       u8   1 for pixels and 1-level priors, 2 for top + bottom
     per level:   32s  sha256 of the model (``model_sha256``: config and weights), then u16 x 3: pixels (C, H, W),
                       codes (h, w, 0)
-    env          u8 length + ASCII: the torch version, device and CPU kernels that computed the probabilities
+    env          u8 length + ASCII: the torch version, device and CPU kernels that computed the probabilities, and
+                      the constriction version that coded them
     names        u32 length + zlib-compressed JSON list of file names (length 0: none)
     data_sha256  16s  first 16 bytes of the sha256 of the decoded data (``data_digest``)
     payload      u32 length + bytes: constriction RangeEncoder words (uint32, little-endian)
@@ -81,10 +82,16 @@ def data_digest(labels: torch.Tensor | None, arrays: list[torch.Tensor]) -> byte
 
 def environment(device: torch.device) -> str:
     """What computed the probabilities: decoding elsewhere can give other floats (refused by the data hash)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        coder = version("constriction")
+    except PackageNotFoundError:
+        coder = "?"
     text = f"torch {torch.__version__} {device.type}"
     if device.type == "cpu":
         text += f" {torch.backends.cpu.get_cpu_capability()}"
-    return text[:255]
+    return f"{text} constriction {coder}"[:255]
 
 
 def pack(h: Header) -> bytes:
