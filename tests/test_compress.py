@@ -185,10 +185,11 @@ def test_codes_round_trip_bit_exact_and_size_is_minus_log2_p(levels, n, chunk):
     back = decompress_codes(priors, data)
     assert len(back) == levels and all(torch.equal(a, b) for a, b in zip(back, codes))
     # Labels are chosen per item (the cheapest); the size matches -log2 p under the labels chosen.
-    scores = torch.stack([sum(p.log_prob(c, condition=codes[0] if i else None,
-                                         label=torch.full((n,), y) if p.config.num_classes else None)
-                              .double().flatten(1).sum(1) for i, (p, c) in enumerate(zip(priors, codes)))
-                          for y in range(3)], 1)
+    with torch.no_grad():
+        scores = torch.stack([sum(p.log_prob(c, condition=codes[0] if i else None,
+                                             label=torch.full((n,), y) if p.config.num_classes else None)
+                                  .double().flatten(1).sum(1) for i, (p, c) in enumerate(zip(priors, codes)))
+                              for y in range(3)], 1)
     bits = float(-scores.max(1).values.sum()) / math.log(2) + n * math.log2(3)
     payload_bits = 8 * (len(data) - stats["header_bytes"])
     assert stats["model_bits"] == pytest.approx(bits, rel=1e-6)
