@@ -8,6 +8,7 @@ import click
 from vqprior import __version__
 
 from .complete import complete
+from .compress import compress, decompress
 from .decode import decode
 from .evaluate import evaluate
 from .export import export
@@ -50,11 +51,12 @@ def cli():
     Priors:   train-vqvae -> extract-codes -> train-prior -> sample -> decode
     Sharing:  export (a small fp16 inference copy of any checkpoint)
     Looking:  info CKPT, presets, evaluate VQVAE.pt, receptive-field
+    Coding:   compress / decompress (lossless files of -log2 p(x) bits)
     """
 
 
 for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, complete, decode,
-                receptive_field, export, info, presets):
+                receptive_field, export, info, presets, compress, decompress):
     command.params.append(click.Option(
         ["--threads"], type=click.IntRange(min=1), default=None, expose_value=False, callback=_set_threads,
         help="CPU threads for torch (torch.set_num_threads; default: torch's choice)."))
