@@ -23,7 +23,7 @@ def _load(checkpoint, bottom, device):
             raise click.UsageError("--bottom applies to code priors, not to pixel models")
         return model, [model]
     if prior_level(model) == "bottom":
-        raise click.UsageError("this is a bottom prior: give the top prior as CHECKPOINT and this one with --bottom")
+        raise click.UsageError("this is a bottom prior: give the top prior as CKPT and this one with --bottom")
     priors = [model]
     if bottom:
         priors.append(load_model(bottom, device, kind="prior"))
@@ -91,7 +91,7 @@ def _image_pixels(priors, codes) -> int | None:
 
 
 @click.command("compress")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.argument("input_path", metavar="INPUT", type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The compressed file to write.")
 @click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level VQ-VAE.")
@@ -100,7 +100,7 @@ def _image_pixels(priors, codes) -> int | None:
 @device_option
 @guarded
 def compress(checkpoint, input_path, out, bottom, batch_size, device):
-    """Compress INPUT losslessly with CHECKPOINT's exact conditionals.
+    """Compress INPUT losslessly with CKPT's exact conditionals.
 
     \b
     Pixel models: INPUT is a PNG, a folder of PNGs or a uint8 (N, C, H, W) .npy.
@@ -136,7 +136,7 @@ def compress(checkpoint, input_path, out, bottom, batch_size, device):
 
 
 @click.command("decompress")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.argument("file", type=click.Path())
 @click.option("--out", type=click.Path(), required=True,
               help="Pixels: a .png (one image), a .npy or a folder. Codes: .npy/.npz codes, or a .png / folder "
@@ -145,7 +145,7 @@ def compress(checkpoint, input_path, out, bottom, batch_size, device):
 @device_option
 @guarded
 def decompress(checkpoint, file, out, bottom, device):
-    """Decompress FILE (from `vqprior compress`) with the same CHECKPOINT; refused with another model, a damaged
+    """Decompress FILE (from `vqprior compress`) with the same CKPT; refused with another model, a damaged
     file, or when the decoded data do not match the stored checksum."""
     from vqprior.compress import decompress_codes, decompress_images
     from vqprior.compress.files import check_image_output, write_images
