@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[test,tensorboard]"
+	$(BIN)/pip install -q -e ".[test,tensorboard,plot]"
 	touch $@
 
 demo: setup

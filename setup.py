@@ -17,6 +17,7 @@ setup(
     package_dir={"vqprior": "vqprior", "vqprior.commands": "commands"},
     package_data={"vqprior.data": ["sample/*.npz"]},
     install_requires=["torch>=2.1", "torchvision", "numpy", "click>=8", "pillow", "lmdb", "tqdm"],
-    extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"],
+                    "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["vqprior = vqprior.commands.cli:main"]},
 )

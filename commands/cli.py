@@ -11,6 +11,7 @@ from .decode import decode
 from .evaluate import evaluate
 from .export import export
 from .extract_codes import extract_codes
+from .plot import plot
 from .receptive_field import receptive_field
 from .sample import sample
 from .train_pixels import train_pixels
@@ -27,11 +28,12 @@ def cli():
     Pixels:   train-pixels -> evaluate -> sample / complete
     Priors:   train-vqvae -> extract-codes -> train-prior -> sample -> decode
     Sharing:  export (a small fp16 inference copy of any checkpoint)
+    Curves:   plot (held-out and training metrics of run folders)
     """
 
 
 for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, complete, decode,
-                receptive_field, export):
+                receptive_field, export, plot):
     cli.add_command(command)
 
 
