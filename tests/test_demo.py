@@ -102,3 +102,20 @@ def test_a_broken_shipped_model_fails_the_demo_but_keeps_the_rest(shipped, tmp_p
     listed = listed_pictures(out / "README.txt")
     assert "shipped/cifar10-pixels-small_samples.png" in listed and "samples_step1.png" in listed
     assert not any("mnist" in p for p in listed)
+
+
+def test_demo_images_are_the_held_out_images_they_are_named_after():
+    from conftest import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None or not all((data / d / "test.npz").is_file() for d in ("cifar10", "mnist")):
+        pytest.skip("the real CIFAR-10 / MNIST test splits are not here")
+    demo = load_demo()
+    for dataset, images in demo.TEST_IMAGES.items():
+        with np.load(data / dataset / "test.npz") as z:
+            pixels, labels = z["images"], z["labels"]
+        for name, label in images:
+            index = int(re.fullmatch(rf"{dataset}-test-(\d+)\.png", name).group(1))
+            shipped = np.array(Image.open(REPO / "scripts" / "demo_images" / name))
+            np.testing.assert_array_equal(shipped, pixels[index])
+            assert labels[index] == label, name
