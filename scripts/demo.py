@@ -105,8 +105,8 @@ def show_shipped(demo: Demo, checkpoints: Path, images: Path) -> None:
                 demo.failed.append(ckpt.name)
                 continue
             classes = CLASS_NAMES[dataset]
-            order = (f"; class-conditional: column k is class k ({', '.join(f'{i} {c}' for i, c in enumerate(classes))})"
-                     if conditional else "")
+            legend = ", ".join(f"{i} {c}" for i, c in enumerate(classes))
+            order = f"; class-conditional: column k is class k ({legend})" if conditional else ""
             out = demo.out / "shipped" / f"{name}_samples.png"
             demo.make(section, out, f"{NUM_SAMPLES} samples{order}; shown at 2x", "sample", ckpt, *pair,
                       "--num", NUM_SAMPLES, "--nrow", NROW, "--seed", 0, "--scale", 2, "--out", out)
@@ -117,23 +117,24 @@ def show_shipped(demo: Demo, checkpoints: Path, images: Path) -> None:
                 given = f" given its class ({classes[label]})" if conditional else ""
                 demo.make(section, out, f"completions of the held-out test image {image}: the original, the input "
                           f"with its bottom rows greyed out, then {NUM_COMPLETIONS} completions that keep its top "
-                          f"half ({keep} rows) and sample the rest{given}; 2x", "complete", ckpt, *pair, "--image", images / image,
-                          "--keep-rows", keep, *cls, "--num", NUM_COMPLETIONS, "--seed", 0, "--scale", 2,
-                          "--out", out)
+                          f"half ({keep} rows) and sample the rest{given}; 2x", "complete", ckpt, *pair,
+                          "--image", images / image, "--keep-rows", keep, *cls, "--num", NUM_COMPLETIONS,
+                          "--seed", 0, "--scale", 2, "--out", out)
 
 
 def train_here(demo: Demo, steps: int, extra: list[str]) -> None:
     out = demo.out
     args = ["train-pixels", "--dataset", "sample", "--preset", "small", "--steps", steps, "--batch-size", 8,
-            "--lr", "2e-3", "--eval-every", steps, "--eval-limit", 200, "--sample-every", steps,
-            "--checkpoint-every", max(steps // 2, 1), "--num-samples", 16, *extra, "--out", out]
+            "--lr", "2e-3", "--eval-every", max(steps // 4, 1), "--eval-limit", 200,
+            "--sample-every", steps, "--checkpoint-every", max(steps // 2, 1), "--num-samples", 16, *extra,
+            "--out", out]
     if (out / "latest.pt").exists():
         args.append("--resume")
     if not demo.run(*args):
         return
     grids = sorted(out.glob("samples_step*.png"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
     section = (f"Trained here: a small PixelSNAIL, {steps} steps of batch 8 on the bundled CIFAR-10 sample (a minute "
-               f"or two of CPU, so its samples are still noise: the shipped models above trained for hours)")
+               f"or two of CPU, so its samples are still noise: the shipped models above trained far longer)")
     if grids:
         demo.picture(section, grids[-1], f"samples of the model trained here (EMA weights){held_out(out)}", args)
     curves = out / "curves.png"
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--checkpoints", type=Path, default=REPO / "checkpoints")
     parser.add_argument("--images", type=Path, default=REPO / "scripts" / "demo_images")
-    parser.add_argument("--steps", type=int, default=60, help="Steps of the short training run.")
+    parser.add_argument("--steps", type=int, default=200, help="Steps of the short training run.")
     parser.add_argument("--train-extra", default="", help="Extra train-pixels options (later ones win).")
     a = parser.parse_args(argv)
     a.out, a.checkpoints, a.images = shown(a.out), shown(a.checkpoints), shown(a.images)

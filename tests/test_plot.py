@@ -44,8 +44,8 @@ def pixel_records(n_train: int = 6, start_bpd: float = 8.0, rate: float = 80.0, 
 
 
 def vqvae_records() -> list[dict]:
-    return [{"step": 10, "split": "train", "items_per_s": 50.0, "skipped_steps": 0, "loss": 0.1, "mse": 255.0 ** 2 / 100,
-             "train_seconds": 2.0},
+    return [{"step": 10, "split": "train", "items_per_s": 50.0, "skipped_steps": 0, "loss": 0.1,
+             "mse": 255.0 ** 2 / 100, "train_seconds": 2.0},
             {"step": 10, "split": "eval", "mse": 255.0 ** 2 / 1000, "psnr": 30.0, "usage_top": 0.5}]
 
 
