@@ -18,6 +18,6 @@ setup(
     package_data={"vqprior.data": ["sample/*.npz"]},
     install_requires=["torch>=2.1", "torchvision", "numpy", "click>=8", "pillow", "lmdb", "tqdm"],
     extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"], "compress": ["constriction>=0.4"],
-                    "bench": ["imagecodecs"]},
+                    "plot": ["matplotlib"], "bench": ["imagecodecs"]},
     entry_points={"console_scripts": ["vqprior = vqprior.commands.cli:main"]},
 )

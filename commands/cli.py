@@ -14,6 +14,7 @@ from .evaluate import evaluate
 from .export import export
 from .extract_codes import extract_codes
 from .info import info, presets
+from .plot import plot
 from .receptive_field import receptive_field
 from .sample import sample
 from .train_pixels import train_pixels
@@ -52,11 +53,12 @@ def cli():
     Sharing:  export (a small fp16 inference copy of any checkpoint)
     Looking:  info CKPT, presets, evaluate VQVAE.pt, receptive-field
     Coding:   compress / decompress (lossless files of -log2 p(x) bits)
+    Curves:   plot (held-out and training metrics of run folders)
     """
 
 
 for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, complete, decode,
-                receptive_field, export, info, presets, compress, decompress):
+                receptive_field, export, info, presets, compress, decompress, plot):
     command.params.append(click.Option(
         ["--threads"], type=click.IntRange(min=1), default=None, expose_value=False, callback=_set_threads,
         help="CPU threads for torch (torch.set_num_threads; default: torch's choice)."))
