@@ -115,9 +115,12 @@ def show_shipped(demo: Demo, checkpoints: Path, images: Path) -> None:
                 out = demo.out / "shipped" / f"{name}_complete_{Path(image).stem}.png"
                 cls = ["--class", label] if conditional else []
                 given = f" given its class ({classes[label]})" if conditional else ""
-                demo.make(section, out, f"completions of the held-out test image {image}: the original, the input "
-                          f"with its bottom rows greyed out, then {NUM_COMPLETIONS} completions that keep its top "
-                          f"half ({keep} rows) and sample the rest{given}; 2x", "complete", ckpt, *pair,
+                # A prior is given codes, not pixels: `complete` shows those kept codes decoded (the rest grey).
+                shown_input = ("what the prior is given (the codes of its top half decoded by the VQ-VAE, the rest "
+                               "grey)" if bottom or "-prior" in name else "the input with its bottom rows greyed out")
+                demo.make(section, out, f"completions of the held-out test image {image}: the original, "
+                          f"{shown_input}, then {NUM_COMPLETIONS} completions that keep its top half ({keep} rows) "
+                          f"and sample the rest{given}; 2x", "complete", ckpt, *pair,
                           "--image", images / image, "--keep-rows", keep, *cls, "--num", NUM_COMPLETIONS,
                           "--seed", 0, "--scale", 2, "--out", out)
 
