@@ -1,5 +1,6 @@
-# Two commands: `make demo` (set up, train a small PixelSNAIL on the bundled CIFAR-10 sample, report held-out
-# bits/dim, write a sample grid) and `make test` (set up, run the whole test suite). Both create .venv first.
+# Two commands: `make demo` (set up; samples and completions of held-out images from the shipped models, a short
+# training of a small PixelSNAIL on the bundled CIFAR-10 sample with its sample grid and curves, an index saying
+# which picture is which: scripts/demo.py) and `make test` (set up, run the whole test suite). Both create .venv.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
@@ -13,14 +14,11 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[test,tensorboard]"
+	$(BIN)/pip install -q -e ".[test,tensorboard,compress,plot]"
 	touch $@
 
 demo: setup
-	$(BIN)/vqprior train-pixels --dataset sample --preset small --steps 100 --batch-size 8 --lr 2e-3 \
-		--eval-every 100 --eval-limit 200 --sample-every 100 --checkpoint-every 50 --num-samples 16 \
-		--out runs/demo $(if $(wildcard runs/demo/latest.pt),--resume,)
-	@echo "Sample grid: runs/demo/samples_step100.png"
+	$(BIN)/python scripts/demo.py --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -13,10 +13,11 @@ setup(
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vqprior", "vqprior.data", "vqprior.commands"],
+    packages=["vqprior", "vqprior.data", "vqprior.compress", "vqprior.commands"],
     package_dir={"vqprior": "vqprior", "vqprior.commands": "commands"},
     package_data={"vqprior.data": ["sample/*.npz"]},
     install_requires=["torch>=2.1", "torchvision", "numpy", "click>=8", "pillow", "lmdb", "tqdm"],
-    extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"], "compress": ["constriction>=0.4"],
+                    "plot": ["matplotlib"], "bench": ["imagecodecs"]},
     entry_points={"console_scripts": ["vqprior = vqprior.commands.cli:main"]},
 )

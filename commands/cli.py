@@ -1,4 +1,5 @@
-"""The ``vqprior`` command group. Each command lives in its own module beside this one; this file only wires them.
+"""The ``vqprior`` command group. Each command lives in its own module beside this one; this file only wires them
+and adds what every command shares (``--threads``).
 
 Command modules import torch and the library lazily inside their bodies so ``vqprior --help`` stays fast.
 """
@@ -7,10 +8,13 @@ import click
 from vqprior import __version__
 
 from .complete import complete
+from .compress import compress, decompress
 from .decode import decode
 from .evaluate import evaluate
 from .export import export
 from .extract_codes import extract_codes
+from .info import info, presets
+from .plot import plot
 from .receptive_field import receptive_field
 from .sample import sample
 from .train_pixels import train_pixels
@@ -18,8 +22,28 @@ from .train_prior import train_prior
 from .train_vqvae import train_vqvae
 
 
+def _print_version(ctx, param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    import torch
+
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    click.echo(f"vqprior {__version__}, torch {torch.__version__}, default device {device}")
+    ctx.exit()
+
+
+def _set_threads(ctx, param, value):
+    if value is not None and not ctx.resilient_parsing:
+        import torch
+
+        torch.set_num_threads(value)
+        ctx.meta.setdefault("vqprior.shared_options", {})[param.name] = value  # so a resume can echo it
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="vqprior")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the vqprior and torch versions and the device --device auto picks, then exit.")
 def cli():
     """PixelSNAIL autoregressive image priors: pixel density models and VQ-VAE code priors.
 
@@ -27,11 +51,17 @@ def cli():
     Pixels:   train-pixels -> evaluate -> sample / complete
     Priors:   train-vqvae -> extract-codes -> train-prior -> sample -> decode
     Sharing:  export (a small fp16 inference copy of any checkpoint)
+    Looking:  info CKPT, presets, evaluate VQVAE.pt, receptive-field
+    Coding:   compress / decompress (lossless files of -log2 p(x) bits)
+    Curves:   plot (held-out and training metrics of run folders)
     """
 
 
 for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, complete, decode,
-                receptive_field, export):
+                receptive_field, export, info, presets, compress, decompress, plot):
+    command.params.append(click.Option(
+        ["--threads"], type=click.IntRange(min=1), default=None, expose_value=False, callback=_set_threads,
+        help="CPU threads for torch (torch.set_num_threads; default: torch's choice)."))
     cli.add_command(command)
 
 

@@ -93,24 +93,69 @@ def resolve_device(name: str):
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA when available), cpu, cuda or cuda:N.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+PRECISIONS = ("fp32", "tf32", "bf16")  # vqprior.config.PRECISIONS, spelled out so --help never imports the library
+
+
+def precision_option(sampling: bool = False, default: str = "fp32"):
+    """--precision (vqprior.precision): fp32 (strict, TF32 off on CUDA), tf32 (CUDA TF32), bf16 (autocast)."""
+    exact = ", the cached sampler exact" if sampling else ""
+    bf16 = "; sampling arithmetic stays float32" if sampling else ""
+    return click.option("--precision", type=click.Choice(PRECISIONS), default=default, show_default=True,
+                        help=f"fp32: strict float32{exact} (TF32 off on CUDA); tf32: TF32 matmuls and convolutions "
+                             f"on CUDA; bf16: autocast of the model calls (CPU and CUDA{bf16}).")
+
+
+def apply_precision(precision: str) -> None:
+    """The precision policy for a command's whole run (vqprior.precision), set before any model call."""
+    from vqprior.precision import apply_precision_policy
+
+    apply_precision_policy(precision)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log records as lines on the current stderr, printed above any progress bar (tqdm.write) instead of through
+    it; looked up at each record so that click's test runner captures them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break a run
+            self.handleError(record)
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    """Show the library's log lines (held-out evaluations during training, skipped steps) on stderr, once."""
+    logger = logging.getLogger("vqprior")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
 
 
-def start_run(kw: dict, kind: str):
-    """The common start of a train command: pick the device, join the process group under torchrun, and find the
-    checkpoint to resume from. Returns (device, echo, checkpoint or None); ``echo`` prints on rank 0 only."""
-    from vqprior.distributed import init_distributed
-    from vqprior.train import prepare_run_dir
+def refuse_unused(names, why: str, ctx: click.Context | None = None) -> None:
+    """No option is silently ignored: a UsageError (exit 2) naming every option among ``names`` (parameter names)
+    that was given a value other than its default, since here it would do nothing (``why``, e.g. "for a pixel
+    model"). An option repeated at its default value (``--top-k 0``) is harmless and allowed."""
+    from click.core import ParameterSource
 
-    rank, _, device = init_distributed(resolve_device(kw["device"]))
-    echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
-    checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], kind)
-    if checkpoint is not None:
-        echo(f"Resuming {kw['out_dir']} from step {checkpoint['step']}.", err=True)
-    return device, echo, checkpoint
+    ctx = ctx or click.get_current_context()
+    used = [p.opts[0] if p.opts else p.name for p in ctx.command.params
+            if p.name in names and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)
+            and ctx.params.get(p.name) != p.default]
+    if used:
+        raise click.UsageError(f"{', '.join(used)} {'does' if len(used) == 1 else 'do'} nothing {why}")
+
+
+def check_dataset_options(dataset: str, ctx: click.Context | None = None) -> None:
+    """Data options that do not apply to ``dataset`` are errors, not silently dropped."""
+    if dataset == "sample":
+        refuse_unused(("data_dir",), "with --dataset sample (the bundled images need no folder)", ctx)
+    if dataset not in ("cifar10", "mnist"):
+        refuse_unused(("download",), f"with --dataset {dataset} (only cifar10 and mnist download)", ctx)
 
 
 def check_outputs(*paths):

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import click
 
-from .common import check_outputs, device_option, guarded, resolve_device
+from .common import (apply_precision, check_outputs, device_option, guarded, precision_option, refuse_unused,
+                     resolve_device)
 
 
 @click.command("complete")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.option("--image", "image_path", type=click.Path(), required=True, help="The image to complete (any format).")
 @click.option("--keep-rows", type=click.IntRange(min=0), required=True,
               help="Image rows to keep (raster prefix); the rest is sampled.")
 @click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level VQ-VAE.")
 @click.option("--num", type=click.IntRange(min=1), default=8, show_default=True, help="Completions to draw.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
-              help="PNG: original, masked input, then the completions.")
+              help="Image grid: original, masked input, then the completions (format from the suffix).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Priors: top-k (0: off).")
@@ -23,27 +24,32 @@ from .common import check_outputs, device_option, guarded, resolve_device
 @click.option("--class", "label", type=int, default=None, help="Class label (class-conditional models).")
 @click.option("--method", type=click.Choice(["cached", "naive"]), default="cached", show_default=True)
 @click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 = autocast of the model calls (CPU and CUDA); fp32 keeps the cached sampler exact.")
+@precision_option(sampling=True)
 @device_option
+@click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
 def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperature, top_k, top_p, label, method,
-             scale, device, precision):
+             scale, device, precision, quiet):
     """Complete the image: keep its first --keep-rows rows exactly and sample the rest, --num times.
 
     Pixel models condition on the exact raster prefix. Priors encode the image with their embedded VQ-VAE, keep
-    the code rows lying entirely inside the kept region and sample the others, then decode.
+    the code rows lying entirely inside the kept region and sample the others, then decode; their "masked input"
+    panel shows what they condition on: the kept codes decoded (grey where a level's codes are sampled).
     """
     import torch
 
     from vqprior.checkpoint import load_model
     from vqprior.errors import UserError
-    from vqprior.generate import generate
-    from vqprior.images import load_image, save_grid
+    from vqprior.generate import encode_prefix, generate
+    from vqprior.images import image_format, load_image, save_grid
 
     device = resolve_device(device)
+    apply_precision(precision)
     check_outputs(out)
+    image_format(out)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
+    if model.config.head == "pixels":
+        refuse_unused(("top_k", "top_p"), "for a pixel model (they filter the code distributions of priors)")
     bottom_model = load_model(bottom, device, kind="prior") if bottom else None
     generator = torch.Generator(device=device).manual_seed(seed)
     c = model.config
@@ -62,18 +68,18 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
         image = load_image(image_path, vq.config.channels, (H, W)).to(device)
         if keep_rows > H:
             raise UserError(f"--keep-rows must be at most the image height {H}, got {keep_rows}")
-        with torch.no_grad():
-            codes = vq.encode(image.unsqueeze(0))
-        strides = [stride, vq.config.bottom_stride][:len(codes)]
-        # A code row is kept only when every image row it covers is kept.
-        start = [(keep_rows // s) * code.shape[-1] for s, code in zip(strides, codes)]
-        prefix = [code.expand(num, -1, -1) for code in codes]
+        encoded = encode_prefix(vq, image, keep_rows)  # the prior conditions on these codes, not on the pixels
+        start, prefix = encoded.starts, [code.expand(num, -1, -1) for code in encoded.codes]
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
-                      top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start, precision=precision)
+                      top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start, precision=precision,
+                      progress=False if quiet else None)
     original = image.unsqueeze(0).to(result.images.device)
     if original.shape[1] != result.images.shape[1]:
         original = original.expand(-1, result.images.shape[1], -1, -1)
-    masked = original.clone()
-    masked[:, :, keep_rows:] = 128  # the part to be sampled, greyed out
+    if c.head == "pixels":
+        masked = original.clone()
+        masked[:, :, keep_rows:] = 128  # the part to be sampled, greyed out
+    else:
+        masked = encoded.conditioned.to(original.device).expand(-1, original.shape[1], -1, -1)
     save_grid(torch.cat([original, masked, result.images]), out, nrow=num + 2, scale=scale)
     click.echo(f"wrote the original, the masked input and {num} completions to {out}")

@@ -7,26 +7,38 @@ from .common import check_outputs, device_option, guarded, resolve_device
 
 
 @click.command("decode")
-@click.argument("vqvae_path", metavar="VQVAE.pt", type=click.Path())
-@click.argument("codes_path", metavar="CODES", type=click.Path())
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG grid to write.")
+@click.argument("paths", metavar="CODES", nargs=-1, type=click.Path())
+@click.option("--vqvae", "vqvae_path", type=click.Path(), default=None,
+              help="The VQ-VAE checkpoint, or a prior that embeds it (as for extract-codes). The older spelling "
+                   "`decode VQVAE.pt CODES` still works.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Image grid to write; the format follows the suffix (.png, .jpg, .webp, ...).")
 @click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per grid row.")
 @click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True)
 @device_option
 @guarded
-def decode(vqvae_path, codes_path, out, nrow, scale, device):
-    """Decode CODES (int (N, H, W) .npy for one level; .npz with top/bottom for two) into a PNG grid.
+def decode(paths, vqvae_path, out, nrow, scale, device):
+    """Decode CODES (int (N, H, W) .npy for one level; .npz with top/bottom for two) into an image grid:
+    `vqprior decode --vqvae VQVAE.pt CODES --out grid.png`.
 
-    VQVAE.pt may be a VQ-VAE checkpoint or a prior checkpoint (its embedded VQ-VAE is used)."""
+    --vqvae may name a VQ-VAE checkpoint or a prior checkpoint (its embedded VQ-VAE is used)."""
     import torch
 
     from vqprior.checkpoint import load_model
-    from vqprior.images import save_grid
+    from vqprior.images import image_format, save_grid
 
     from .arrays import load_codes_file
     
+    if vqvae_path is None and len(paths) == 2:
+        vqvae_path, paths = paths[0], paths[1:]  # the older positional spelling: decode VQVAE.pt CODES
+    if vqvae_path is None:
+        raise click.UsageError("give the VQ-VAE with --vqvae PATH: vqprior decode --vqvae VQVAE.pt CODES --out X")
+    if len(paths) != 1:
+        raise click.UsageError(f"expected one CODES file, got {len(paths)}")
+    codes_path = paths[0]
     device = resolve_device(device)
     check_outputs(out)
+    image_format(out)
     model = load_model(vqvae_path, device, kind=("vqvae", "prior"))
     vq = model if getattr(model, "checkpoint_kind", "") == "vqvae" else getattr(model, "vqvae", None)
     if vq is None:

@@ -1,16 +1,18 @@
-"""``vqprior evaluate``: held-out bits/dim of a pixel model, or bits/code of a code prior."""
+"""``vqprior evaluate``: held-out bits/dim of a pixel model, bits/code of a code prior, or the reconstruction
+MSE / PSNR and per-level codebook usage and perplexity of a VQ-VAE."""
 from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, resolve_device
+from .common import (apply_precision, check_dataset_options, device_option, guarded, precision_option, refuse_unused,
+                     resolve_device)
 from .options import DATASETS
 
 
 @click.command("evaluate")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
-              help="Pixel models: dataset to score (default: the one it was trained on).")
+              help="Pixel models and VQ-VAEs: dataset to score (default: the one it was trained on).")
 @click.option("--data-dir", type=click.Path(), default=None, help="Dataset folder (default: the training one).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
 @click.option("--codes", type=click.Path(), default=None, help="Priors: an LMDB code cache to score.")
@@ -18,21 +20,36 @@ from .options import DATASETS
               help="Score only the first N items (0: all).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
+@precision_option()
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
-def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cache, device, quiet):
-    """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights."""
+def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cache, precision, device, quiet):
+    """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights (the
+    likelihood itself is float32 under --precision bf16); for a VQ-VAE, the reconstruction MSE (0..255 scale) and
+    PSNR, and codebook usage and perplexity per level."""
     from torch.utils.data import DataLoader
 
     from vqprior.checkpoint import load_model, read_checkpoint
     from vqprior.config import DataConfig
     from vqprior.evaluate import evaluate_nll
+    from vqprior.precision import autocast
 
     device = resolve_device(device)
-    kind = read_checkpoint(checkpoint, ("pixels", "prior"))["kind"]
+    apply_precision(precision)
+    stored = read_checkpoint(checkpoint, ("pixels", "prior", "vqvae"))
+    kind, data = stored["kind"], DataConfig.from_dict(stored["config"]["data"])
     model = load_model(checkpoint, device)
-    data = DataConfig.from_dict(read_checkpoint(checkpoint)["config"]["data"])
+    if kind == "prior":
+        refuse_unused(("dataset", "data_dir", "split", "cache"), "for a prior (it is scored on the --codes cache)")
+    else:
+        check_dataset_options(dataset or data.dataset)
+    if kind == "vqvae":
+        if codes:
+            raise click.UsageError("--codes is for priors; a VQ-VAE is evaluated on images (--dataset)")
+        with autocast(device, precision):
+            _evaluate_vqvae(model, data, dataset, data_dir, split, limit, batch_size, cache, quiet)
+        return
     if kind == "pixels":
         if codes:
             raise click.UsageError("--codes is for priors; this is a pixel model")
@@ -45,8 +62,9 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
             raise click.ClickException(
                 f"dataset images are {ds.channels}x{ds.height}x{ds.width} but the model was trained on "
                 f"{model.config.channels}x{model.config.height}x{model.config.width}")
-        result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key="image",
-                              use_label=bool(model.config.num_classes), limit=limit, progress=not quiet)
+        with autocast(device, precision):
+            result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key="image",
+                                  use_label=bool(model.config.num_classes), limit=limit, progress=not quiet)
         unit, where = "bits/dim", f"{name} {split}"
     else:
         if not codes:
@@ -57,9 +75,36 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
         ds = CodeDataset(codes)
         check_codebook(ds.metadata, model.config.num_codes, level)
         cond = "top" if level == "bottom" else None
-        result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key=level,
-                              condition_key=cond, use_label=bool(model.config.num_classes), limit=limit,
-                              progress=not quiet)
+        with autocast(device, precision):
+            result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key=level,
+                                  condition_key=cond, use_label=bool(model.config.num_classes), limit=limit,
+                                  progress=not quiet)
         unit, where = "bits/code", f"{codes} ({level} codes)"
     click.echo(f"{result['bits_per_value']:.4f} {unit} on {where}: {result['examples']} items, "
                f"{result['nll_nats']:.1f} nats total")
+
+
+def _evaluate_vqvae(model, data, dataset, data_dir, split, limit, batch_size, cache, quiet) -> None:
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from vqprior.data.datasets import load_image_dataset
+    from vqprior.vqvae_task import VQVAETask
+
+    name = dataset or data.dataset
+    ds = load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
+                            or None, image_size=data.image_size, cache=cache, limit=limit)
+    if ds.channels != model.config.channels:
+        raise click.ClickException(f"dataset images have {ds.channels} channel(s) but the VQ-VAE was trained on "
+                                   f"{model.config.channels}")
+    stride = model.config.total_stride
+    if ds.height % stride or ds.width % stride:
+        raise click.ClickException(f"dataset images of {ds.height}x{ds.width} are not divisible by the VQ-VAE's "
+                                   f"total stride {stride}")
+    loader = tqdm(DataLoader(ds, batch_size=batch_size), disable=quiet, desc="evaluate", unit="batch",
+                  dynamic_ncols=True)
+    m = VQVAETask(model.config, data).evaluate(model, loader)
+    levels = "; ".join(f"{level}: usage {m[f'usage_{level}']:.1%}, perplexity {m[f'perplexity_{level}']:.1f} of "
+                       f"{model.config.codebook_size}" for level in model.level_names)
+    click.echo(f"MSE {m['mse']:.2f} (0..255 scale), PSNR {m['psnr']:.2f} dB on {name} {split}: {len(ds)} images; "
+               f"{levels}")

@@ -7,13 +7,14 @@ from .common import check_outputs, guarded
 
 
 @click.command("export")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The .pt file to write.")
 @click.option("--fp32", is_flag=True, help="Keep float32 weights (default: stored as fp16, restored to fp32 on load).")
 @guarded
 def export(checkpoint, out, fp32):
-    """Write CHECKPOINT's EMA weights as the model, without optimizer state or RNG: a file for sampling and
-    evaluation that every command accepts like the training checkpoint (it cannot be resumed)."""
+    """Write CKPT's EMA weights as the model, without optimizer state or RNG: a file for sampling and
+    evaluation that every command accepts like the training checkpoint (it cannot be resumed). The copy keeps the
+    dataset's name but no paths of this machine (data folder, caches): give --data-dir when evaluating it."""
     from pathlib import Path
 
     from vqprior.checkpoint import export_checkpoint, read_checkpoint

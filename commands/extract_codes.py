@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error, resolve_device
+from .common import check_dataset_options, device_option, guarded, removes_new_folder_on_error, resolve_device
 from .options import DATASETS
 
 
@@ -13,7 +13,8 @@ from .options import DATASETS
               help="Dataset to encode (default: the one the VQ-VAE was trained on).")
 @click.option("--data-dir", type=click.Path(), default=None, help="Dataset folder (default: the VQ-VAE's).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
-@click.option("--out", type=click.Path(), required=True, help="The LMDB code cache folder to write.")
+@click.option("--out", type=click.Path(), required=True,
+              help="The LMDB code cache folder to write (created with missing parents).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished cache at --out.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
@@ -40,6 +41,7 @@ def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_si
     data = DataConfig.from_dict(read_checkpoint(vqvae_path, "vqvae")["config"]["data"])
     model = load_model(vqvae_path, device, kind="vqvae")
     name = dataset or data.dataset
+    check_dataset_options(name)
     ds = load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
                             or None, image_size=data.image_size, cache=cache, limit=limit)
     meta = extract(model, ds, out, file_sha256(vqvae_path), name, split, batch_size=batch_size, device=device,

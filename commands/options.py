@@ -9,6 +9,8 @@ import click
 
 from vqprior.config import PRESETS, TrainConfig
 
+from .common import precision_option
+
 _TRAIN_DEFAULTS = TrainConfig()
 
 
@@ -19,7 +21,8 @@ def model_options(fn):
                      help="Architecture preset; the options below override single fields."),
         click.option("--filters", type=click.IntRange(min=1), help="Channels of the residual stream."),
         click.option("--blocks", type=click.IntRange(min=1), help="PixelSNAIL blocks (each ends in attention)."),
-        click.option("--res-blocks", type=click.IntRange(min=1), help="Gated residual blocks per block."),
+        click.option("--res-blocks", type=click.IntRange(min=1),
+                     help="Gated residual blocks per PixelSNAIL block (train-vqvae's --res-blocks is another thing)."),
         click.option("--kernel-size", type=click.IntRange(min=1), help="Size k of the k x k causal convolutions."),
         click.option("--attention/--no-attention", default=None, help="Causal self-attention (default on)."),
         click.option("--attn-heads", type=click.IntRange(min=1), help="Attention heads."),
@@ -63,8 +66,7 @@ def train_options(fn=None, **defaults):
         click.option("--num-samples", type=click.IntRange(min=1), default=d.num_samples, show_default=True,
                      help="Images in each sample grid."),
         click.option("--seed", type=int, default=d.seed, show_default=True),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=d.precision, show_default=True,
-                     help="bf16 = autocast (CPU and CUDA)."),
+        precision_option(default=d.precision),
         click.option("--compile/--no-compile", "compile", default=d.compile, show_default=True,
                      help="torch.compile the training model (needs a C++ compiler on CPU, Triton on CUDA); the "
                           "first step's compile time is reported once."),
@@ -73,7 +75,12 @@ def train_options(fn=None, **defaults):
                      help="Recompute each PixelSNAIL block in the backward pass: less memory, more time per step."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
                      help="Run folder: latest.pt, metrics.jsonl, sample grids."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its latest.pt."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run in --out from its latest.pt (architecture and data options must agree "
+                          "with the run; the others are applied)."),
+        click.option("--init-from", type=click.Path(dir_okay=False), default=None,
+                     help="Start a new run from this checkpoint's weights (any checkpoint of this kind, exports "
+                          "included): its architecture, a fresh optimizer, step 0."),
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="DataLoader worker processes."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .common import guarded
+from .common import guarded, refuse_unused
 
 
 def parse_position(text: str | None, height: int, width: int) -> tuple[int, int]:
@@ -43,7 +43,7 @@ def _build_preset_model(preset: str, size: int, head: str, num_codes: int, atten
 
 
 @click.command("receptive-field")
-@click.argument("ckpt", required=False, type=click.Path(dir_okay=False))
+@click.argument("checkpoint", metavar="[CKPT]", required=False, type=click.Path(dir_okay=False))
 @click.option("--preset", default=None, help="Random-init model from this preset (instead of CKPT).")
 @click.option("--no-attention", is_flag=True, help="With --preset: the same network without attention.")
 @click.option("--size", type=click.IntRange(min=2), default=None,
@@ -54,33 +54,37 @@ def _build_preset_model(preset: str, size: int, head: str, num_codes: int, atten
               help="With --preset --head codes: codebook size.")
 @click.option("--position", default=None, help="Output position R,C (row, column; default: the centre).")
 @click.option("--compare", is_flag=True, help="With --preset: draw the model without attention beside it.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Image to write; the format follows the suffix (.png, .jpg, .webp, ...).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random weights and input.")
 @guarded
-def receptive_field(ckpt, preset, no_attention, size, head, num_codes, position, compare, out, seed):
+def receptive_field(checkpoint, preset, no_attention, size, head, num_codes, position, compare, out, seed):
     """Heat map of |d output(R,C) / d input| for CKPT or a random-init --preset (black = blind spot)."""
     import torch
 
-    from vqprior.images import save_png
+    from vqprior.images import image_format, save_image
     from vqprior.receptive_field import (combine_panels, compute_receptive_field, render_receptive_field,
                                          summarize_receptive_field)
 
-    if (ckpt is None) == (preset is None):
+    image_format(out)  # an unknown suffix fails before the work
+    if (checkpoint is None) == (preset is None):
         raise click.UsageError("give either a checkpoint CKPT or --preset NAME (exactly one)")
-    if ckpt is not None:
+    if checkpoint is not None:
         for flag, used in (("--no-attention", no_attention), ("--compare", compare),
                            ("--head", head != "pixels")):
             if used:
                 raise click.UsageError(f"{flag} applies to --preset only (a checkpoint fixes its own network)")
+    if checkpoint is not None or head != "codes":
+        refuse_unused(("num_codes",), "without --preset ... --head codes (a checkpoint has its own codebook)")
     if compare and no_attention:
         raise click.UsageError("--compare already draws the model without attention; drop --no-attention")
 
-    if ckpt is not None:
+    if checkpoint is not None:
         from vqprior.checkpoint import load_model
 
-        model = load_model(ckpt, kind=("pixels", "prior"))
+        model = load_model(checkpoint, kind=("pixels", "prior"))
         height, width = (size, size) if size else (model.config.height, model.config.width)
-        models = [(Path(ckpt).name, model)]
+        models = [(Path(checkpoint).name, model)]
     else:
         height = width = size or 16
         model = _build_preset_model(preset, height, head, num_codes, not no_attention, seed)
@@ -100,5 +104,5 @@ def receptive_field(ckpt, preset, no_attention, size, head, num_codes, position,
                    + (f"; {summary.later_reached} later positions do (not causal!)" if summary.later_reached else ""))
         panels.append((name, render_receptive_field(grad_map, where)))
     image = combine_panels(panels) if len(panels) > 1 else panels[0][1]
-    save_png(image, out)
+    save_image(image, out)
     click.echo(f"wrote {out}")

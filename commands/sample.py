@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import click
 
-from .common import check_outputs, device_option, guarded, resolve_device
+from .common import (apply_precision, check_outputs, device_option, guarded, precision_option, refuse_unused,
+                     removes_new_folder_on_error, resolve_device)
 
 
 def sampling_options(fn):
     opts = [
         click.option("--num", type=click.IntRange(min=1), default=16, show_default=True, help="How many samples."),
-        click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG grid to write."),
+        click.option("--out", type=click.Path(dir_okay=False), default=None,
+                     help="Image grid to write; the format follows the suffix (.png, .jpg, .webp, ...)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
         click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
@@ -32,46 +34,78 @@ def sampling_options(fn):
 
 
 @click.command("sample")
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level VQ-VAE.")
 @sampling_options
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder to write one PNG per sample into (0000.png, 0001.png, ...); created if missing.")
+@click.option("--overwrite", is_flag=True, help="Let --out-dir write into a folder that holds files already.")
 @click.option("--save-codes", type=click.Path(dir_okay=False), default=None,
               help="Priors: write the sampled codes (.npy; .npz with top/bottom for 2 levels).")
 @click.option("--save-array", type=click.Path(dir_okay=False), default=None,
               help="Write the sampled images as a uint8 (N, C, H, W) .npy array.")
 @click.option("--animate", type=click.Path(dir_okay=False), default=None,
-              help="Also write a GIF of the samples filling in position by position.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 = autocast of the model calls (CPU and CUDA); fp32 keeps the cached sampler exact.")
+              help="Also write an animation of the samples filling in position by position (.gif, or an animated "
+                   ".png / .webp).")
+@precision_option(sampling=True)
 @device_option
+@click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
+@removes_new_folder_on_error("out_dir", discard=lambda folder: True)  # a failed command leaves no --out-dir
 def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, batch_size, scale,
-           save_codes, save_array, animate, device,
-           precision):
-    """Sample a PNG grid from CHECKPOINT (a pixel model or a code prior)."""
+           out_dir, overwrite, save_codes, save_array, animate, device, precision, quiet):
+    """Sample from CKPT (a pixel model or a code prior): an image grid (--out), one PNG per sample (--out-dir),
+    the uint8 array (--save-array) and/or the codes (--save-codes); at least one of them."""
     import torch
 
     from vqprior.checkpoint import load_model
     from vqprior.generate import generate
-    from vqprior.images import save_gif, save_grid
+    from vqprior.images import check_image_folder, image_format, save_animation, save_grid, save_image_folder
 
     from .arrays import save_codes_file, save_npy
 
+    if not any((out, out_dir, save_array, save_codes)):
+        raise click.UsageError("nothing to write: give --out, --out-dir, --save-array and/or --save-codes")
+    if not out:
+        refuse_unused(("nrow",), "without --out (it lays out the grid)")
+    if not (out or out_dir or animate):
+        refuse_unused(("scale",), "without --out, --out-dir or --animate (it enlarges images)")
+    if not out_dir:
+        refuse_unused(("overwrite",), "without --out-dir (single files are always replaced atomically)")
     device = resolve_device(device)
+    apply_precision(precision)
     check_outputs(out, save_codes, save_array, animate)
+    if out:
+        image_format(out)
+    if animate:
+        image_format(animate, animated=True)
+    if out_dir:
+        check_image_folder(out_dir, overwrite)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
     bottom_model = load_model(bottom, device, kind="prior") if bottom else None
-    if save_codes and model.config.head == "pixels":
-        raise click.UsageError("--save-codes applies to code priors; use --save-array for pixel models")
+    if model.config.head == "pixels":
+        if save_codes:
+            raise click.UsageError("--save-codes applies to code priors; use --save-array for pixel models")
+        refuse_unused(("top_k", "top_p"), "for a pixel model (they filter the categorical code distributions of "
+                                          "priors)")
     generator = torch.Generator(device=device).manual_seed(seed)
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
                       top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size,
-                      precision=precision)
-    save_grid(result.images, out, nrow=nrow, scale=scale)
+                      precision=precision, progress=False if quiet else None)
+    written = []
+    if out:
+        save_grid(result.images, out, nrow=nrow, scale=scale)
+        written.append(f"a grid {out}")
+    if out_dir:
+        save_image_folder(result.images, out_dir, scale=scale, overwrite=overwrite)
+        written.append(f"one PNG each in {out_dir}")
     if save_codes:
         save_codes_file(save_codes, result.codes)
+        written.append(f"codes {save_codes}")
     if save_array:
         save_npy(save_array, result.images.cpu().numpy())
+        written.append(f"the array {save_array}")
     if animate:
-        save_gif(result.frames + [result.frames[-1]] if result.frames else [], animate, scale=scale)
-    click.echo(f"wrote {num} samples to {out}" + (f", animation to {animate}" if animate else ""))
+        save_animation(result.frames + [result.frames[-1]] if result.frames else [], animate, scale=scale)
+        written.append(f"an animation {animate}")
+    click.echo(f"wrote {num} samples: " + ", ".join(written))

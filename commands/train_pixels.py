@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error, start_run
+from .common import check_dataset_options, device_option, guarded, removes_new_folder_on_error
 from .options import MODEL_FIELDS, data_options, model_options, train_config_from_options, train_options
+from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, differing, refuse_on_resume,
+                        refuse_with_init, resumed_data_config, start_run)
+
+ARCHITECTURE = ("preset", "class_conditional", *MODEL_FIELDS)  # fixed by a resumed run or an --init-from checkpoint
 
 
 @click.command("train-pixels")
@@ -27,17 +31,28 @@ def train_pixels(ctx, **kw):
     from vqprior.pixel_task import PixelTask
     from vqprior.train import train
 
-    device, echo, checkpoint = start_run(kw, "pixels")  # rank 0 alone prints and writes
+    start = start_run(ctx, kw, "pixels")  # rank 0 alone prints and writes
+    device, echo, checkpoint = start.device, start.echo, start.checkpoint
     if checkpoint is not None:
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = ModelConfig.from_dict(checkpoint["config"]["model"])
+        refuse_on_resume(arch_conflicts(ctx, kw, model_config) + data_conflicts(ctx, kw, data_config), kw["out_dir"])
+        data_config = resumed_data_config(ctx, kw, data_config)
     else:
+        check_dataset_options(kw["dataset"], ctx)
+        if start.init is not None:
+            model_config = ModelConfig.from_dict(start.init["config"]["model"])
+            refuse_with_init(arch_conflicts(ctx, kw, model_config), kw["init_from"])
+        conditional = model_config.num_classes > 0 if start.init is not None else kw["class_conditional"]
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
-                                 cache=kw["cache"] or "", download=kw["download"],
-                                 class_conditional=kw["class_conditional"])
-    train_set = load_split(data_config, "train", kw["limit"])
-    val_set = load_split(data_config, "test", 0)
-    if checkpoint is None:
+                                 cache=kw["cache"] or "", download=kw["download"], class_conditional=conditional,
+                                 limit=kw["limit"])
+    announce(start, ctx, kw, ARCHITECTURE + DATA_FIXED)
+    train_set = load_split(data_config, "train")
+    val_set = load_split(data_config, "test")
+    if start.init is not None:
+        check_init_data(model_config, train_set, kw["init_from"])
+    elif checkpoint is None:
         if data_config.class_conditional and not train_set.num_classes:
             raise click.UsageError(f"--class-conditional: dataset {data_config.dataset} has no class labels")
         model_config = model_config_from_preset(
@@ -50,7 +65,8 @@ def train_pixels(ctx, **kw):
     echo(f"PixelSNAIL {n_params:,} parameters; {len(train_set)} train / {len(val_set)} held-out images "
                f"{train_set.channels}x{train_set.height}x{train_set.width}; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
-                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"])
+                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
+                   init_weights=start.init_weights)
     bpd = result["metrics"].get("eval_bpd")
     where = Path(kw["out_dir"])
     if result["status"] == "stopped":
@@ -61,10 +77,36 @@ def train_pixels(ctx, **kw):
                if bpd is not None else f"step {result['step']}: checkpoint {result['checkpoint']}")
 
 
-def load_split(data_config, split: str, limit: int):
-    """The train or held-out split a DataConfig names."""
+def arch_conflicts(ctx, kw, model_config) -> list[str]:
+    """Explicit architecture options that disagree with ``model_config`` (the run's or the --init-from one)."""
+    from vqprior.config import model_config_from_preset
+
+    have = model_config.to_dict()
+    from_options = model_config_from_preset(kw["preset"], **{k: have[k] for k in ("head", "channels", "height",
+                                                                                   "width", "num_classes")},
+                                            **{k: kw[k] for k in MODEL_FIELDS}).to_dict()
+    return (architecture_conflicts(ctx, kw, from_options, have, {k: k for k in MODEL_FIELDS})
+            + differing(ctx, kw, {"class_conditional": model_config.num_classes > 0}))
+
+
+def check_init_data(model_config, train_set, path) -> None:
+    """The data of an --init-from run must be what the checkpoint models: image shape and class labels."""
+    from vqprior.errors import UserError
+
+    c, data = model_config, (train_set.channels, train_set.height, train_set.width)
+    if data != (c.channels, c.height, c.width):
+        raise UserError(f"--init-from {path} models {c.channels}x{c.height}x{c.width} images, but the data are "
+                        f"{'x'.join(map(str, data))} (--image-size resizes and crops)")
+    if c.num_classes and train_set.num_classes != c.num_classes:
+        have = f"{train_set.num_classes} classes" if train_set.num_classes else "no class labels"
+        raise UserError(f"--init-from {path} is class-conditional over {c.num_classes} classes, but the data have "
+                        f"{have}")
+
+
+def load_split(data_config, split: str):
+    """The train (its first ``data_config.limit`` images when set) or held-out split a DataConfig names."""
     from vqprior.data.datasets import load_image_dataset
 
     return load_image_dataset(data_config.dataset, split, data_dir=data_config.data_dir or None,
                               image_size=data_config.image_size, cache=data_config.cache or None,
-                              download=data_config.download, limit=limit)
+                              download=data_config.download, limit=data_config.limit if split == "train" else 0)

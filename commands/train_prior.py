@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error, start_run
+from .common import device_option, guarded, refuse_unused, removes_new_folder_on_error
 from .options import MODEL_FIELDS, model_options, train_config_from_options, train_options
+from .run_start import (announce, architecture_conflicts, differing, refuse_on_resume, refuse_with_init, same_path,
+                        start_run)
+
+PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *MODEL_FIELDS)  # with --preset: the architecture
 
 
 @click.command("train-prior")
@@ -15,7 +19,9 @@ from .options import MODEL_FIELDS, model_options, train_config_from_options, tra
 @click.option("--class-conditional", is_flag=True, help="Condition on the source images' class labels.")
 @click.option("--vqvae", "vqvae_path", type=click.Path(), default=None,
               help="The VQ-VAE checkpoint to embed (default: the one recorded in the cache, checked by sha256).")
-@click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="Code embedding width.")
+@click.option("--embed-dim", type=click.IntRange(min=1), default=None,
+              help="Width of the learned embedding of a code index, the prior's input (not train-vqvae's "
+                   "--embed-dim, the codebook vector width).")
 @click.option("--cond-channels", type=click.IntRange(min=1), default=None,
               help="Bottom priors: width of the top-code condition stack.")
 @click.option("--cond-layers", type=click.IntRange(min=0), default=None,
@@ -37,27 +43,43 @@ def train_prior(ctx, **kw):
     from vqprior.prior_task import PriorTask, load_vqvae_payload, prior_model_config
     from vqprior.train import train
 
-    device, echo, checkpoint = start_run(kw, "prior")  # rank 0 alone prints and writes
+    start = start_run(ctx, kw, "prior")  # rank 0 alone prints and writes
+    device, echo, checkpoint = start.device, start.echo, start.checkpoint
     meta = read_code_metadata(kw["codes"])
     if checkpoint is not None:
         model_config = ModelConfig.from_dict(checkpoint["config"]["model"])
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         level = checkpoint["config"]["prior"]["level"]
         payload = checkpoint.get("vqvae")
+        refuse_on_resume(arch_conflicts(ctx, kw, model_config, level)
+                         + differing(ctx, kw, {"codes": data_config.cache}, same_path)
+                         + vqvae_conflicts(ctx, kw, payload), kw["out_dir"])
     else:
         level = kw["level"]
+        if start.init is not None:
+            model_config = ModelConfig.from_dict(start.init["config"]["model"])
+            level = start.init["config"].get("prior", {}).get("level", "top")
+            refuse_with_init(arch_conflicts(ctx, kw, model_config, level), kw["init_from"])
+        refuse_unused(("mixtures",), "for a code prior (the logistic mixture is the pixel head's)", ctx)
+        if level == "top":
+            refuse_unused(("cond_channels", "cond_layers"), "for a top prior (only a bottom prior has a "
+                                                            "condition stack)", ctx)
         vq_path = kw["vqvae_path"] or meta.get("vqvae_path")
         if not vq_path or not Path(vq_path).exists():
             raise UserError("the VQ-VAE checkpoint of this code cache was not found; pass it with --vqvae")
         payload = load_vqvae_payload(vq_path)
         if payload["sha256"] != meta.get("vqvae_sha256"):
             raise UserError(f"{vq_path} is not the VQ-VAE these codes were extracted with (sha256 differs)")
+        conditional = model_config.num_classes > 0 if start.init is not None else kw["class_conditional"]
         data_config = DataConfig(dataset=meta.get("dataset", ""), cache=str(kw["codes"]),
-                                 class_conditional=kw["class_conditional"])
-        base = model_config_from_preset(kw["preset"], head="codes", num_codes=2, embed_dim=kw["embed_dim"],
-                                        cond_channels=kw["cond_channels"], cond_layers=kw["cond_layers"],
-                                        **{k: kw[k] for k in MODEL_FIELDS})
-        model_config = prior_model_config(base, meta, level, kw["class_conditional"])
+                                 class_conditional=conditional)
+        if start.init is not None:
+            check_init_codes(model_config, meta, level, kw["init_from"])
+        else:
+            base = model_config_from_preset(kw["preset"], head="codes", num_codes=2,
+                                            **{k: kw[k] for k in PRIOR_FIELDS})
+            model_config = prior_model_config(base, meta, level, kw["class_conditional"])
+    announce(start, ctx, kw, ("preset", "level", "class_conditional", "codes", "vqvae_path", *PRIOR_FIELDS))
     train_set = CodeDataset(kw["codes"], level)
     val_set = None
     if kw["val_codes"]:
@@ -72,10 +94,55 @@ def train_prior(ctx, **kw):
                f"codes): {sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} "
                f"train / {len(val_set) if val_set else 0} held-out maps; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
-                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"])
+                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
+                   init_weights=start.init_weights)
     if result["status"] == "stopped":
         echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
         return
     bpc = result["metrics"].get("eval_bits_per_code")
     held = f"held-out {bpc:.4f} bits/code; " if bpc is not None else ""
     echo(f"step {result['step']}: {held}checkpoint {result['checkpoint']}")
+
+
+def arch_conflicts(ctx, kw, model_config, level: str) -> list[str]:
+    """Explicit architecture options (--preset, widths, --level, --class-conditional) that disagree with
+    ``model_config`` / ``level`` (the run's or the --init-from checkpoint's)."""
+    from vqprior.config import model_config_from_preset
+
+    have = model_config.to_dict()
+    from_options = model_config_from_preset(kw["preset"], head="codes", num_codes=2,
+                                            **{k: kw[k] for k in PRIOR_FIELDS}).to_dict()
+    return (architecture_conflicts(ctx, kw, from_options, have, {k: k for k in PRIOR_FIELDS})
+            + differing(ctx, kw, {"level": level, "class_conditional": model_config.num_classes > 0}))
+
+
+def vqvae_conflicts(ctx, kw, payload) -> list[str]:
+    """--vqvae on resume must name the VQ-VAE the run embeds (same file content)."""
+    from vqprior.checkpoint import file_sha256
+    from vqprior.errors import UserError
+
+    if not kw["vqvae_path"] or payload is None:
+        return []
+    try:
+        same = file_sha256(kw["vqvae_path"]) == payload.get("sha256")
+    except OSError as e:
+        raise UserError(f"cannot read --vqvae {kw['vqvae_path']}: {e.strerror}") from None
+    return [] if same else [f"--vqvae {kw['vqvae_path']} (not the VQ-VAE the run embeds)"]
+
+
+def check_init_codes(model_config, meta, level: str, path) -> None:
+    """An --init-from prior must model the cache's level: codebook size, code map shape, top-code condition and
+    classes."""
+    from vqprior.errors import UserError
+    from vqprior.prior_task import check_prior_against_cache
+
+    if level not in meta["level_names"]:
+        raise UserError(f"--init-from {path} is a {level} prior, but the code cache has no {level} level")
+    try:
+        check_prior_against_cache(model_config, meta, level)
+    except UserError as e:
+        raise UserError(f"--init-from {path} does not fit the code cache: {e}") from None
+    classes = int(meta.get("num_classes", 0))
+    if model_config.num_classes and classes != model_config.num_classes:
+        raise UserError(f"--init-from {path} is class-conditional over {model_config.num_classes} classes, but the "
+                        f"code cache has {classes or 'no'} class labels")

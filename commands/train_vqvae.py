@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, removes_new_folder_on_error, start_run
+from .common import check_dataset_options, device_option, guarded, refuse_unused, removes_new_folder_on_error
 from .options import data_options, train_config_from_options, train_options
+from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, refuse_on_resume,
+                        refuse_with_init, resumed_data_config, start_run)
+
+FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_channels", "bottom_stride", "top_stride",
+          "decay", "commitment")  # VQVAEConfig fields with an option; with --preset, fixed by a run or --init-from
 
 
 @click.command("train-vqvae")
@@ -13,9 +18,12 @@ from .options import data_options, train_config_from_options, train_options
 @click.option("--codebook-size", type=click.IntRange(2, 65536), default=None, help="Codes per codebook (default: preset).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
               help="VQ-VAE architecture preset.")
-@click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="Code vector width.")
+@click.option("--embed-dim", type=click.IntRange(min=1), default=None,
+              help="Width of each codebook vector (not train-prior's --embed-dim, the prior's input embedding).")
 @click.option("--hidden", type=click.IntRange(min=2), default=None, help="Encoder/decoder channels.")
-@click.option("--res-blocks", type=click.IntRange(min=0), default=None, help="Residual blocks per stack.")
+@click.option("--res-blocks", type=click.IntRange(min=0), default=None,
+              help="Residual blocks per encoder/decoder stack (not the PixelSNAIL --res-blocks of the other train "
+                   "commands).")
 @click.option("--res-channels", type=click.IntRange(min=1), default=None, help="Residual block bottleneck width.")
 @click.option("--bottom-stride", type=int, default=None, help="Image pixels per bottom code, per side (power of 2).")
 @click.option("--top-stride", type=int, default=None, help="Bottom codes per top code, per side (power of 2).")
@@ -34,40 +42,64 @@ def train_vqvae(ctx, **kw):
     Weight EMA is off by default (--ema 0): the EMA codebooks follow the live encoder, not an averaged one.
     """
     from vqprior.config import DataConfig
+    from vqprior.errors import UserError
     from vqprior.train import train
     from vqprior.vqvae import VQVAEConfig, vqvae_config_from_preset
     from vqprior.vqvae_task import VQVAETask
 
     from .train_pixels import load_split
 
-    device, echo, checkpoint = start_run(kw, "vqvae")  # rank 0 alone prints and writes
+    start = start_run(ctx, kw, "vqvae")  # rank 0 alone prints and writes
+    device, echo, checkpoint = start.device, start.echo, start.checkpoint
     if checkpoint is not None:
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = VQVAEConfig.from_dict(checkpoint["config"]["model"])
+        refuse_on_resume(arch_conflicts(ctx, kw, model_config) + data_conflicts(ctx, kw, data_config), kw["out_dir"])
+        data_config = resumed_data_config(ctx, kw, data_config)
     else:
+        check_dataset_options(kw["dataset"], ctx)
+        if start.init is not None:
+            model_config = VQVAEConfig.from_dict(start.init["config"]["model"])
+            refuse_with_init(arch_conflicts(ctx, kw, model_config), kw["init_from"])
+        levels = model_config.levels if start.init is not None else kw["levels"] or 1  # no preset sets levels
+        if levels == 1:
+            refuse_unused(("top_stride",), "with one level (--levels 2 adds the top level it spaces)", ctx)
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
-                                 cache=kw["cache"] or "", download=kw["download"])
-    train_set = load_split(data_config, "train", kw["limit"])
-    val_set = load_split(data_config, "test", 0)
-    if checkpoint is None:
-        fields = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_channels", "bottom_stride",
-                  "top_stride", "decay", "commitment")
+                                 cache=kw["cache"] or "", download=kw["download"], limit=kw["limit"])
+    announce(start, ctx, kw, ("preset", *FIELDS, *DATA_FIXED))
+    train_set = load_split(data_config, "train")
+    val_set = load_split(data_config, "test")
+    if start.init is not None and train_set.channels != model_config.channels:
+        raise UserError(f"--init-from {kw['init_from']} encodes {model_config.channels}-channel images, but the "
+                        f"data have {train_set.channels} channel(s)")
+    if checkpoint is None and start.init is None:
         model_config = vqvae_config_from_preset(kw["preset"], channels=train_set.channels,
-                                                **{k: kw[k] for k in fields})
-        stride = model_config.total_stride
-        if train_set.height % stride or train_set.width % stride:
-            raise click.UsageError(f"images of {train_set.height}x{train_set.width} are not divisible by the "
-                                   f"VQ-VAE's total stride {stride}")
+                                                **{k: kw[k] for k in FIELDS})
+    stride = model_config.total_stride
+    if train_set.height % stride or train_set.width % stride:
+        raise click.UsageError(f"images of {train_set.height}x{train_set.width} are not divisible by the "
+                               f"VQ-VAE's total stride {stride}")
     train_config = train_config_from_options(ctx, kw, checkpoint)
     task = VQVAETask(model_config, data_config)
     echo(f"VQ-VAE ({model_config.levels} level(s), {model_config.codebook_size} codes): "
                f"{sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} train / "
                f"{len(val_set)} held-out images; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
-                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"])
+                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
+                   init_weights=start.init_weights)
     m = result["metrics"]
     if result["status"] == "stopped":
         echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
         return
     summary = ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("eval_"))
     echo(f"step {result['step']}: {summary}; checkpoint {result['checkpoint']}")
+
+
+def arch_conflicts(ctx, kw, model_config) -> list[str]:
+    """Explicit --preset / architecture options that disagree with ``model_config`` (the run's or --init-from's)."""
+    from vqprior.vqvae import vqvae_config_from_preset
+
+    have = model_config.to_dict()
+    from_options = vqvae_config_from_preset(kw["preset"], channels=model_config.channels,
+                                            **{k: kw[k] for k in FIELDS}).to_dict()
+    return architecture_conflicts(ctx, kw, from_options, have, {k: k for k in FIELDS})

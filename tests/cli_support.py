@@ -1,4 +1,4 @@
-"""Helpers for the CLI tests (test_cli.py, test_bad_inputs.py): invoking ``vqprior`` in-process with click's
+"""Helpers for the CLI tests (test_cli.py, the bad-input tables): invoking ``vqprior`` in-process with click's
 CliRunner, and building the tiny trained artefacts (a pixel run; a 2-level VQ-VAE with code caches and top/bottom
 priors) that the tests share. Not a test module itself.
 """
@@ -14,6 +14,9 @@ from vqprior.commands.cli import cli
 # Tiny everything, CPU, no progress bars: each training command takes a second or two.
 TINY_TRAIN = ["--preset", "tiny", "--batch-size", "8", "--eval-limit", "16", "--num-samples", "4", "--quiet",
               "--device", "cpu"]
+# One step of a tiny model on 8x8 images: for commands that must fail (or just run) as fast as possible.
+TRAIN_FAST = ["--preset", "tiny", "--image-size", "8", "--steps", "1", "--batch-size", "4", "--num-samples", "2",
+              "--eval-limit", "4", "--quiet", "--device", "cpu"]
 
 
 def run_cli(*args) -> Result:
@@ -37,6 +40,15 @@ def train_pixel_run(out: Path, *extra, steps: int = 4, image_size: int = 8, limi
     """``train-pixels`` on the bundled sample data, tiny preset."""
     return check_ok(run_cli("train-pixels", "--dataset", "sample", "--image-size", image_size, "--limit", limit,
                             "--steps", steps, *TINY_TRAIN, "--out", out, *extra))
+
+
+def absolute_paths_in(obj) -> list[str]:
+    """Every string inside nested dicts / lists / tuples (keys too) that is an absolute or home-relative path."""
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in absolute_paths_in(k) + absolute_paths_in(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in absolute_paths_in(v)]
+    return [obj] if isinstance(obj, str) and (obj.startswith(("/", "~")) or "\\" in obj) else []
 
 
 @dataclass

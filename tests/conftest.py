@@ -48,3 +48,11 @@ def one_thread():
 def tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def bad_input_artefacts(tmp_path_factory):
+    """The tiny real artefacts the bad-input tables (tests/test_bad_inputs_*.py) point at, built once."""
+    from bad_inputs import build_artefacts
+
+    return build_artefacts(tmp_path_factory.mktemp("artefacts"))

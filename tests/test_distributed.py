@@ -3,7 +3,6 @@ global batch, with eval reduced across ranks and a checkpoint that single-proces
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,12 +17,7 @@ from vqprior.run_state import StepBatchSampler
 TRAIN = ["train-pixels", "--dataset", "sample", "--image-size", "8", "--limit", "64", "--steps", "3",
          "--preset", "tiny", "--dropout", "0", "--batch-size", "8", "--eval-limit", "16", "--num-samples", "4",
          "--quiet", "--device", "cpu"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TIMEOUT_S = 900  # a safety net against a hung process group on a loaded machine, not a pace
 
 
 def test_rank_slices_partition_each_global_batch():
@@ -39,9 +33,10 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), "-m", "vqprior.commands.cli", *TRAIN, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=240, env=env)
+        # --standalone: the rendezvous store binds a free port itself (a port picked here could be taken meanwhile)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "vqprior.commands.cli", *TRAIN, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Rank 0 alone prints: one summary line and one model description, not two.
     assert proc.stdout.count("step 3:") == 1, proc.stdout

@@ -27,29 +27,36 @@ TRAIN = ["train-pixels", "--dataset", "sample", "--image-size", "8", "--limit", 
          "--eval-limit", "16", "--num-samples", "4", "--checkpoint-every", str(EVERY), "--device", "cpu"]
 # One thread per process: the machine is shared, and oversubscribed threads make tiny steps very slow.
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-TIMEOUT_S = 120
+GATE = Path(__file__).with_name("gated_cli.py")
+TIMEOUT_S = 600  # a safety net against a hung process, never a pace: the tests wait for events, not for time
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    """The ``vqprior`` CLI as a real process; its stderr (progress bars) goes to ``log``."""
-    with open(log, "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "vqprior.commands.cli", *args], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=ENV)
+class Gated:
+    """The ``vqprior`` CLI as a real process with ``method`` gated (tests/gated_cli.py): it runs exactly as many
+    gated calls as the test lets through, so where a signal lands does not depend on how fast anything runs."""
 
+    def __init__(self, method: str, args: list[str], log: Path):
+        self.log = log
+        with open(log, "w") as err:  # its stderr (the gate lines, progress bars) goes to ``log``
+            self.proc = subprocess.Popen([sys.executable, str(GATE), method, *args], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=False, env=ENV)
 
-def _progress(log: Path, total: int) -> int:
-    """The last position a tqdm bar printed to ``log`` (0 before the first)."""
-    found = re.findall(rf"(\d+)/{total} \[", log.read_text(errors="replace"))
-    return int(found[-1]) if found else 0
+    def let_through(self, calls: int) -> None:
+        self.proc.stdin.write(b"x" * calls)
+        self.proc.stdin.flush()
 
+    def open(self) -> None:
+        """Let every further call through (end of file on the gate)."""
+        self.proc.stdin.close()
+        self.proc.stdin = None  # so that communicate() does not flush it
 
-def _wait_for_progress(proc: subprocess.Popen, log: Path, total: int, at_least: int) -> int:
-    deadline = time.monotonic() + TIMEOUT_S
-    while (shown := _progress(log, total)) < at_least:
-        assert proc.poll() is None, f"exited early ({proc.returncode}): {log.read_text()[-2000:]}"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.02)  # polling only: nothing depends on how long this waits
-    return shown
+    def wait_at(self, call: int) -> None:
+        """Block until the process waits at gated call number ``call`` (all earlier calls done)."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while f"\ngate {call}\n" not in self.log.read_text(errors="replace"):
+            assert self.proc.poll() is None, f"exited early ({self.proc.returncode}): {self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"never reached gate {call}"
+            time.sleep(0.02)  # polling only: nothing depends on how long this waits
 
 
 def _check_run_dir(run: Path, previous: int) -> int:
@@ -71,24 +78,31 @@ def test_training_survives_kills_and_stops_gracefully(tmp_path):
     saved = 0
     for round_, how in enumerate(["kill", "term", "kill", "int"]):
         args = TRAIN + ["--out", str(run)] + (["--resume"] if round_ else [])
-        proc = _start(args, log)
-        # Signal at a random step a few steps after the resume point, a random fraction of a step into it.
-        _wait_for_progress(proc, log, STEPS, saved + rng.randint(1, 4))
-        time.sleep(rng.uniform(0.0, 0.1))
-        shown = _progress(log, STEPS)
-        proc.send_signal({"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[how])
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
+        child = Gated("vqprior.pixel_task:PixelTask.loss", args, log)
+        # Run to a random step a few steps after the resume point, then signal a random fraction into the next.
+        done = saved + rng.randint(1, 4)
+        child.let_through(done - saved)
+        child.wait_at(done - saved)  # steps 1..done finished (checkpoints included), step done+1 not begun
+        child.let_through(1)
+        time.sleep(rng.uniform(0.0, 0.1))  # where in step done+1 the signal lands; any point is correct
+        child.proc.send_signal({"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[how])
+        if how != "kill":
+            child.open()  # a stopped step still has to finish; it must not wait at the gate
+        out, _ = child.proc.communicate(timeout=TIMEOUT_S)
+        out = out.decode()
         if how == "kill":
-            assert proc.returncode == -signal.SIGKILL
+            assert child.proc.returncode == -signal.SIGKILL
             saved = _check_run_dir(run, saved)
-            assert saved >= shown - EVERY, f"lost more than one checkpoint interval: shown {shown}, saved {saved}"
+            # At most one checkpoint interval is lost: the last checkpoint at or before step done survived.
+            assert done - done % EVERY <= saved <= done + 1, (done, saved)
         else:
-            # Graceful: exit 0, one line naming the step, and the checkpoint at exactly that step.
-            assert proc.returncode == 0, log.read_text()[-2000:]
+            # Graceful: exit 0, one line naming the step, and the checkpoint at exactly that step: the step the
+            # signal interrupted (done + 1), or the next one when it landed between the two.
+            assert child.proc.returncode == 0, log.read_text()[-2000:]
             match = re.fullmatch(r"Stopped at step (\d+); checkpoint saved to (.+)\.\n", out)
             assert match, out
             saved = int(match.group(1))
-            assert saved >= shown and Path(match.group(2)) == run / "latest.pt"
+            assert saved in (done + 1, done + 2) and Path(match.group(2)) == run / "latest.pt", (done, saved)
             assert read_checkpoint(run / "latest.pt", "pixels")["step"] == saved
             assert "Traceback" not in log.read_text()
 
@@ -115,13 +129,14 @@ def test_extraction_survives_a_kill(tmp_path):
     cache, log, count = tmp_path / "codes.lmdb", tmp_path / "stderr.txt", 300
     args = ["extract-codes", "--vqvae", str(vq / "latest.pt"), "--split", "test", "--limit", str(count),
             "--batch-size", "1", "--out", str(cache), "--device", "cpu"]
-    proc = _start(args, log)
-    _wait_for_progress(proc, log, count, random.Random(1).randint(1, 100))
-    proc.kill()
-    proc.wait(timeout=TIMEOUT_S)
-    if _progress(log, count) < count:  # killed mid-way (not after the last record): the cache is unfinished
-        with pytest.raises(UserError, match="unfinished"):
-            read_code_metadata(cache)
+    child = Gated("vqprior.vqvae:VQVAE.encode", args, log)
+    written = random.Random(1).randint(1, 100)
+    child.let_through(written)
+    child.wait_at(written)  # records 0..written-1 are in the cache, the rest are not
+    child.proc.kill()
+    child.proc.communicate(timeout=TIMEOUT_S)
+    with pytest.raises(UserError, match="unfinished"):
+        read_code_metadata(cache)
     check_ok(run_cli(*args, "--quiet"))  # re-running rebuilds the unfinished cache (no --overwrite needed)
     meta = read_code_metadata(cache)
     assert meta["count"] == count

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_support import check_ok, run_cli
+from cli_support import absolute_paths_in, check_ok, run_cli
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 PIXELS = CHECKPOINTS / "cifar10-pixels-small.pt"
@@ -50,3 +50,14 @@ def test_shipped_priors_sample_decoded_images(tmp_path):
     images = np.load(array)
     assert images.shape == (2, 3, 32, 32) and images.dtype == np.uint8
     assert images.std() > 10
+
+
+def test_shipped_checkpoints_carry_no_machine_paths():
+    import torch
+
+    shipped = sorted(CHECKPOINTS.glob("*.pt"))
+    assert len(shipped) == 4
+    for path in shipped:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        assert not absolute_paths_in(data), (path.name, absolute_paths_in(data))
+        assert b"/work/" not in path.read_bytes() and b"/home/" not in path.read_bytes(), path.name

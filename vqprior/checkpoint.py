@@ -1,6 +1,6 @@
 """Checkpoints: one ``.pt`` file of plain data, written atomically, read with ``weights_only=True``.
 
-Layout (DESIGN.md section 6)::
+Layout (docs/design.md section 6)::
 
     format_version  int                 FORMAT_VERSION
     kind            "pixels" | "prior" | "vqvae"
@@ -33,6 +33,13 @@ FORMAT_VERSION = 1
 KINDS = ("pixels", "prior", "vqvae")
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` for a temp file beside ``path``, fsync it, then ``os.replace`` it into place.
 
@@ -44,9 +51,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise UserError(f"output folder does not exist: {parent}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs should have the usual permissions
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs should have the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -88,8 +93,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Read and validate a checkpoint; ``kind`` restricts which kinds are accepted. Errors are one-line UserErrors."""
+def read_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
+                    upcast: bool = True) -> dict[str, Any]:
+    """Read and validate a checkpoint; ``kind`` restricts which kinds are accepted. Errors are one-line UserErrors.
+    fp16-stored weights come back as float32 unless ``upcast`` is False (then as stored, e.g. to describe the file)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
@@ -117,7 +124,7 @@ def read_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
     wanted = (kind,) if isinstance(kind, str) else kind
     if wanted and data["kind"] not in wanted:
         raise UserError(f"{path} is a {data['kind']} checkpoint; expected {' or '.join(wanted)}")
-    if data.get("storage_dtype") == "float16":
+    if upcast and data.get("storage_dtype") == "float16":
         data = _restore_float32(data)
     return data
 
@@ -135,11 +142,31 @@ def _restore_float32(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Config fields that record where files were on the training machine (data folder, image or code cache).
+PROVENANCE_PATHS = ("data_dir", "cache", "codes", "vqvae_path")
+
+
+def strip_paths(config: Any) -> Any:
+    """``config`` with every provenance path emptied: the fields named in PROVENANCE_PATHS and any other string that
+    is an absolute path. A shared file then names its dataset but no folder of the machine that trained it."""
+    if isinstance(config, dict):
+        return {k: "" if k in PROVENANCE_PATHS and isinstance(v, str) else strip_paths(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return type(config)(strip_paths(v) for v in config)
+    if isinstance(config, str) and (os.path.isabs(config) or config.startswith("~")):
+        return ""
+    return config
+
+
 def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> None:
-    """Write a small inference-only copy: EMA weights as the model, no optimizer state; floats in fp16 if ``half``."""
+    """Write a small inference-only copy: EMA weights as the model, no optimizer state, no machine paths in its
+    configs (``strip_paths``); floats in fp16 if ``half``. Exporting an export gives the same weights."""
     data = read_checkpoint(src)
     out = {k: v for k, v in data.items() if k not in ("optimizer", "ema", "rng")}
     out["model"] = data.get("ema") or data["model"]
+    out["config"] = strip_paths(data.get("config", {}))
+    if "vqvae" in out:  # a prior's embedded VQ-VAE carries the configs of its own training run
+        out["vqvae"] = {**out["vqvae"], "config": strip_paths(out["vqvae"].get("config", {}))}
 
     def down(obj):
         if isinstance(obj, torch.Tensor) and obj.dtype == torch.float32:

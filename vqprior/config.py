@@ -13,6 +13,9 @@ from typing import Any
 from .errors import UserError
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")  # see vqprior.precision
+
+
 class ConfigError(UserError, ValueError):
     """A configuration value is invalid or unknown (always a user error with a one-line message)."""
 
@@ -36,7 +39,7 @@ def _strict_from_dict(cls, data: dict[str, Any]):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """PixelSNAIL architecture (DESIGN.md section 3).
+    """PixelSNAIL architecture (docs/design.md section 3).
 
     ``head`` selects what the network models: ``"pixels"`` (discretized logistic mixture over ``channels`` image
     channels, 1 or 3) or ``"codes"`` (categorical over ``num_codes`` VQ-VAE code indices).
@@ -103,7 +106,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation loop (DESIGN.md section 3: Adam(0.95, 0.9995), lr decay per step, Polyak EMA)."""
+    """The optimisation loop (docs/design.md section 3: Adam(0.95, 0.9995), lr decay per step, Polyak EMA)."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -134,8 +137,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be fp32, tf32 or bf16, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,6 +158,7 @@ class DataConfig:
     cache: str = ""
     download: bool = False
     class_conditional: bool = False
+    limit: int = 0  # train on the first N training images only (0 = all); a resumed run keeps it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,5 +198,5 @@ def model_config_from_preset(preset: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**values)
 
 
-__all__ = ["ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "model_config_from_preset",
+__all__ = ["PRECISIONS", "ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "model_config_from_preset",
            "replace", "field"]

@@ -67,6 +67,16 @@ def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.round((x.clamp(-1, 1) + 1.0) * 127.5).to(torch.uint8)
 
 
+def _fp32(params: torch.Tensor):
+    """The sampling arithmetic's context and input: autocast off and at least float32 (float64 stays float64).
+    Under bf16 the uniform noise would have ~1,800 distinct values and ``1 - 1e-7`` would round to 1, so draws
+    would stray far from the model's distribution (total-variation distance ~0.2); the parameters themselves may
+    come from a bf16 forward pass."""
+    if params.dtype in (torch.float16, torch.bfloat16):
+        params = params.float()
+    return torch.autocast(params.device.type, enabled=False), params
+
+
 def _gumbel(shape, generator, device, dtype) -> torch.Tensor:
     u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
     return -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
@@ -77,8 +87,15 @@ def sample_logistic_mixture(params: torch.Tensor, channels: int, mixtures: int,
     """Sample discretized pixels from (B, P) params at one position; returns (B, C) values on the 256-level grid.
 
     Component by Gumbel-max over logits / T, each channel by the inverse logistic CDF with scale * T, coupled to the
-    already sampled (rounded) earlier channels, clamped to [-1, 1] and rounded to the 256 levels.
+    already sampled (rounded) earlier channels, clamped to [-1, 1] and rounded to the 256 levels. The noise and the
+    inverse CDF are (at least) float32 whatever the autocast (see ``_fp32``).
     """
+    fp32, params = _fp32(params)
+    with fp32:
+        return _sample_logistic_mixture(params, channels, mixtures, generator, temperature)
+
+
+def _sample_logistic_mixture(params, channels, mixtures, generator, temperature) -> torch.Tensor:
     B = params.shape[0]
     logits, means, log_scales, coeffs = split_logistic_params(params, channels, mixtures)  # (B, M), (B, C, M)
     noise = _gumbel((B, mixtures), generator, params.device, params.dtype)
@@ -122,6 +139,8 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
 
 def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None, temperature: float = 1.0,
                        top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Sample (B,) indices from (B, K) logits by Gumbel-max after filtering."""
-    filtered = filter_logits(logits, temperature, top_k, top_p)
-    return torch.argmax(filtered + _gumbel(filtered.shape, generator, logits.device, logits.dtype), dim=-1)
+    """Sample (B,) indices from (B, K) logits by Gumbel-max after filtering, in float32 whatever the autocast."""
+    fp32, logits = _fp32(logits)
+    with fp32:
+        filtered = filter_logits(logits, temperature, top_k, top_p)
+        return torch.argmax(filtered + _gumbel(filtered.shape, generator, logits.device, logits.dtype), dim=-1)

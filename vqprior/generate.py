@@ -9,6 +9,7 @@ import torch
 
 from .errors import UserError
 from .images import make_grid
+from .precision import apply_precision_policy, autocast
 
 
 @dataclass
@@ -51,29 +52,50 @@ class _FrameRecorder:
             self.frames.append(make_grid(self.render(current)))
 
 
-def generate(model, num: int, *, precision: str = "fp32", **kwargs) -> Generated:
-    """``_generate`` (below, all keyword options) under ``precision``: "fp32", or "bf16" = torch.autocast of every
-    model call (the sampled values stay integers; the cached sampler's exactness holds only in fp32)."""
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"precision must be fp32 or bf16, got {precision!r}")
-    if precision == "fp32":
-        return _generate(model, num, **kwargs)
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        return _generate(model, num, **kwargs)
+def _on_step(*callbacks):
+    """One ``on_step(p, current)`` calling each of ``callbacks`` that is not None (None when none is)."""
+    active = [c for c in callbacks if c is not None]
+    if not active:
+        return None
+    return lambda p, current: [c(p, current) for c in active]
+
+
+def generate(model, num: int, *, precision: str = "fp32", progress: bool | None = False, **kwargs) -> Generated:
+    """``_generate`` (below, all keyword options) under ``precision`` (see ``vqprior.precision``): "fp32", "tf32",
+    or "bf16" = torch.autocast of every model call (the sampled values stay integers and the sampling arithmetic
+    float32; the cached sampler's exactness holds only in fp32). ``progress``: a tqdm bar on stderr over the
+    positions to sample (True), none (False), or one only when stderr is a terminal (None)."""
+    from tqdm import tqdm
+
+    apply_precision_policy(precision)
+    with autocast(next(model.parameters()).device, precision), \
+            tqdm(desc="sample", unit="pos", disable=None if progress is None else not progress,
+                 dynamic_ncols=True, leave=False) as bar:
+        result = _generate(model, num, bar=bar, **kwargs)
+        bar.refresh()  # the final count, before the bar is cleared
+        return result
 
 
 def _generate(model, num: int, *, bottom=None, method: str = "cached", generator: torch.Generator | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label: int | None = None,
              animate: bool = False, prefix: list[torch.Tensor] | torch.Tensor | None = None,
-             start: int | list[int] = 0, batch_size: int | None = None) -> Generated:
+             start: int | list[int] = 0, batch_size: int | None = None, bar=None) -> Generated:
     """Sample ``num`` images from a pixel model or a (top) prior, with ``bottom`` the bottom prior of a 2-level
     VQ-VAE. ``prefix``/``start`` complete a known raster prefix: pixels, an image batch and a position; priors, a
-    list of code maps [top(, bottom)] and a list of start positions, one per level."""
+    list of code maps [top(, bottom)] and a list of start positions, one per level. ``bar`` (tqdm) counts the
+    sampled positions."""
     from .sampling import sample
 
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
+    chunks = -(-num // (batch_size or num))  # sample() draws the batches one after the other
+    tick = (lambda p, current: bar.update(1)) if bar is not None else None
+
+    def expect(*levels: int) -> None:  # (height, width, first position) of each level, before sampling
+        if bar is not None:
+            bar.total = chunks * sum(h * w - first for h, w, first in zip(levels[::3], levels[1::3], levels[2::3]))
+            bar.refresh()
+
     device = next(model.parameters()).device
     labels = _labels(model, num, label, device)
     kwargs = dict(method=method, generator=generator, temperature=temperature, batch_size=batch_size)
@@ -81,7 +103,8 @@ def _generate(model, num: int, *, bottom=None, method: str = "cached", generator
         if bottom is not None:
             raise UserError("--bottom applies to code priors, not to pixel models")
         rec = _FrameRecorder(model.config.height * model.config.width, lambda x: x) if animate else None
-        images = sample(model, num, label=labels, on_step=rec, prefix=prefix, start=start, **kwargs)
+        expect(model.config.height, model.config.width, start)
+        images = sample(model, num, label=labels, on_step=_on_step(rec, tick), prefix=prefix, start=start, **kwargs)
         return Generated(images, [], rec.frames if rec else [])
 
     vq = getattr(model, "vqvae", None)
@@ -105,22 +128,51 @@ def _generate(model, num: int, *, bottom=None, method: str = "cached", generator
     frames: list[torch.Tensor] = []
     if levels == 1:
         rec = _FrameRecorder(model.config.height * model.config.width, lambda c: vq.decode([c])) if animate else None
-        codes = sample(model, num, label=labels, on_step=rec, prefix=top_prefix, start=starts[0], **code_kw)
+        expect(model.config.height, model.config.width, starts[0])
+        codes = sample(model, num, label=labels, on_step=_on_step(rec, tick), prefix=top_prefix, start=starts[0],
+                       **code_kw)
         return Generated(vq.decode([codes]), [codes], rec.frames if rec else [])
 
     bottom_shape = (bottom.config.height, bottom.config.width)
     blank_bottom = torch.zeros(num, *bottom_shape, dtype=torch.long, device=device)
     rec = _FrameRecorder(model.config.height * model.config.width,
                          lambda c: vq.decode([c, blank_bottom])) if animate else None
-    top = sample(model, num, label=labels, on_step=rec, prefix=top_prefix, start=starts[0], **code_kw)
+    bottom_prefix = prefix[1] if isinstance(prefix, (list, tuple)) and len(prefix) > 1 else None
+    bottom_start = starts[1] if bottom_prefix is not None else 0
+    expect(model.config.height, model.config.width, starts[0], *bottom_shape, bottom_start)
+    top = sample(model, num, label=labels, on_step=_on_step(rec, tick), prefix=top_prefix, start=starts[0],
+                 **code_kw)
     if rec:
         frames += rec.frames
     rec = _FrameRecorder(bottom_shape[0] * bottom_shape[1], lambda c: vq.decode([top, c])) if animate else None
-    bottom_prefix = prefix[1] if isinstance(prefix, (list, tuple)) and len(prefix) > 1 else None
-    bottom_start = starts[1] if bottom_prefix is not None else 0
     bottom_labels = _labels(bottom, num, label, device) if bottom.config.num_classes else None
-    bot = sample(bottom, num, label=bottom_labels, condition=top, on_step=rec, prefix=bottom_prefix,
+    bot = sample(bottom, num, label=bottom_labels, condition=top, on_step=_on_step(rec, tick), prefix=bottom_prefix,
                  start=bottom_start, **code_kw)
     if rec:
         frames += rec.frames
     return Generated(vq.decode([top, bot]), [top, bot], frames)
+
+
+@dataclass
+class PriorPrefix:
+    """What a code prior completes from: the re-encoded image's code maps, the first sampled position per level,
+    and ``conditioned`` = uint8 (1, C, H, W), the kept code rows decoded (the rest grey): what the prior sees."""
+    codes: list[torch.Tensor]
+    starts: list[int]
+    conditioned: torch.Tensor
+
+
+@torch.no_grad()
+def encode_prefix(vq, image: torch.Tensor, keep_rows: int, grey: int = 128) -> PriorPrefix:
+    """Encode one uint8 (C, H, W) image with the prior's VQ-VAE and keep, per level, the code rows whose image rows
+    all lie within the first ``keep_rows``. The conditioned view is the VQ-VAE's decoding of those codes, shown
+    down to the image rows every level keeps (the coarsest level's kept rows), grey below: rows of the original
+    the prior never sees (or sees only through the codes' lossy reconstruction) are not shown as if it did."""
+    codes = vq.encode(image.unsqueeze(0))
+    c = vq.config
+    strides = [c.total_stride, c.bottom_stride] if c.levels == 2 else [c.bottom_stride]
+    starts = [(keep_rows // s) * code.shape[-1] for s, code in zip(strides, codes)]
+    kept = min((keep_rows // s) * s for s in strides)
+    conditioned = vq.decode(codes).clone()
+    conditioned[:, :, kept:] = grey
+    return PriorPrefix(codes, starts, conditioned)

@@ -1,4 +1,5 @@
-"""Images on disk: uint8 batches to PNG grids and animated GIFs, written atomically; PNG files to uint8 tensors."""
+"""Images on disk: uint8 batches to image grids, one file per image, and animations, written atomically in the
+format their suffix names (.png, .jpg, .webp, .gif, ... as PIL knows them); image files back to uint8 tensors."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, current_umask
 from .errors import UserError
 
 
@@ -41,26 +42,106 @@ def _to_pil(grid: torch.Tensor, scale: int = 1):
     return image
 
 
-def save_png(grid: torch.Tensor, path: str | os.PathLike, scale: int = 1) -> None:
-    """Atomically write a uint8 (3, H, W) image as PNG."""
+def image_format(path: str | os.PathLike, animated: bool = False) -> str:
+    """The PIL format ``path``'s suffix names (``.jpg`` -> JPEG), one that PIL can write (with several frames when
+    ``animated``); a one-line UserError otherwise. Call it before the work so a bad name fails first."""
+    from PIL import Image
+
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    usable = Image.SAVE_ALL if animated else Image.SAVE
+    if fmt is None or fmt not in usable:
+        what = f"the suffix {suffix!r}" if suffix else "a name without a suffix"
+        kinds = ".gif, .png or .webp" if animated else ".png, .jpg, .webp, .bmp, .tif, ..."
+        raise UserError(f"cannot write {'an animation' if animated else 'an image'} to {path}: PIL knows no "
+                        f"{'animated ' if animated else ''}format for {what}; use {kinds}")
+    return fmt
+
+
+def _save(image, tmp: str, fmt: str, **options) -> None:
+    if fmt in ("JPEG", "WEBP") and not options.get("save_all"):
+        options.setdefault("quality", 95)  # sample grids: keep the pixels readable, not the smallest file
+    if fmt == "WEBP" and options.get("save_all"):
+        options.setdefault("lossless", True)
+    image.save(tmp, format=fmt, **options)
+
+
+def save_image(grid: torch.Tensor, path: str | os.PathLike, scale: int = 1) -> None:
+    """Atomically write a uint8 (3, H, W) image in the format of ``path``'s suffix (see ``image_format``)."""
+    fmt = image_format(path)
     image = _to_pil(grid, scale)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: _save(image, tmp, fmt))
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> None:
-    """Atomically write uint8 (B, C, H, W) images as one PNG grid."""
-    save_png(make_grid(images, nrow), path, scale)
+    """Atomically write uint8 (B, C, H, W) images as one image grid (format from the suffix)."""
+    save_image(make_grid(images, nrow), path, scale)
 
 
-def save_gif(frames: list[torch.Tensor], path: str | os.PathLike, duration_ms: int = 40, scale: int = 1) -> None:
-    """Atomically write uint8 (3, H, W) frames as a looping animated GIF (the last frame held for a second)."""
+def image_names(count: int) -> list[str]:
+    """The file names ``save_image_folder`` gives ``count`` images: 0000.png, 0001.png, ..."""
+    width = max(4, len(str(count - 1)))
+    return [f"{i:0{width}d}.png" for i in range(count)]
+
+
+def check_image_folder(folder: str | os.PathLike, overwrite: bool) -> None:
+    """Fail before any work when ``folder`` cannot take new images: a file is there, or it holds files already
+    and ``overwrite`` is off."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out-dir must be a folder, but a file exists there: {folder}")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise UserError(f"--out-dir {folder} is not empty; pass --overwrite to write into it")
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK):
+        raise UserError(f"output folder is not writable: {ancestor}")
+
+
+def save_image_folder(images: torch.Tensor, folder: str | os.PathLike, scale: int = 1,
+                      overwrite: bool = False) -> list[Path]:
+    """Write uint8 (B, C, H, W) images as one PNG each (``image_names``) into ``folder``, created with its parents.
+
+    A new or empty folder appears complete or not at all (the files are written into a temp folder beside it, which
+    is then renamed into place); with ``overwrite`` an existing folder gets each file atomically, replacing files of
+    the same name and keeping others."""
+    import shutil
+    import tempfile
+
+    check_image_folder(folder, overwrite)
+    folder = Path(folder)
+    names = image_names(images.shape[0])
+    pictures = [_to_pil(make_grid(images[i:i + 1], padding=0), scale) for i in range(images.shape[0])]
+    if folder.is_dir() and any(folder.iterdir()):
+        for name, picture in zip(names, pictures):
+            atomic_write(folder / name, lambda tmp, p=picture: _save(p, tmp, "PNG"))
+        return [folder / n for n in names]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; outputs should have the usual permissions
+        for name, picture in zip(names, pictures):
+            _save(picture, str(tmp / name), "PNG")
+        os.replace(tmp, folder)  # onto a missing or empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [folder / n for n in names]
+
+
+def save_animation(frames: list[torch.Tensor], path: str | os.PathLike, duration_ms: int = 40, scale: int = 1) -> None:
+    """Atomically write uint8 (3, H, W) frames as a looping animation (GIF, or animated PNG / WebP by the suffix;
+    the last frame held for a second)."""
     if not frames:
         raise ValueError("no frames to write")
+    fmt = image_format(path, animated=True)
     images = [_to_pil(f, scale) for f in frames]
     durations = [duration_ms] * (len(images) - 1) + [1000]
 
     def write(tmp):
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+        _save(images[0], tmp, fmt, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
     atomic_write(path, write)
 

@@ -1,7 +1,7 @@
 """Autoregressive sampling from PixelSNAIL: the naive reference, the exact cached sampler, and completion.
 
 ``sample(model, num, method=...)`` draws images (pixel models) or code maps (priors) one raster position at a time.
-``"naive"`` runs a full forward pass per position. ``"cached"`` (DESIGN.md section 7) evaluates every layer at the
+``"naive"`` runs a full forward pass per position. ``"cached"`` (docs/design.md section 7) evaluates every layer at the
 new position only: each conv layer keeps its (channels-last, zero-padded) input map filled up to the current
 position and contracts the small causal window with its weight in one matmul; each attention step keeps the keys and
 values of the positions sampled so far. Both call ``model.head.sample`` once per position on that position's (B, P)

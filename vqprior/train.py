@@ -23,7 +23,6 @@ flag and the non-finite check are agreed by an all-reduce each step so every ran
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -38,6 +37,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
 from .images import make_grid, save_grid
+from .precision import apply_precision_policy, autocast
 from .run_state import EMA, StepBatchSampler, StopFlag, append_jsonl, rng_state, set_rng_state, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,6 @@ CHECKPOINT_NAME = "latest.pt"
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict[str, Any] | None:
@@ -63,7 +57,11 @@ def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict
     if ckpt.exists():
         if not resume:
             raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        return read_checkpoint(ckpt, kind)
+        data = read_checkpoint(ckpt, kind)
+        if "optimizer" not in data:
+            raise UserError(f"{ckpt} is an exported checkpoint (weights only, no optimizer state) and cannot be "
+                            f"resumed; start a new run from its weights with --init-from {ckpt} --out NEW_FOLDER")
+        return data
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -92,8 +90,10 @@ def _reduce_eval(task, eval_model, val_set, batch_size: int, num_workers: int, l
 
 def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathLike, *,
           checkpoint: dict[str, Any] | None = None, device: str | torch.device = "cpu", progress: bool = True,
-          num_workers: int = 0, tensorboard: bool = False) -> dict[str, Any]:
-    """Train ``task`` on ``train_set`` for ``config.steps`` steps (continuing ``checkpoint`` if given).
+          num_workers: int = 0, tensorboard: bool = False,
+          init_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train ``task`` on ``train_set`` for ``config.steps`` steps (continuing ``checkpoint`` if given; a new run
+    starts from ``init_weights``, a state dict of the task's model, instead of the data-dependent init if given).
 
     Writes ``out_dir/latest.pt`` every ``checkpoint_every`` steps and at the end, ``metrics.jsonl``, and a PNG grid
     ``samples_stepN.png`` every ``sample_every`` steps; with ``tensorboard`` the same scalars and grids go to
@@ -103,6 +103,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     from tqdm import tqdm
 
     device = torch.device(device)
+    apply_precision_policy(config.precision)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     main = rank == 0
     if config.batch_size % world:
@@ -145,9 +146,12 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                             generator=loader_rng()) if val_set is not None and len(val_set) else None
 
     if checkpoint is None:
-        first = to_device(next(iter(DataLoader(train_set, batch_sampler=[sampler.global_batch(0)],
-                                               generator=loader_rng()))), device)
-        task.init_model(model, first)  # weight-norm data-dependent init on one batch (the same on every rank)
+        if init_weights is not None:
+            model.load_state_dict(init_weights, strict=True)  # fine-tuning: the weights are already initialised
+        else:
+            first = to_device(next(iter(DataLoader(train_set, batch_sampler=[sampler.global_batch(0)],
+                                                   generator=loader_rng()))), device)
+            task.init_model(model, first)  # weight-norm data-dependent init on one batch (the same on every rank)
         ema = EMA(model, config.ema)
         if main:
             truncate_metrics(metrics_path, -1)
@@ -178,14 +182,16 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         payload.update(task.extra_checkpoint())
         save_checkpoint(out / CHECKPOINT_NAME, payload)
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, final: bool = False) -> None:
         eval_model.load_state_dict(ema.state_dict())
         if val_loader is not None:
             with torch.no_grad(), autocast(device, config.precision):
                 if world > 1:
                     result = _reduce_eval(task, eval_model, val_set, eval_batch, num_workers, loader_rng, device)
-                else:
-                    result = task.evaluate(eval_model, val_loader)
+                else:  # the final evaluation (often the whole held-out split) shows its own progress bar
+                    batches = tqdm(val_loader, desc="final evaluation", unit="batch", leave=False,
+                                   dynamic_ncols=True, disable=not (progress and final))
+                    result = task.evaluate(eval_model, batches)
             last_metrics.update({f"eval_{k}": v for k, v in result.items()})
             if main:
                 append_jsonl(metrics_path, {"step": step, "split": "eval", "train_seconds": timer.seconds, **result})
@@ -295,7 +301,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 else "no checkpoint had been written yet")
         raise UserError(f"training stopped: {bad_steps} consecutive non-finite losses at step {step}; {kept}")
     if status == "finished":
-        run_eval(step)
+        run_eval(step, final=True)
         run_samples(step)
     save(step)
     if board:

@@ -238,9 +238,10 @@ def _prepare_output(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"--out must be an LMDB folder, but a file exists there: {path}")
     if not path.exists():
-        if not path.parent.is_dir():
-            raise UserError(f"output folder does not exist: {path.parent}")
-        path.mkdir()
+        try:
+            path.mkdir(parents=True)  # missing parents too, like the train commands' run folders
+        except OSError as e:
+            raise UserError(f"cannot create the code cache folder {path}: {e.strerror}") from None
         return
     state, _ = _read_state(path)
     if state == "complete" and not overwrite:

@@ -1,0 +1,106 @@
+"""``vqprior info`` (what is inside a checkpoint) and ``vqprior presets`` (the fields of every architecture preset).
+
+Both only read: ``info`` builds the model once to count its parameters, ``presets`` prints the preset tables of
+``vqprior.config`` and ``vqprior.vqvae``.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import click
+
+from .common import guarded
+
+# The fields of a ModelConfig that a preset sets (the rest come from the data: size, channels, head, conditioning).
+PIXELSNAIL_PRESET_FIELDS = ("filters", "blocks", "res_blocks", "kernel_size", "attention", "attn_heads",
+                            "key_channels", "value_channels", "dropout", "mixtures", "embed_dim", "cond_channels",
+                            "cond_layers")
+VQVAE_PRESET_FIELDS = ("codebook_size", "embed_dim", "hidden", "res_blocks", "res_channels", "bottom_stride",
+                       "top_stride", "decay", "commitment")
+
+
+def _fields_text(values: dict, indent: str = "  ") -> str:
+    """``{a: 1, b: 2}`` -> wrapped ``a=1, b=2`` lines (floats shortest-exact, so what is printed can be typed back)."""
+    text = ", ".join(f"{k}={v}" for k, v in values.items()) or "(none)"
+    return textwrap.fill(text, width=100, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+
+
+def describe_checkpoint(data: dict) -> dict:
+    """The facts ``info`` prints, as plain data (also its ``--json`` output)."""
+    from vqprior.checkpoint import build_model
+
+    model = build_model(data, use_ema=False)
+    config = data.get("config", {})
+    exported = "optimizer" not in data
+    facts = {"kind": data["kind"], "step": int(data.get("step", 0)),
+             "parameters": sum(p.numel() for p in model.parameters()),
+             "file": "exported (inference only, cannot be resumed)" if exported
+             else "training checkpoint (model, EMA weights, optimizer and RNG state: --resume continues it)",
+             "storage_dtype": data.get("storage_dtype", "float32"),
+             "vqprior_version": data.get("vqprior_version", ""), "format_version": data["format_version"],
+             "architecture": config.get("model", {}), "training": config.get("train", {}),
+             "data": config.get("data", {}), "metrics": dict(data.get("metrics", {}))}
+    if data["kind"] == "prior":
+        facts["prior"] = config.get("prior", {})
+        vq = getattr(model, "vqvae", None)
+        facts["vqvae"] = None if vq is None else {
+            "sha256": data["vqvae"].get("sha256", ""), "parameters": sum(p.numel() for p in vq.parameters()),
+            "architecture": data["vqvae"]["config"].get("model", {}),
+            "data": data["vqvae"]["config"].get("data", {})}
+    return facts
+
+
+@click.command("info")
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the same facts as one JSON object.")
+@guarded
+def info(checkpoint, as_json):
+    """Print what CKPT is: kind, step, parameter count, the architecture, training and data configs, the last
+    metrics and, for priors, the embedded VQ-VAE. Works on training checkpoints and exports alike."""
+    from vqprior.checkpoint import read_checkpoint
+
+    data = read_checkpoint(checkpoint, upcast=False)  # as stored: the file's weight dtype is one of the facts
+    facts = describe_checkpoint(data)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2, sort_keys=True, default=str))
+        return
+    lines = [f"{checkpoint}: {facts['kind']} checkpoint, step {facts['step']}, {facts['parameters']:,} parameters",
+             f"file: {facts['file']}",
+             f"weights stored as {facts['storage_dtype']}; written by vqprior {facts['vqprior_version']}, "
+             f"checkpoint format {facts['format_version']}"]
+    sections = [("architecture", facts["architecture"]), ("training", facts["training"]), ("data", facts["data"])]
+    if "prior" in facts:
+        sections.append(("prior", facts["prior"]))
+    metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in sorted(facts["metrics"].items())}
+    sections.append(("last metrics", metrics))
+    for title, values in sections:
+        lines += [f"{title}:", _fields_text(values)]
+    if "vqvae" in facts:
+        vq = facts["vqvae"]
+        if vq is None:
+            lines.append("embedded VQ-VAE: none")
+        else:
+            lines += [f"embedded VQ-VAE: {vq['parameters']:,} parameters, sha256 {vq['sha256']}",
+                      "  architecture:", _fields_text(vq["architecture"], "    "),
+                      "  data:", _fields_text(vq["data"], "    ")]
+    click.echo("\n".join(lines))
+
+
+@click.command("presets")
+@guarded
+def presets():
+    """List every architecture preset and the fields it sets (PixelSNAIL for train-pixels / train-prior, VQ-VAE
+    for train-vqvae). Every field can be overridden by the option of the same name in kebab-case."""
+    from vqprior.config import PRESETS, model_config_from_preset
+    from vqprior.vqvae import VQVAE_PRESETS, vqvae_config_from_preset
+
+    lines = ["PixelSNAIL presets (train-pixels, train-prior --preset):"]
+    for name in PRESETS:
+        config = model_config_from_preset(name, head="pixels").to_dict()
+        lines += [f"  {name}", _fields_text({k: config[k] for k in PIXELSNAIL_PRESET_FIELDS}, "    ")]
+    lines.append("VQ-VAE presets (train-vqvae --preset):")
+    for name in VQVAE_PRESETS:
+        config = vqvae_config_from_preset(name).to_dict()
+        lines += [f"  {name}", _fields_text({k: config[k] for k in VQVAE_PRESET_FIELDS}, "    ")]
+    click.echo("\n".join(lines))
