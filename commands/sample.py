@@ -40,6 +40,9 @@ def sampling_options(fn):
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Folder to write one PNG per sample into (0000.png, 0001.png, ...); created if missing.")
 @click.option("--overwrite", is_flag=True, help="Let --out-dir write into a folder that holds files already.")
+@click.option("--class-rows", is_flag=True,
+              help="Class-conditional models: lay the --out grid out with one row per class (--num a multiple of "
+                   "the number of classes).")
 @click.option("--save-codes", type=click.Path(dir_okay=False), default=None,
               help="Priors: write the sampled codes (.npy; .npz with top/bottom for 2 levels).")
 @click.option("--save-array", type=click.Path(dir_okay=False), default=None,
@@ -53,7 +56,7 @@ def sampling_options(fn):
 @guarded
 @removes_new_folder_on_error("out_dir", discard=lambda folder: True)  # a failed command leaves no --out-dir
 def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, batch_size, scale,
-           out_dir, overwrite, save_codes, save_array, animate, device, precision, quiet):
+           out_dir, overwrite, class_rows, save_codes, save_array, animate, device, precision, quiet):
     """Sample from CKPT (a pixel model or a code prior): an image grid (--out), one PNG per sample (--out-dir),
     the uint8 array (--save-array) and/or the codes (--save-codes); at least one of them."""
     import torch
@@ -67,7 +70,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     if not any((out, out_dir, save_array, save_codes)):
         raise click.UsageError("nothing to write: give --out, --out-dir, --save-array and/or --save-codes")
     if not out:
-        refuse_unused(("nrow",), "without --out (it lays out the grid)")
+        refuse_unused(("nrow", "class_rows"), "without --out (they lay out the grid)")
     if not (out or out_dir or animate):
         refuse_unused(("scale",), "without --out, --out-dir or --animate (it enlarges images)")
     if not out_dir:
@@ -88,13 +91,18 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
             raise click.UsageError("--save-codes applies to code priors; use --save-array for pixel models")
         refuse_unused(("top_k", "top_p"), "for a pixel model (they filter the categorical code distributions of "
                                           "priors)")
+    if class_rows:
+        nrow = _class_rows_nrow(model, num, label, nrow)
     generator = torch.Generator(device=device).manual_seed(seed)
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
                       top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size,
                       precision=precision, progress=False if quiet else None)
     written = []
     if out:
-        save_grid(result.images, out, nrow=nrow, scale=scale)
+        # Samples cycle through the classes (sample i has class i % classes); --class-rows groups them by class.
+        grid = result.images[torch.arange(num).remainder(model.config.num_classes).argsort(stable=True)] \
+            if class_rows else result.images
+        save_grid(grid, out, nrow=nrow, scale=scale)
         written.append(f"a grid {out}")
     if out_dir:
         save_image_folder(result.images, out_dir, scale=scale, overwrite=overwrite)
@@ -109,3 +117,15 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
         save_animation(result.frames + [result.frames[-1]] if result.frames else [], animate, scale=scale)
         written.append(f"an animation {animate}")
     click.echo(f"wrote {num} samples: " + ", ".join(written))
+
+
+def _class_rows_nrow(model, num: int, label, nrow) -> int:
+    """Images per row for --class-rows, after checking that the option can do what it says."""
+    classes = model.config.num_classes
+    if not classes:
+        raise click.UsageError("--class-rows applies to class-conditional models")
+    if label is not None or nrow is not None:
+        raise click.UsageError("--class-rows lays out every class itself: drop --class / --nrow")
+    if num % classes:
+        raise click.UsageError(f"--class-rows needs --num to be a multiple of the {classes} classes, got {num}")
+    return num // classes
