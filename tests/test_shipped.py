@@ -10,11 +10,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cli_support import absolute_paths_in, check_ok, run_cli
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 PIXELS = CHECKPOINTS / "cifar10-pixels-small.pt"
+MNIST_PIXELS = CHECKPOINTS / "mnist-pixels.pt"
 
 
 def documented_sample_bpd(name: str) -> float:
@@ -31,6 +33,35 @@ def test_shipped_pixel_model_scores_its_documented_figure():
     measured = float(re.search(r"([0-9.]+) bits/dim", out).group(1))
     assert "100 items" in out
     assert abs(measured - documented_sample_bpd(PIXELS.name)) < 0.01, out
+
+
+def documented_mnist_bpd(name: str) -> float:
+    """The 'MNIST test[:200] X bits/dim' figure of ``name``'s row in checkpoints/README.md."""
+    for line in (CHECKPOINTS / "README.md").read_text().splitlines():
+        if line.startswith(f"| `{name}`"):
+            return float(re.search(r"MNIST test\[:200\] ([0-9.]+) bits/dim", line).group(1))
+    raise AssertionError(f"{name} has no row in checkpoints/README.md")
+
+
+def test_shipped_mnist_model_scores_its_documented_figure():
+    from conftest import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None or not (data / "mnist" / "test.npz").exists():
+        pytest.skip("the real MNIST test split (../shared/data/mnist) is not here")
+    out = check_ok(run_cli("evaluate", MNIST_PIXELS, "--dataset", "mnist", "--data-dir", data / "mnist", "--split",
+                           "test", "--limit", "200", "--quiet", "--device", "cpu")).output
+    measured = float(re.search(r"([0-9.]+) bits/dim", out).group(1))
+    assert abs(measured - documented_mnist_bpd(MNIST_PIXELS.name)) < 0.01, out
+
+
+def test_shipped_mnist_model_samples_digits(tmp_path):
+    array = tmp_path / "s.npy"
+    check_ok(run_cli("sample", MNIST_PIXELS, "--num", "2", "--save-array", array, "--device", "cpu"))
+    images = np.load(array)
+    assert images.shape == (2, 1, 28, 28) and images.dtype == np.uint8
+    # MNIST digits: a mostly black background with some bright strokes
+    assert (images < 32).mean() > 0.5 and (images > 128).any()
 
 
 def test_shipped_pixel_model_samples(tmp_path):
@@ -56,8 +87,38 @@ def test_shipped_checkpoints_carry_no_machine_paths():
     import torch
 
     shipped = sorted(CHECKPOINTS.glob("*.pt"))
-    assert len(shipped) == 4
+    assert len(shipped) == 7
     for path in shipped:
         data = torch.load(path, map_location="cpu", weights_only=True)
         assert not absolute_paths_in(data), (path.name, absolute_paths_in(data))
         assert b"/work/" not in path.read_bytes() and b"/home/" not in path.read_bytes(), path.name
+
+
+def test_class_rows_lay_out_one_row_per_class(tmp_path):
+    from PIL import Image
+
+    from vqprior.images import make_grid
+
+    grid, array = tmp_path / "g.png", tmp_path / "s.npy"
+    args = ["sample", CHECKPOINTS / "cifar10-prior-top.pt", "--bottom", CHECKPOINTS / "cifar10-prior-bottom.pt",
+            "--num", "20", "--out", grid, "--save-array", array, "--device", "cpu", "--quiet"]
+    check_ok(run_cli(*args, "--class-rows"))
+    images = np.load(array)  # sample i has class i % 10; the grid shows class k in row k
+    order = np.argsort(np.arange(20) % 10, kind="stable")
+    import torch
+
+    expected = make_grid(torch.from_numpy(images[order]), 2).permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(Image.open(grid).convert("RGB")), expected)
+    for bad in (["--num", "15"], ["--nrow", "4"], ["--class", "3"]):
+        result = run_cli(*args[:6], *bad, *args[6:], "--class-rows") if bad[0] != "--num" else \
+            run_cli(*[a if a != "20" else "15" for a in args], "--class-rows")
+        assert result.exit_code == 2 and "--class-rows" in result.output, (bad, result.output)
+
+
+def test_shipped_mnist_prior_samples_the_requested_class(tmp_path):
+    array = tmp_path / "s.npy"
+    check_ok(run_cli("sample", CHECKPOINTS / "mnist-prior.pt", "--num", "2", "--class", "7", "--save-array", array,
+                     "--device", "cpu", "--quiet"))
+    images = np.load(array)
+    assert images.shape == (2, 1, 28, 28) and images.dtype == np.uint8
+    assert (images < 32).mean() > 0.5 and (images > 128).any()  # bright strokes on a dark background
