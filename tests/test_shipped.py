@@ -19,11 +19,11 @@ PIXELS = CHECKPOINTS / "cifar10-pixels-small.pt"
 MNIST_PIXELS = CHECKPOINTS / "mnist-pixels.pt"
 
 
-def documented_sample_bpd(name: str) -> float:
-    """The 'sample test[:100] X bits/dim' figure of ``name``'s row in checkpoints/README.md."""
+def documented_bpd(name: str, subset: str = "sample test[:100]") -> float:
+    """The '<subset> X bits/dim' figure of ``name``'s row in checkpoints/README.md."""
     for line in (CHECKPOINTS / "README.md").read_text().splitlines():
         if line.startswith(f"| `{name}`"):
-            return float(re.search(r"sample test\[:100\] ([0-9.]+) bits/dim", line).group(1))
+            return float(re.search(re.escape(subset) + r" ([0-9.]+) bits/dim", line).group(1))
     raise AssertionError(f"{name} has no row in checkpoints/README.md")
 
 
@@ -32,15 +32,7 @@ def test_shipped_pixel_model_scores_its_documented_figure():
                            "--quiet", "--device", "cpu")).output
     measured = float(re.search(r"([0-9.]+) bits/dim", out).group(1))
     assert "100 items" in out
-    assert abs(measured - documented_sample_bpd(PIXELS.name)) < 0.01, out
-
-
-def documented_mnist_bpd(name: str) -> float:
-    """The 'MNIST test[:200] X bits/dim' figure of ``name``'s row in checkpoints/README.md."""
-    for line in (CHECKPOINTS / "README.md").read_text().splitlines():
-        if line.startswith(f"| `{name}`"):
-            return float(re.search(r"MNIST test\[:200\] ([0-9.]+) bits/dim", line).group(1))
-    raise AssertionError(f"{name} has no row in checkpoints/README.md")
+    assert abs(measured - documented_bpd(PIXELS.name)) < 0.01, out
 
 
 def test_shipped_mnist_model_scores_its_documented_figure():
@@ -52,7 +44,7 @@ def test_shipped_mnist_model_scores_its_documented_figure():
     out = check_ok(run_cli("evaluate", MNIST_PIXELS, "--dataset", "mnist", "--data-dir", data / "mnist", "--split",
                            "test", "--limit", "200", "--quiet", "--device", "cpu")).output
     measured = float(re.search(r"([0-9.]+) bits/dim", out).group(1))
-    assert abs(measured - documented_mnist_bpd(MNIST_PIXELS.name)) < 0.01, out
+    assert abs(measured - documented_bpd(MNIST_PIXELS.name, "MNIST test[:200]")) < 0.01, out
 
 
 def test_shipped_mnist_model_samples_digits(tmp_path):
