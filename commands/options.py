@@ -73,6 +73,10 @@ def train_options(fn=None, **defaults):
         click.option("--checkpoint-activations/--no-checkpoint-activations", "checkpoint_activations",
                      default=d.checkpoint_activations, show_default=True,
                      help="Recompute each PixelSNAIL block in the backward pass: less memory, more time per step."),
+        click.option("--time-limit", type=click.FloatRange(min=0), default=d.time_limit, show_default=True,
+                     metavar="MINUTES",
+                     help="End the run (final evaluation, samples, checkpoint) once this many minutes of step time "
+                          "(train_seconds, resumes included) have passed, even before --steps; 0: off."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
                      help="Run folder: latest.pt, metrics.jsonl, sample grids."),
         click.option("--resume", is_flag=True,
@@ -94,7 +98,7 @@ def train_options(fn=None, **defaults):
 
 TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "ema", "grad_clip", "eval_every", "sample_every",
                 "checkpoint_every", "eval_limit", "num_samples", "seed", "precision", "compile",
-                "checkpoint_activations")
+                "checkpoint_activations", "time_limit")
 
 
 def train_config_from_options(ctx: click.Context, kwargs: dict, checkpoint: dict | None) -> TrainConfig:

@@ -131,3 +131,32 @@ def test_small_trains_in_bf16_under_the_makefile_environment(tmp_path):
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 2
+
+
+def test_time_limit_ends_the_run_on_step_time_and_resume_keeps_it(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    result = _run(out, 100_000, time_limit=0.002)  # 0.12 s of step time: a few dozen tiny steps, not 100,000
+    ckpt = read_checkpoint(out / "latest.pt")
+    assert result["status"] == "finished" and 0 < result["step"] < 100_000
+    assert ckpt["step"] == result["step"] and ckpt["train_seconds"] >= 0.12
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval"][-1] == result["step"]  # the final evaluation ran
+    # Resumed with the same limit: already reached, so no further step; a larger limit trains on.
+    again = _run(out, 100_000, checkpoint=ckpt, time_limit=0.002)
+    assert again["step"] == result["step"]
+    longer = ckpt["train_seconds"] / 60 + 0.002  # beyond what was spent, however long the last step took
+    more = _run(out, 100_000, checkpoint=read_checkpoint(out / "latest.pt"), time_limit=longer)
+    assert more["step"] > result["step"]
+    assert read_checkpoint(out / "latest.pt")["train_seconds"] >= longer * 60
+
+
+def test_time_limit_option_is_validated_and_recorded(tmp_path):
+    bad = run_cli("train-pixels", *TINY_TRAIN, "--image-size", "8", "--time-limit", "-1", "--out", tmp_path / "bad")
+    assert bad.exit_code != 0 and "--time-limit" in bad.output
+    ok = run_cli("train-pixels", *TINY_TRAIN, "--image-size", "8", "--steps", "100000", "--time-limit", "0.002",
+                 "--out", tmp_path / "run")
+    assert ok.exit_code == 0, ok.output
+    ckpt = read_checkpoint(tmp_path / "run" / "latest.pt")
+    assert ckpt["config"]["train"]["time_limit"] == 0.002 and ckpt["step"] < 100_000

@@ -127,6 +127,7 @@ class TrainConfig:
     # Speed/memory switches (vqprior.acceleration); they do not change the objective and may change on resume.
     compile: bool = False  # torch.compile the training model
     checkpoint_activations: bool = False  # recompute each PixelSNAIL block in the backward pass
+    time_limit: float = 0.0  # minutes of step time (train_seconds, resumes included) after which the run ends; 0 = off
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "sample_every", "checkpoint_every", "num_samples",
@@ -137,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if not self.time_limit >= 0:
+            raise ConfigError(f"time-limit must be >= 0 minutes, got {self.time_limit}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be fp32, tf32 or bf16, got {self.precision!r}")
 

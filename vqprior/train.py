@@ -219,8 +219,10 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                unit="step")
     timer = StepTimer(checkpoint.get("train_seconds", 0.0) if checkpoint else 0.0)
     t_last, n_last, first_step = timer.seconds, 0, True
+    # A run resumed past its --time-limit takes no step: it only evaluates, samples and saves (as a finished run).
+    out_of_time = config.time_limit > 0 and timer.seconds >= config.time_limit * 60
     with StopFlag() as stop:
-        for batch in loader:
+        for batch in ([] if out_of_time else loader):
             timer.start()
             if world > 1:
                 # Ranks must draw different dropout masks, and a resumed run the masks of an uninterrupted one:
@@ -233,10 +235,13 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
             train_model.train()
             with autocast(device, config.precision):
                 loss, batch_metrics = task.loss(train_model, batch)
-            # One all-reduce per step agrees the non-finite check and the stop signal across ranks.
+            # One all-reduce per step agrees the non-finite check, the stop signal and the time limit across ranks
+            # (the limit is judged on the step time before this step, so this step still completes).
+            time_up = config.time_limit > 0 and timer.seconds >= config.time_limit * 60
             flags = distributed.all_reduce_sum(torch.tensor(
-                [float(not torch.isfinite(loss)), float(stop.signal is not None)], device=device))
+                [float(not torch.isfinite(loss)), float(stop.signal is not None), float(time_up)], device=device))
             stop_now = bool(flags[1] > 0)
+            time_up = bool(flags[2] > 0)
             skip = bool(flags[0] > 0)
             if skip:
                 bad_steps += 1
@@ -274,7 +279,9 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                     log.info("torch.compile: first step (compilation included) took %.1f s", took)
                 t_last, n_last, first_step = timer.seconds, 0, False
             if step % 10 == 0 or step == config.steps:
-                rate = n_last / max(timer.seconds - t_last, 1e-9)
+                # n_last is 0 when a resumed process's first step lands on a logging step: report that step's rate.
+                rate = (n_last / max(timer.seconds - t_last, 1e-9) if n_last
+                        else len(next(iter(batch.values()))) * world / max(took, 1e-9))
                 t_last, n_last = timer.seconds, 0
                 if world > 1:
                     batch_metrics = distributed.reduce_weighted_means(batch_metrics, 1, device)
@@ -295,6 +302,9 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
             if stop_now:
                 status = "stopped"
                 break
+            if time_up:
+                log.info("time limit of %g min of step time reached at step %d", config.time_limit, step)
+                break  # status stays "finished": the final evaluation and samples follow
     bar.close()
     if status == "diverged":
         kept = (f"the last good checkpoint is kept in {out / CHECKPOINT_NAME}" if (out / CHECKPOINT_NAME).exists()
