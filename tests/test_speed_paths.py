@@ -160,3 +160,14 @@ def test_time_limit_option_is_validated_and_recorded(tmp_path):
     assert ok.exit_code == 0, ok.output
     ckpt = read_checkpoint(tmp_path / "run" / "latest.pt")
     assert ckpt["config"]["train"]["time_limit"] == 0.002 and ckpt["step"] < 100_000
+
+
+def test_a_resumed_first_step_on_a_logging_step_reports_its_rate(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    _run(out, 9)
+    _run(out, 12, checkpoint=read_checkpoint(out / "latest.pt"))  # the resumed process's first step is step 10
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step10 = [r for r in records if r["split"] == "train" and r["step"] == 10]
+    assert len(step10) == 1 and step10[0]["items_per_s"] > 0
