@@ -75,6 +75,31 @@ def test_shipped_priors_sample_decoded_images(tmp_path):
     assert images.std() > 10
 
 
+def documented(name: str, pattern: str) -> float:
+    """A number of ``name``'s row in checkpoints/README.md, captured by ``pattern``'s group."""
+    for line in (CHECKPOINTS / "README.md").read_text().splitlines():
+        if line.startswith(f"| `{name}`"):
+            return float(re.search(pattern, line).group(1))
+    raise AssertionError(f"{name} has no row in checkpoints/README.md")
+
+
+def test_shipped_vqvae_and_priors_score_their_documented_figures(tmp_path):
+    """PSNR of the VQ-VAE and bits/code of both priors on the first 100 test images of the bundled sample."""
+    vqvae = CHECKPOINTS / "cifar10-vqvae.pt"
+    out = check_ok(run_cli("evaluate", vqvae, "--dataset", "sample", "--split", "test", "--limit", "100",
+                           "--quiet", "--device", "cpu")).output
+    psnr = float(re.search(r"PSNR ([0-9.]+) dB", out).group(1))
+    assert abs(psnr - documented(vqvae.name, r"sample test\[:100\] ([0-9.]+) dB")) < 0.02, out
+    codes = tmp_path / "codes.lmdb"
+    check_ok(run_cli("extract-codes", "--vqvae", vqvae, "--dataset", "sample", "--split", "test", "--limit", "100",
+                     "--out", codes, "--quiet", "--device", "cpu"))
+    for level in ("top", "bottom"):
+        prior = CHECKPOINTS / f"cifar10-prior-{level}.pt"
+        out = check_ok(run_cli("evaluate", prior, "--codes", codes, "--quiet", "--device", "cpu")).output
+        bits = float(re.search(r"([0-9.]+) bits/code", out).group(1))
+        assert abs(bits - documented(prior.name, r"sample test\[:100\] ([0-9.]+) bits/code")) < 0.01, out
+
+
 def test_shipped_checkpoints_carry_no_machine_paths():
     import torch
 
