@@ -19,12 +19,17 @@ PIXELS = CHECKPOINTS / "cifar10-pixels-small.pt"
 MNIST_PIXELS = CHECKPOINTS / "mnist-pixels.pt"
 
 
-def documented_bpd(name: str, subset: str = "sample test[:100]") -> float:
-    """The '<subset> X bits/dim' figure of ``name``'s row in checkpoints/README.md."""
+def documented(name: str, pattern: str) -> float:
+    """A number of ``name``'s row in checkpoints/README.md, captured by ``pattern``'s group."""
     for line in (CHECKPOINTS / "README.md").read_text().splitlines():
         if line.startswith(f"| `{name}`"):
-            return float(re.search(re.escape(subset) + r" ([0-9.]+) bits/dim", line).group(1))
+            return float(re.search(pattern, line).group(1))
     raise AssertionError(f"{name} has no row in checkpoints/README.md")
+
+
+def documented_bpd(name: str, subset: str = "sample test[:100]") -> float:
+    """The '<subset> X bits/dim' figure of ``name``'s row in checkpoints/README.md."""
+    return documented(name, re.escape(subset) + r" ([0-9.]+) bits/dim")
 
 
 def test_shipped_pixel_model_scores_its_documented_figure():
@@ -73,14 +78,6 @@ def test_shipped_priors_sample_decoded_images(tmp_path):
     images = np.load(array)
     assert images.shape == (2, 3, 32, 32) and images.dtype == np.uint8
     assert images.std() > 10
-
-
-def documented(name: str, pattern: str) -> float:
-    """A number of ``name``'s row in checkpoints/README.md, captured by ``pattern``'s group."""
-    for line in (CHECKPOINTS / "README.md").read_text().splitlines():
-        if line.startswith(f"| `{name}`"):
-            return float(re.search(pattern, line).group(1))
-    raise AssertionError(f"{name} has no row in checkpoints/README.md")
 
 
 def test_shipped_vqvae_and_priors_score_their_documented_figures(tmp_path):

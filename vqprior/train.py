@@ -219,10 +219,13 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                unit="step")
     timer = StepTimer(checkpoint.get("train_seconds", 0.0) if checkpoint else 0.0)
     t_last, n_last, first_step = timer.seconds, 0, True
-    # A run resumed past its --time-limit takes no step: it only evaluates, samples and saves (as a finished run).
-    out_of_time = config.time_limit > 0 and timer.seconds >= config.time_limit * 60
+
+    def out_of_time() -> bool:  # --time-limit, judged on the step time spent so far (resumes included)
+        return config.time_limit > 0 and timer.seconds >= config.time_limit * 60
+
     with StopFlag() as stop:
-        for batch in ([] if out_of_time else loader):
+        # A run resumed past its --time-limit takes no step: it only evaluates, samples and saves (as a finished run).
+        for batch in ([] if out_of_time() else loader):
             timer.start()
             if world > 1:
                 # Ranks must draw different dropout masks, and a resumed run the masks of an uninterrupted one:
@@ -237,9 +240,9 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 loss, batch_metrics = task.loss(train_model, batch)
             # One all-reduce per step agrees the non-finite check, the stop signal and the time limit across ranks
             # (the limit is judged on the step time before this step, so this step still completes).
-            time_up = config.time_limit > 0 and timer.seconds >= config.time_limit * 60
             flags = distributed.all_reduce_sum(torch.tensor(
-                [float(not torch.isfinite(loss)), float(stop.signal is not None), float(time_up)], device=device))
+                [float(not torch.isfinite(loss)), float(stop.signal is not None), float(out_of_time())],
+                device=device))
             stop_now = bool(flags[1] > 0)
             time_up = bool(flags[2] > 0)
             skip = bool(flags[0] > 0)
@@ -270,7 +273,8 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
             ema.update(model, step)
             took = timer.stop()
             step += 1
-            n_last += len(next(iter(batch.values()))) * world
+            items = len(next(iter(batch.values()))) * world
+            n_last += items
             bar.update(1)
             if first_step:
                 # The first step of a process pays one-off costs (torch.compile's compilation, allocator warm-up):
@@ -280,8 +284,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
                 t_last, n_last, first_step = timer.seconds, 0, False
             if step % 10 == 0 or step == config.steps:
                 # n_last is 0 when a resumed process's first step lands on a logging step: report that step's rate.
-                rate = (n_last / max(timer.seconds - t_last, 1e-9) if n_last
-                        else len(next(iter(batch.values()))) * world / max(took, 1e-9))
+                rate = n_last / max(timer.seconds - t_last, 1e-9) if n_last else items / max(took, 1e-9)
                 t_last, n_last = timer.seconds, 0
                 if world > 1:
                     batch_metrics = distributed.reduce_weighted_means(batch_metrics, 1, device)
