@@ -79,4 +79,28 @@ class StepTimer:
         return took
 
 
-__all__ = ["check_compiler", "compile_model", "make_optimizer", "clip_and_measure", "StepTimer"]
+class Throughput:
+    """Items/s of the steady-state steps since the last report. A process's first step pays one-off costs
+    (torch.compile's compilation, allocator warm-up), so it is left out of every rate."""
+
+    def __init__(self, timer: StepTimer):
+        self.timer, self.items, self.since, self.first = timer, 0, timer.seconds, True
+
+    def add(self, items: int) -> bool:
+        """Count a finished step; True if it was this process's first."""
+        if self.first:
+            self.first, self.items, self.since = False, 0, self.timer.seconds
+            return True
+        self.items += items
+        return False
+
+    def rate(self, items: int, took: float) -> float:
+        """The rate since the last call (or, when no steady-state step was counted since, e.g. a resumed process's
+        first step landing on a logging step, that step's own rate); starts a new window."""
+        seconds = self.timer.seconds - self.since
+        rate = self.items / max(seconds, 1e-9) if self.items else items / max(took, 1e-9)
+        self.items, self.since = 0, self.timer.seconds
+        return rate
+
+
+__all__ = ["check_compiler", "compile_model", "make_optimizer", "clip_and_measure", "StepTimer", "Throughput"]

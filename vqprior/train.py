@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .acceleration import StepTimer, clip_and_measure, compile_model, make_optimizer
+from .acceleration import StepTimer, Throughput, clip_and_measure, compile_model, make_optimizer
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
@@ -100,225 +101,282 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     ``out_dir/tensorboard`` too (vqprior.monitor). Returns a summary dict (step, last metrics, status).
     In a distributed run (see the module docstring) every rank calls this with the same arguments.
     """
-    from tqdm import tqdm
-
     device = torch.device(device)
     apply_precision_policy(config.precision)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    main = rank == 0
-    if config.batch_size % world:
-        raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
-                        f"{world} processes")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
+    run = TrainingRun(task, config, out_dir, device, progress=progress, num_workers=num_workers)
+    # The order of these calls is the order in which they draw from the global RNG (model init, data-dependent
+    # init, the eval copy's init): keep it, or runs stop being reproducible across versions.
+    run.build_model(checkpoint, tensorboard)
+    run.build_loaders(train_set, val_set)
+    run.initialise(train_set, checkpoint, init_weights)
+    status, step = run.loop()
+    return run.finish(status, step)
 
-    torch.manual_seed(config.seed)
-    model = task.build_model().to(device)
-    start_step = 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"], strict=True)
-        start_step = int(checkpoint["step"])
-    board = None
-    if tensorboard and main:
-        from .monitor import TensorBoardLog
 
-        board = TensorBoardLog(out, start_step)
-    if config.checkpoint_activations:
-        if not hasattr(model, "checkpoint_activations"):
-            raise UserError("--checkpoint-activations applies to PixelSNAIL models (pixels and priors) only")
-        model.checkpoint_activations = True
-    opt = make_optimizer(model, config.lr, (config.beta1, config.beta2))
+@dataclass
+class _StepResult:
+    applied: bool  # False: a non-finite loss or gradient, the weights untouched
+    stop: bool  # SIGINT/SIGTERM received (on any rank)
+    time_up: bool  # --time-limit reached before this step (on any rank)
+    items: int  # images or code maps in the global batch
+    lr: float
+    metrics: dict[str, float]
 
-    if val_set is not None and config.eval_limit and len(val_set) > config.eval_limit:
-        val_set = torch.utils.data.Subset(val_set, range(config.eval_limit))
-    sampler = StepBatchSampler(len(train_set), config.batch_size, config.seed, start_step, config.steps,
-                               rank=rank, world_size=world)
-    # Every DataLoader gets its own generator: creating an iterator otherwise draws a seed from the global RNG,
-    # which drives dropout, and an eval or a resume would then shift the dropout masks of later steps.
-    def loader_rng():
-        return torch.Generator().manual_seed(config.seed)
 
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers,
-                        persistent_workers=num_workers > 0, generator=loader_rng())
-    eval_batch = max(config.batch_size, 32)
-    val_loader = DataLoader(val_set, batch_size=eval_batch, shuffle=False, num_workers=num_workers,
-                            generator=loader_rng()) if val_set is not None and len(val_set) else None
+class TrainingRun:
+    """One process's part of a training run: the model, its EMA and eval copies, the optimizer, the loaders, the
+    step timer and what it writes (checkpoint, metrics.jsonl, grids, TensorBoard). ``train`` drives it."""
 
-    if checkpoint is None:
-        if init_weights is not None:
-            model.load_state_dict(init_weights, strict=True)  # fine-tuning: the weights are already initialised
-        else:
-            first = to_device(next(iter(DataLoader(train_set, batch_sampler=[sampler.global_batch(0)],
-                                                   generator=loader_rng()))), device)
-            task.init_model(model, first)  # weight-norm data-dependent init on one batch (the same on every rank)
-        ema = EMA(model, config.ema)
-        if main:
-            truncate_metrics(metrics_path, -1)
-    else:
-        opt.load_state_dict(checkpoint["optimizer"])
-        ema = EMA(model, config.ema, checkpoint["ema"])
-        if main:
-            truncate_metrics(metrics_path, start_step)
-    train_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    def __init__(self, task, config: TrainConfig, out_dir: str | os.PathLike, device: torch.device, *,
+                 progress: bool, num_workers: int):
+        self.task, self.config, self.device = task, config, device
+        self.progress, self.num_workers = progress, num_workers
+        self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+        self.main = self.rank == 0
+        if config.batch_size % self.world:
+            raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
+                            f"{self.world} processes")
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.board = None
+        self.last_metrics: dict[str, float] = {}
+        self.timer = StepTimer()
+        self.bad_steps = 0  # consecutive non-finite losses
+        self.skipped = 0  # steps skipped in this process (non-finite loss or gradient)
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        # Compiled around DDP (not inside it) so that DDP's bucketed all-reduce still overlaps the backward pass.
-        train_model = compile_model(train_model, device)
-    eval_model = task.build_model().to(device).eval()
-    last_metrics: dict[str, float] = dict(checkpoint.get("metrics", {})) if checkpoint else {}
-    sample_batch = next(iter(DataLoader(val_set if val_loader else train_set, batch_size=config.num_samples,
-                                        generator=loader_rng())))
+    def loader_rng(self) -> torch.Generator:
+        # Every DataLoader gets its own generator: creating an iterator otherwise draws a seed from the global RNG,
+        # which drives dropout, and an eval or a resume would then shift the dropout masks of later steps.
+        return torch.Generator().manual_seed(self.config.seed)
 
-    def save(step: int) -> None:
-        if not main:
-            return
-        payload = {"kind": task.kind, "config": {**task.config_dicts(), "train": config.to_dict()},
-                   "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                   "step": step, "rng": rng_state(), "metrics": last_metrics, "train_seconds": timer.seconds}
-        payload.update(task.extra_checkpoint())
-        save_checkpoint(out / CHECKPOINT_NAME, payload)
+    # ---- setting up ------------------------------------------------------------------------------------------------
+    def build_model(self, checkpoint: dict[str, Any] | None, tensorboard: bool) -> None:
+        config = self.config
+        torch.manual_seed(config.seed)
+        self.model = self.task.build_model().to(self.device)
+        self.start_step = 0
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"], strict=True)
+            self.start_step = int(checkpoint["step"])
+        if tensorboard and self.main:
+            from .monitor import TensorBoardLog
 
-    def run_eval(step: int, final: bool = False) -> None:
-        eval_model.load_state_dict(ema.state_dict())
-        if val_loader is not None:
-            with torch.no_grad(), autocast(device, config.precision):
-                if world > 1:
-                    result = _reduce_eval(task, eval_model, val_set, eval_batch, num_workers, loader_rng, device)
-                else:  # the final evaluation (often the whole held-out split) shows its own progress bar
-                    batches = tqdm(val_loader, desc="final evaluation", unit="batch", leave=False,
-                                   dynamic_ncols=True, disable=not (progress and final))
-                    result = task.evaluate(eval_model, batches)
-            last_metrics.update({f"eval_{k}": v for k, v in result.items()})
-            if main:
-                append_jsonl(metrics_path, {"step": step, "split": "eval", "train_seconds": timer.seconds, **result})
-                if board:
-                    board.scalars("eval", step, result)
-                log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            self.board = TensorBoardLog(self.out, self.start_step)
+        if config.checkpoint_activations:
+            if not hasattr(self.model, "checkpoint_activations"):
+                raise UserError("--checkpoint-activations applies to PixelSNAIL models (pixels and priors) only")
+            self.model.checkpoint_activations = True
+        self.opt = make_optimizer(self.model, config.lr, (config.beta1, config.beta2))
 
-    def run_samples(step: int) -> None:
-        if not main:
-            return
-        eval_model.load_state_dict(ema.state_dict())
-        g = torch.Generator(device=device).manual_seed(config.seed + step)
-        with torch.no_grad():
-            images = task.grid(eval_model, to_device(sample_batch, device), g)
-        nrow = getattr(task, "grid_nrow", None)
-        save_grid(images, out / f"samples_step{step}.png", nrow=nrow)
-        if board:
-            board.image("samples", step, make_grid(images, nrow))
+    def build_loaders(self, train_set, val_set) -> None:
+        config = self.config
+        if val_set is not None and config.eval_limit and len(val_set) > config.eval_limit:
+            val_set = torch.utils.data.Subset(val_set, range(config.eval_limit))
+        self.val_set = val_set
+        self.sampler = StepBatchSampler(len(train_set), config.batch_size, config.seed, self.start_step,
+                                        config.steps, rank=self.rank, world_size=self.world)
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=self.num_workers,
+                                 persistent_workers=self.num_workers > 0, generator=self.loader_rng())
+        self.eval_batch = max(config.batch_size, 32)
+        self.val_loader = DataLoader(val_set, batch_size=self.eval_batch, shuffle=False, num_workers=self.num_workers,
+                                     generator=self.loader_rng()) if val_set is not None and len(val_set) else None
+        self.sample_source = val_set if self.val_loader else train_set
 
-    if checkpoint is not None:
-        set_rng_state(checkpoint["rng"])  # last, so that nothing above shifts the dropout masks of later steps
-    bad_steps, skipped, status = 0, 0, "finished"
-    step = start_step
-    bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and main), dynamic_ncols=True,
-               unit="step")
-    timer = StepTimer(checkpoint.get("train_seconds", 0.0) if checkpoint else 0.0)
-    t_last, n_last, first_step = timer.seconds, 0, True
-
-    def out_of_time() -> bool:  # --time-limit, judged on the step time spent so far (resumes included)
-        return config.time_limit > 0 and timer.seconds >= config.time_limit * 60
-
-    with StopFlag() as stop:
-        # A run resumed past its --time-limit takes no step: it only evaluates, samples and saves (as a finished run).
-        for batch in ([] if out_of_time() else loader):
-            timer.start()
-            if world > 1:
-                # Ranks must draw different dropout masks, and a resumed run the masks of an uninterrupted one:
-                # seed each step from (seed, step, rank) (one process keeps the saved RNG stream instead).
-                torch.manual_seed(hash((config.seed, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-            lr = config.lr * config.lr_decay ** step
-            for group in opt.param_groups:
-                group["lr"] = lr
-            batch = to_device(batch, device)
-            train_model.train()
-            with autocast(device, config.precision):
-                loss, batch_metrics = task.loss(train_model, batch)
-            # One all-reduce per step agrees the non-finite check, the stop signal and the time limit across ranks
-            # (the limit is judged on the step time before this step, so this step still completes).
-            flags = distributed.all_reduce_sum(torch.tensor(
-                [float(not torch.isfinite(loss)), float(stop.signal is not None), float(out_of_time())],
-                device=device))
-            stop_now = bool(flags[1] > 0)
-            time_up = bool(flags[2] > 0)
-            skip = bool(flags[0] > 0)
-            if skip:
-                bad_steps += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, bad_steps)
+    def initialise(self, train_set, checkpoint: dict[str, Any] | None,
+                   init_weights: dict[str, torch.Tensor] | None) -> None:
+        """Weights (data-dependent init, --init-from or the checkpoint's), optimizer and EMA state, the metrics
+        file cut to the starting step, the wrapped training model, the eval copy and the RNG state."""
+        config, model = self.config, self.model
+        if checkpoint is None:
+            if init_weights is not None:
+                model.load_state_dict(init_weights, strict=True)  # fine-tuning: the weights are already initialised
             else:
-                bad_steps = 0
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
-                skip = not bool(torch.isfinite(clip_and_measure(list(model.parameters()), config.grad_clip)))
-            if skip:
-                # A non-finite loss or gradient never reaches the weights: skip the step and count it.
-                skipped += 1
-                timer.stop()
-                opt.zero_grad(set_to_none=True)
-                if bad_steps >= config.max_bad_steps:
-                    status = "diverged"
-                    break
+                first = to_device(next(iter(DataLoader(train_set, batch_sampler=[self.sampler.global_batch(0)],
+                                                       generator=self.loader_rng()))), self.device)
+                self.task.init_model(model, first)  # weight-norm data-dependent init (the same batch on every rank)
+            self.ema = EMA(model, config.ema)
+        else:
+            self.opt.load_state_dict(checkpoint["optimizer"])
+            self.ema = EMA(model, config.ema, checkpoint["ema"])
+            self.last_metrics = dict(checkpoint.get("metrics", {}))
+            self.timer = StepTimer(checkpoint.get("train_seconds", 0.0))
+        if self.main:
+            truncate_metrics(self.metrics_path, self.start_step if checkpoint is not None else -1)
+        self.train_model = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=device_ids)
+        if config.compile:
+            # Compiled around DDP (not inside it) so that DDP's bucketed all-reduce still overlaps the backward pass.
+            self.train_model = compile_model(self.train_model, self.device)
+        self.eval_model = self.task.build_model().to(self.device).eval()
+        self.sample_batch = next(iter(DataLoader(self.sample_source, batch_size=config.num_samples,
+                                                 generator=self.loader_rng())))
+        if checkpoint is not None:
+            set_rng_state(checkpoint["rng"])  # last, so that nothing above shifts the dropout masks of later steps
+
+    # ---- what the run writes ---------------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        if not self.main:
+            return
+        payload = {"kind": self.task.kind, "config": {**self.task.config_dicts(), "train": self.config.to_dict()},
+                   "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                   "step": step, "rng": rng_state(), "metrics": self.last_metrics,
+                   "train_seconds": self.timer.seconds}
+        payload.update(self.task.extra_checkpoint())
+        save_checkpoint(self.out / CHECKPOINT_NAME, payload)
+
+    def evaluate(self, step: int, final: bool = False) -> None:
+        """Held-out metrics of the EMA weights: a metrics.jsonl record, a log line, TensorBoard scalars."""
+        from tqdm import tqdm
+
+        if self.val_loader is None:
+            return
+        self.eval_model.load_state_dict(self.ema.state_dict())
+        with torch.no_grad(), autocast(self.device, self.config.precision):
+            if self.world > 1:
+                result = _reduce_eval(self.task, self.eval_model, self.val_set, self.eval_batch, self.num_workers,
+                                      self.loader_rng, self.device)
+            else:  # the final evaluation (often the whole held-out split) shows its own progress bar
+                batches = tqdm(self.val_loader, desc="final evaluation", unit="batch", leave=False,
+                               dynamic_ncols=True, disable=not (self.progress and final))
+                result = self.task.evaluate(self.eval_model, batches)
+        self.last_metrics.update({f"eval_{k}": v for k, v in result.items()})
+        if self.main:
+            append_jsonl(self.metrics_path, {"step": step, "split": "eval", "train_seconds": self.timer.seconds,
+                                             **result})
+            if self.board:
+                self.board.scalars("eval", step, result)
+            log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
+    def sample_grid(self, step: int) -> None:
+        """samples_stepN.png from the EMA weights (reconstructions for the VQ-VAE), seeded by (seed, step)."""
+        if not self.main:
+            return
+        self.eval_model.load_state_dict(self.ema.state_dict())
+        g = torch.Generator(device=self.device).manual_seed(self.config.seed + step)
+        with torch.no_grad():
+            images = self.task.grid(self.eval_model, to_device(self.sample_batch, self.device), g)
+        nrow = getattr(self.task, "grid_nrow", None)
+        save_grid(images, self.out / f"samples_step{step}.png", nrow=nrow)
+        if self.board:
+            self.board.image("samples", step, make_grid(images, nrow))
+
+    def log_train(self, step: int, result: _StepResult, rate: float, bar) -> None:
+        """A train record every 10 steps: lr, items/s, skipped steps, step time, the batch's metrics."""
+        metrics = result.metrics
+        if self.world > 1:
+            metrics = distributed.reduce_weighted_means(metrics, 1, self.device)
+        bar.set_postfix(**{k: round(v, 4) for k, v in metrics.items()}, img_s=f"{rate:.1f}")
+        if self.main:
+            record = {"lr": result.lr, "items_per_s": rate, "skipped_steps": self.skipped,
+                      "train_seconds": self.timer.seconds, **metrics}
+            append_jsonl(self.metrics_path, {"step": step, "split": "train", **record})
+            if self.board:
+                self.board.scalars("train", step, record)
+
+    def periodic(self, step: int) -> None:
+        """Eval, sample grid and checkpoint when ``step`` is one of their multiples (the last step's eval and grid
+        are the final ones, written by ``finish``)."""
+        config = self.config
+        if step % config.eval_every == 0 and step < config.steps:
+            self.evaluate(step)
+        if step % config.sample_every == 0 and step < config.steps:
+            self.sample_grid(step)
+        if step % config.checkpoint_every == 0:
+            self.save(step)
+
+    # ---- training --------------------------------------------------------------------------------------------------
+    def out_of_time(self) -> bool:
+        """--time-limit, judged on the step time spent so far (resumes included)."""
+        return self.config.time_limit > 0 and self.timer.seconds >= self.config.time_limit * 60
+
+    def train_step(self, batch: dict[str, torch.Tensor], step: int, stop: StopFlag) -> _StepResult:
+        """One optimisation step, or none when the loss or a gradient is not finite (the weights never see it)."""
+        config, opt = self.config, self.opt
+        if self.world > 1:
+            # Ranks must draw different dropout masks, and a resumed run the masks of an uninterrupted one:
+            # seed each step from (seed, step, rank) (one process keeps the saved RNG stream instead).
+            torch.manual_seed(hash((config.seed, step, self.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+        lr = config.lr * config.lr_decay ** step
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = to_device(batch, self.device)
+        self.train_model.train()
+        with autocast(self.device, config.precision):
+            loss, metrics = self.task.loss(self.train_model, batch)
+        # One all-reduce per step agrees the non-finite check, the stop signal and the time limit across ranks
+        # (the limit is judged on the step time before this step, so this step still completes).
+        flags = distributed.all_reduce_sum(torch.tensor(
+            [float(not torch.isfinite(loss)), float(stop.signal is not None), float(self.out_of_time())],
+            device=self.device))
+        skip = bool(flags[0] > 0)
+        if skip:
+            self.bad_steps += 1
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, self.bad_steps)
+        else:
+            self.bad_steps = 0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
+            skip = not bool(torch.isfinite(clip_and_measure(list(self.model.parameters()), config.grad_clip)))
+        if skip:
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+            self.ema.update(self.model, step)
+        items = len(next(iter(batch.values()))) * self.world
+        return _StepResult(not skip, bool(flags[1] > 0), bool(flags[2] > 0), items, lr, metrics)
+
+    def loop(self) -> tuple[str, int]:
+        """Steps until --steps, a stop signal, the time limit or too many non-finite losses; (status, step)."""
+        from tqdm import tqdm
+
+        config, step = self.config, self.start_step
+        throughput = Throughput(self.timer)
+        bar = tqdm(total=config.steps, initial=step, disable=not (self.progress and self.main), dynamic_ncols=True,
+                   unit="step")
+        with StopFlag() as stop, bar:
+            # A run resumed past its --time-limit takes no step: it only evaluates, samples and saves.
+            for batch in ([] if self.out_of_time() else self.loader):
+                self.timer.start()
+                result = self.train_step(batch, step, stop)
+                took = self.timer.stop()
+                if not result.applied:
+                    self.skipped += 1
+                    if self.bad_steps >= config.max_bad_steps:
+                        return "diverged", step
                 step += 1
                 bar.update(1)
-                if stop_now:
-                    status = "stopped"
-                    break
-                continue
-            opt.step()
-            ema.update(model, step)
-            took = timer.stop()
-            step += 1
-            items = len(next(iter(batch.values()))) * world
-            n_last += items
-            bar.update(1)
-            if first_step:
-                # The first step of a process pays one-off costs (torch.compile's compilation, allocator warm-up):
-                # report it once and keep it out of the images/s of the steady-state steps.
-                if config.compile and main:
-                    log.info("torch.compile: first step (compilation included) took %.1f s", took)
-                t_last, n_last, first_step = timer.seconds, 0, False
-            if step % 10 == 0 or step == config.steps:
-                # n_last is 0 when a resumed process's first step lands on a logging step: report that step's rate.
-                rate = n_last / max(timer.seconds - t_last, 1e-9) if n_last else items / max(took, 1e-9)
-                t_last, n_last = timer.seconds, 0
-                if world > 1:
-                    batch_metrics = distributed.reduce_weighted_means(batch_metrics, 1, device)
-                shown = {k: round(v, 4) for k, v in batch_metrics.items()}
-                bar.set_postfix(**shown, img_s=f"{rate:.1f}")
-                if main:
-                    record = {"lr": lr, "items_per_s": rate, "skipped_steps": skipped,
-                              "train_seconds": timer.seconds, **batch_metrics}
-                    append_jsonl(metrics_path, {"step": step, "split": "train", **record})
-                    if board:
-                        board.scalars("train", step, record)
-            if step % config.eval_every == 0 and step < config.steps:
-                run_eval(step)
-            if step % config.sample_every == 0 and step < config.steps:
-                run_samples(step)
-            if step % config.checkpoint_every == 0:
-                save(step)
-            if stop_now:
-                status = "stopped"
-                break
-            if time_up:
-                log.info("time limit of %g min of step time reached at step %d", config.time_limit, step)
-                break  # status stays "finished": the final evaluation and samples follow
-    bar.close()
-    if status == "diverged":
-        kept = (f"the last good checkpoint is kept in {out / CHECKPOINT_NAME}" if (out / CHECKPOINT_NAME).exists()
-                else "no checkpoint had been written yet")
-        raise UserError(f"training stopped: {bad_steps} consecutive non-finite losses at step {step}; {kept}")
-    if status == "finished":
-        run_eval(step, final=True)
-        run_samples(step)
-    save(step)
-    if board:
-        board.close()
-    distributed.barrier()  # no rank returns (and leaves the group) before rank 0 has written the checkpoint
-    return {"step": step, "status": status, "skipped_steps": skipped, "metrics": dict(last_metrics),
-            "checkpoint": str(out / CHECKPOINT_NAME)}
+                if result.applied:
+                    if throughput.add(result.items) and config.compile and self.main:
+                        log.info("torch.compile: first step (compilation included) took %.1f s", took)
+                    if step % 10 == 0 or step == config.steps:
+                        self.log_train(step, result, throughput.rate(result.items, took), bar)
+                    self.periodic(step)
+                if result.stop:
+                    return "stopped", step
+                if result.time_up:
+                    log.info("time limit of %g min of step time reached at step %d", config.time_limit, step)
+                    return "finished", step  # the final evaluation and samples follow, as for a finished run
+        return "finished", step
+
+    def finish(self, status: str, step: int) -> dict[str, Any]:
+        """The final evaluation and grid (finished runs), the last checkpoint, and the run's summary."""
+        checkpoint = self.out / CHECKPOINT_NAME
+        if status == "diverged":
+            kept = (f"the last good checkpoint is kept in {checkpoint}" if checkpoint.exists()
+                    else "no checkpoint had been written yet")
+            raise UserError(f"training stopped: {self.bad_steps} consecutive non-finite losses at step {step}; {kept}")
+        if status == "finished":
+            self.evaluate(step, final=True)
+            self.sample_grid(step)
+        self.save(step)
+        if self.board:
+            self.board.close()
+        distributed.barrier()  # no rank returns (and leaves the group) before rank 0 has written the checkpoint
+        return {"step": step, "status": status, "skipped_steps": self.skipped, "metrics": dict(self.last_metrics),
+                "checkpoint": str(checkpoint)}
