@@ -72,8 +72,6 @@ def _read_codes(path: Path, priors, channels: int):
 
 
 def _psnr(vq, codes, images) -> float:
-    import torch
-
     from vqprior.vqvae_task import psnr_from_mse
 
     n, se = images.shape[0], 0.0

@@ -8,7 +8,8 @@ import torch
 from vqprior.checkpoint import build_model, read_checkpoint, save_checkpoint
 from vqprior.config import ConfigError, DataConfig
 from vqprior.errors import UserError
-from vqprior.vqvae import VQVAE, VectorQuantizer, VQVAEConfig, measure_codes, vqvae_config_from_preset
+from vqprior.quantizer import VectorQuantizer, measure_codes
+from vqprior.vqvae import VQVAE, VQVAEConfig, vqvae_config_from_preset
 from vqprior.vqvae_task import VQVAETask, psnr_from_mse
 
 

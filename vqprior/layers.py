@@ -1,6 +1,6 @@
 """Causal primitives of PixelSNAIL: weight-normed convolutions, shifted (causal) convolutions, gated residual blocks.
 
-Every layer here has a fixed, documented input window, which the cached sampler (``sampling.py``) relies on:
+Every layer here has a fixed, documented input window, which the cached sampler (``cached.py``) relies on:
 
 * ``DownRightShiftedConv2d`` (k x k): output (r, c) reads rows r-k+1..r, columns c-k+1..c of its input.
 * ``DownShiftedConv2d`` (1 x w, w odd): output (r, c) reads row r, columns c-(w-1)/2 .. c+(w-1)/2.

@@ -8,7 +8,8 @@ import math
 import torch
 
 from .config import DataConfig
-from .vqvae import VQVAE, VQVAEConfig, counts_to_usage, measure_codes
+from .quantizer import counts_to_usage, measure_codes
+from .vqvae import VQVAE, VQVAEConfig
 
 PIXEL_SCALE = 127.5  # model range [-1, 1] -> 0..255
 

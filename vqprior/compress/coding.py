@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..sampling import CachedSampler
+from ..cached import CachedSampler
 from .tables import PixelConditionals, categorical_table, uniform_table
 
 
