@@ -1,6 +1,6 @@
 """Lossless compression benchmark: our model-coded files against PNG, WebP lossless and JPEG-XL lossless.
 
-    python bench/compression.py [--num 1000] [--model checkpoints/cifar10-pixels-small.pt] [--mnist-model CKPT]
+    python bench/compression.py [--num 1000] [--model checkpoints/cifar10-pixels-small.pt] [--mnist-model checkpoints/mnist-pixels.pt]
 
 On the first --num test images of CIFAR-10 and MNIST (``/work/shared/data/{cifar10,mnist}/test.npz``, skipped when
 absent) it prints a markdown table: bits/dim of the coded bytes (every byte a codec writes, headers included),
@@ -8,7 +8,7 @@ encode and decode images/s, and whether the round trip was exact (each codec's o
 PNG is Pillow at compress_level 9 with optimize; WebP and JPEG-XL come from imagecodecs (``pip install
 'vqprior[bench]'``) at their slowest, strongest lossless settings; grayscale goes to WebP as RGB (it has no gray
 mode). Those are one file per image; ours is one file for all images (one header). Our rows need a pixel model
-for the dataset (MNIST has none shipped: pass --mnist-model). Run with one thread and at low priority:
+for the dataset (the shipped ones by default). Run with one thread and at low priority:
 ``nice -n 15 env OMP_NUM_THREADS=1 python bench/compression.py``.
 """
 from __future__ import annotations
@@ -146,7 +146,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num", type=int, default=1000, help="first N test images of each dataset")
     ap.add_argument("--model", type=Path, default=REPO / "checkpoints" / "cifar10-pixels-small.pt")
-    ap.add_argument("--mnist-model", type=Path, default=None, help="a 1-channel 28x28 pixel model (none shipped)")
+    ap.add_argument("--mnist-model", type=Path, default=REPO / "checkpoints" / "mnist-pixels.pt",
+                    help="a 1-channel 28x28 pixel model")
     ap.add_argument("--batch-size", type=int, default=100, help="images per cached pass of our coder")
     ap.add_argument("--priors", type=Path, nargs=2, metavar=("TOP", "BOTTOM"),
                     default=[REPO / "checkpoints" / "cifar10-prior-top.pt", REPO / "checkpoints" /

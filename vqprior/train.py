@@ -181,7 +181,6 @@ class TrainingRun:
         self.eval_batch = max(config.batch_size, 32)
         self.val_loader = DataLoader(val_set, batch_size=self.eval_batch, shuffle=False, num_workers=self.num_workers,
                                      generator=self.loader_rng()) if val_set is not None and len(val_set) else None
-        self.sample_source = val_set if self.val_loader else train_set
 
     def initialise(self, train_set, checkpoint: dict[str, Any] | None,
                    init_weights: dict[str, torch.Tensor] | None) -> None:
@@ -213,7 +212,8 @@ class TrainingRun:
             # Compiled around DDP (not inside it) so that DDP's bucketed all-reduce still overlaps the backward pass.
             self.train_model = compile_model(self.train_model, self.device)
         self.eval_model = self.task.build_model().to(self.device).eval()
-        self.sample_batch = next(iter(DataLoader(self.sample_source, batch_size=config.num_samples,
+        sample_source = self.val_set if self.val_loader else train_set
+        self.sample_batch = next(iter(DataLoader(sample_source, batch_size=config.num_samples,
                                                  generator=self.loader_rng())))
         if checkpoint is not None:
             set_rng_state(checkpoint["rng"])  # last, so that nothing above shifts the dropout masks of later steps
