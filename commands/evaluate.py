@@ -19,12 +19,16 @@ from .options import DATASETS
 @click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
               help="Score only the first N items (0: all).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--marginal", is_flag=True,
+              help="Class-conditional models: score -log2 p(x) = -log2 sum_y p(y) p(x|y), p(y) uniform (one pass "
+                   "per class), instead of -log2 p(x|label): the model as an unconditional density.")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
 @precision_option()
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
-def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cache, precision, device, quiet):
+def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, marginal, cache, precision, device,
+             quiet):
     """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights (the
     likelihood itself is float32 under --precision bf16); for a VQ-VAE, the reconstruction MSE (0..255 scale) and
     PSNR, and codebook usage and perplexity per level."""
@@ -32,7 +36,7 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
 
     from vqprior.checkpoint import load_model, read_checkpoint
     from vqprior.config import DataConfig
-    from vqprior.evaluate import evaluate_nll
+    from vqprior.evaluate import ClassMarginal, evaluate_nll
     from vqprior.precision import autocast
 
     device = resolve_device(device)
@@ -40,6 +44,9 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
     stored = read_checkpoint(checkpoint, ("pixels", "prior", "vqvae"))
     kind, data = stored["kind"], DataConfig.from_dict(stored["config"]["data"])
     model = load_model(checkpoint, device)
+    if marginal and (kind == "vqvae" or not model.config.num_classes):
+        raise click.UsageError("--marginal is for class-conditional pixel models and priors; this "
+                               f"{'VQ-VAE' if kind == 'vqvae' else 'model'} has no classes")
     if kind == "prior":
         refuse_unused(("dataset", "data_dir", "split", "cache"), "for a prior (it is scored on the --codes cache)")
     else:
@@ -50,6 +57,8 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
         with autocast(device, precision):
             _evaluate_vqvae(model, data, dataset, data_dir, split, limit, batch_size, cache, quiet)
         return
+    scored, labelled = (ClassMarginal(model), False) if marginal else (model, bool(model.config.num_classes))
+    how = f" (marginal over {model.config.num_classes} classes, p(y) uniform)" if marginal else ""
     if kind == "pixels":
         if codes:
             raise click.UsageError("--codes is for priors; this is a pixel model")
@@ -63,8 +72,8 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
                 f"dataset images are {ds.channels}x{ds.height}x{ds.width} but the model was trained on "
                 f"{model.config.channels}x{model.config.height}x{model.config.width}")
         with autocast(device, precision):
-            result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key="image",
-                                  use_label=bool(model.config.num_classes), limit=limit, progress=not quiet)
+            result = evaluate_nll(scored, DataLoader(ds, batch_size=batch_size), device, key="image",
+                                  use_label=labelled, limit=limit, progress=not quiet)
         unit, where = "bits/dim", f"{name} {split}"
     else:
         if not codes:
@@ -76,11 +85,10 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, cac
         check_codebook(ds.metadata, model.config.num_codes, level)
         cond = "top" if level == "bottom" else None
         with autocast(device, precision):
-            result = evaluate_nll(model, DataLoader(ds, batch_size=batch_size), device, key=level,
-                                  condition_key=cond, use_label=bool(model.config.num_classes), limit=limit,
-                                  progress=not quiet)
+            result = evaluate_nll(scored, DataLoader(ds, batch_size=batch_size), device, key=level,
+                                  condition_key=cond, use_label=labelled, limit=limit, progress=not quiet)
         unit, where = "bits/code", f"{codes} ({level} codes)"
-    click.echo(f"{result['bits_per_value']:.4f} {unit} on {where}: {result['examples']} items, "
+    click.echo(f"{result['bits_per_value']:.4f} {unit} on {where}{how}: {result['examples']} items, "
                f"{result['nll_nats']:.1f} nats total")
 
 

@@ -18,6 +18,8 @@ CASES = [
     case("unknown-preset-receptive-field", "receptive-field --preset huge --out out.png", "unknown preset"),
     case("unknown-precision", "train-pixels --precision fp16 --out run --quiet", "--precision"),
     case("class-on-unconditional-model", "sample {px} --class 1 --out out.png", "not class-conditional"),
+    case("marginal-on-unconditional-model", "evaluate {px} --marginal --quiet", "has no classes"),
+    case("marginal-on-vqvae", "evaluate {vq} --marginal --quiet", "VQ-VAE has no classes"),
     case("class-out-of-range", "sample {top} --bottom {bottom} --class 10 --out out.png", r"\[0, 9\]"),
     case("class-negative", "sample {top} --bottom {bottom} --class -1 --out out.png", r"\[0, 9\]"),
     case("class-conditional-unlabeled-folder",

@@ -3,6 +3,7 @@ command writes and what is in them. The expensive artefacts (a pixel run; a VQ-V
 are built once per module and shared; tests that change a run work on a copy.
 """
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -233,6 +234,18 @@ def test_sample_priors_then_decode_the_saved_codes(pipeline, tmp_path):
         assert "decoded 2 code maps" in check_ok(run_cli("decode", source, codes, "--out", decoded,
                                                          "--device", "cpu")).output
         np.testing.assert_array_equal(png_array(decoded), sampled)
+
+
+def test_evaluate_marginal_scores_a_class_conditional_model_as_unconditional(conditional_run):
+    ckpt = conditional_run / "latest.pt"
+    pattern = r"([\d.]+) bits/dim on sample test(.*): 16 items"
+    cond = re.search(pattern, check_ok(run_cli("evaluate", ckpt, "--limit", "16", "--quiet", "--device", "cpu")).output)
+    marg = re.search(pattern, check_ok(run_cli("evaluate", ckpt, "--limit", "16", "--marginal", "--quiet",
+                                               "--device", "cpu")).output)
+    assert cond and marg and cond.group(2) == "" and "marginal over 10 classes" in marg.group(2)
+    # -log2 p(x) <= -log2 p(x|y) + log2(10) per image: the bound spread over 3 x 8 x 8 values
+    assert float(marg.group(1)) <= float(cond.group(1)) + math.log2(10) / (3 * 8 * 8) + 1e-4
+    assert float(marg.group(1)) != float(cond.group(1))
 
 
 def test_evaluate_priors_on_code_caches(pipeline):

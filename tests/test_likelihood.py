@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_model
 from vqprior.distributions import logistic_mixture_log_prob, split_logistic_params
-from vqprior.evaluate import evaluate_nll
+from vqprior.evaluate import ClassMarginal, evaluate_nll
 
 VALUES = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
 
@@ -121,6 +121,32 @@ def test_categorical_prior_sums_to_one_over_every_code_map(conditioned):
     with torch.no_grad():
         log_p = model.log_prob(maps, **kwargs).sum((1, 2))
     assert float(torch.logsumexp(log_p, 0).exp()) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_class_marginal_is_a_normalised_density_over_every_code_map():
+    model = tiny_model(head="codes", num_codes=3, height=2, width=3, num_classes=3)
+    maps = torch.tensor(list(itertools.product(range(3), repeat=6))).view(-1, 2, 3)
+    log_p = ClassMarginal(model).log_prob(maps, label=torch.zeros(len(maps), dtype=torch.long))  # labels ignored
+    assert log_p.shape == (len(maps),)
+    assert float(torch.logsumexp(log_p, 0).exp()) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_class_marginal_matches_float64_mean_of_the_class_likelihoods():
+    model = tiny_model(channels=3, height=4, width=4, num_classes=4)
+    x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    marginal = ClassMarginal(model).log_prob(x)
+    for i in range(len(x)):
+        with torch.no_grad():
+            per_class = [math.exp(float(model.log_prob(x[i:i + 1], label=torch.tensor([y])).sum())) for y in range(4)]
+        assert float(marginal[i]) == pytest.approx(math.log(sum(per_class) / 4), abs=1e-9)
+        # the sum's single terms bound it: max_y log p(x|y) - log 4 <= log p(x) <= max_y log p(x|y)
+        best = math.log(max(per_class))
+        assert best - math.log(4) - 1e-9 <= float(marginal[i]) <= best + 1e-9
+
+
+def test_class_marginal_refuses_an_unconditional_model():
+    with pytest.raises(ValueError, match="not class-conditional"):
+        ClassMarginal(tiny_model())
 
 
 class UniformModel:
