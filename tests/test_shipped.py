@@ -18,6 +18,17 @@ from cli_support import absolute_paths_in, check_ok, run_cli
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 PIXELS = CHECKPOINTS / "cifar10-pixels-small.pt"
 MNIST_PIXELS = CHECKPOINTS / "mnist-pixels.pt"
+MNIST_CONDITIONAL = CHECKPOINTS / "mnist-pixels-conditional.pt"
+
+
+def mnist_dir():
+    """../shared/data/mnist with train.npz and test.npz, or skip."""
+    from conftest import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None or not all((data / "mnist" / f"{split}.npz").exists() for split in ("train", "test")):
+        pytest.skip("the real MNIST splits (../shared/data/mnist) are not here")
+    return data / "mnist"
 
 
 def documented(name: str, pattern: str) -> float:
@@ -41,16 +52,30 @@ def test_shipped_pixel_model_scores_its_documented_figure():
     assert abs(measured - documented_bpd(PIXELS.name)) < 0.01, out
 
 
-def test_shipped_mnist_model_scores_its_documented_figure():
-    from conftest import shared_data_dir
-
-    data = shared_data_dir()
-    if data is None or not (data / "mnist" / "test.npz").exists():
-        pytest.skip("the real MNIST test split (../shared/data/mnist) is not here")
-    out = check_ok(run_cli("evaluate", MNIST_PIXELS, "--dataset", "mnist", "--data-dir", data / "mnist", "--split",
+@pytest.mark.parametrize("model", [MNIST_PIXELS, MNIST_CONDITIONAL], ids=lambda p: p.stem)
+def test_shipped_mnist_model_scores_its_documented_figure(model):
+    out = check_ok(run_cli("evaluate", model, "--dataset", "mnist", "--data-dir", mnist_dir(), "--split",
                            "test", "--limit", "200", "--quiet", "--device", "cpu")).output
     measured = float(re.search(r"([0-9.]+) bits/dim", out).group(1))
-    assert abs(measured - documented_bpd(MNIST_PIXELS.name, "MNIST test[:200]")) < 0.01, out
+    assert abs(measured - documented_bpd(model.name, "MNIST test[:200]")) < 0.01, out
+
+
+@pytest.mark.parametrize("model", [MNIST_CONDITIONAL, CHECKPOINTS / "mnist-prior.pt"], ids=lambda p: p.stem)
+def test_shipped_class_conditional_mnist_models_draw_the_requested_digit(model, tmp_path):
+    """Two samples per class, each labelled by its nearest MNIST training image (raw pixels, Euclidean): at least half
+    must be labelled with the class they were drawn for (chance: 1 in 10; measured here 13 and 19 of 20).
+    bench/sample_classes.py measures 100."""
+    import torch
+
+    train = np.load(mnist_dir() / "train.npz")
+    references = torch.from_numpy(train["images"].reshape(len(train["images"]), -1)).float()
+    array = tmp_path / "s.npy"
+    check_ok(run_cli("sample", model, "--num", "20", "--seed", "0", "--save-array", array, "--device", "cpu",
+                     "--quiet"))
+    samples = torch.from_numpy(np.load(array).reshape(20, -1)).float()  # sample i is drawn for class i % 10
+    nearest = torch.cdist(samples, references).argmin(1)
+    labelled = torch.from_numpy(train["labels"].astype(np.int64))[nearest]
+    assert int((labelled == torch.arange(20) % 10).sum()) >= 10, labelled.tolist()
 
 
 def test_shipped_mnist_model_samples_digits(tmp_path):
@@ -102,7 +127,7 @@ def test_shipped_checkpoints_carry_no_machine_paths():
     import torch
 
     shipped = sorted(CHECKPOINTS.glob("*.pt"))
-    assert len(shipped) == 7
+    assert len(shipped) == 8
     for path in shipped:
         data = torch.load(path, map_location="cpu", weights_only=True)
         assert not absolute_paths_in(data), (path.name, absolute_paths_in(data))
