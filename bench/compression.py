@@ -1,6 +1,7 @@
 """Lossless compression benchmark: our model-coded files against PNG, WebP lossless and JPEG-XL lossless.
 
-    python bench/compression.py [--num 1000] [--model checkpoints/cifar10-pixels-small.pt] [--mnist-model checkpoints/mnist-pixels.pt]
+    python bench/compression.py [--num 1000] [--model checkpoints/cifar10-pixels-small.pt]
+                                [--mnist-model checkpoints/mnist-pixels.pt]
 
 On the first --num test images of CIFAR-10 and MNIST (``/work/shared/data/{cifar10,mnist}/test.npz``, skipped when
 absent) it prints a markdown table: bits/dim of the coded bytes (every byte a codec writes, headers included),

@@ -5,7 +5,7 @@ uniform noise (its floor). Raw-pixel k-NN is a weak, assumption-free judge: it k
 
 Samples come from ``vqprior sample --save-array``, whose sample i is drawn for class i % classes:
 
-    vqprior sample checkpoints/mnist-pixels-cc.pt --num 100 --seed 0 --save-array s.npy
+    vqprior sample checkpoints/mnist-pixels-conditional.pt --num 100 --seed 0 --save-array s.npy
     python bench/sample_classes.py s.npy --dataset mnist --data-dir ../shared/data/mnist
 """
 from __future__ import annotations
@@ -56,8 +56,13 @@ def main() -> None:
     train_x, train_y = as_matrix(load_image_dataset(args.dataset, "train", data_dir=args.data_dir, progress=False))
     test_set = load_image_dataset(args.dataset, "test", data_dir=args.data_dir, progress=False)
     classes = test_set.num_classes
+    if not classes:
+        raise SystemExit(f"Error: {args.dataset} has no class labels to judge samples by")
     test_x, test_y = as_matrix(test_set, args.test_limit)
-    samples = np.load(args.samples)
+    try:
+        samples = np.load(args.samples, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"Error: cannot read {args.samples} as a .npy array ({e})")
     if samples.dtype != np.uint8 or samples.ndim != 4 or samples[0].size != train_x.shape[1]:
         raise SystemExit(f"Error: {args.samples} is not a uint8 (N, C, H, W) array of this dataset's image size")
     sample_x = torch.from_numpy(samples).flatten(1).float() / 255
