@@ -1,6 +1,7 @@
 """The documentation holds together: the design notes cited by module docstrings exist (docs/design.md, with the
 cited sections), docs/cli.md is what scripts/cli_reference.py writes, every relative link of the Markdown pages
-resolves (file and heading), and each figure of a shipped model is written in one place only. The commands the pages
+resolves (file and heading), every page of docs/ is linked from the front page, and each figure of a shipped model
+is written in one place only. The commands the pages
 show are checked in tests/test_doc_commands.py."""
 from __future__ import annotations
 
@@ -132,3 +133,10 @@ def test_each_shipped_figure_is_written_in_one_place():
         if sum(found.values()) != 1:
             twice.append(f"{figure} ({where}) appears in {found}")
     assert not twice, "a shipped figure has one home; link to it instead of repeating it:\n" + "\n".join(twice)
+
+
+def test_every_docs_page_is_linked_from_the_front_page():
+    readme = (REPO / "README.md").read_text()
+    linked = {target.partition("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", readme)}
+    missing = [f"docs/{page.name}" for page in (REPO / "docs").glob("*.md") if f"docs/{page.name}" not in linked]
+    assert not missing, f"pages of docs/ that README.md does not link: {missing}"
