@@ -24,7 +24,8 @@ REGENERATE = "python scripts/cli_reference.py"
 
 
 def help_markdown(text: str | None) -> str:
-    """Click help text as Markdown: paragraphs rewrapped as click does, ``\\b`` paragraphs kept line by line."""
+    """Click help text as Markdown: each paragraph on one line (Markdown wraps it), ``\\b`` paragraphs (which click
+    prints unwrapped) as preformatted blocks, nothing after ``\\f`` (which click hides)."""
     text = (text or "").split("\f")[0]
     blocks = []
     for paragraph in text.strip().split("\n\n"):
@@ -50,8 +51,9 @@ def value_type(param: click.Parameter) -> str:
         described = " \\| ".join(f"`{c}`" for c in kind.choices)
     else:
         described = {"integer range": "integer", "float range": "float", "text": "text"}.get(kind.name, kind.name)
-        if isinstance(kind, click.types._NumberRangeBase):
-            described += f" ({kind._describe_range()})"
+        describe_range = getattr(kind, "_describe_range", None)  # click's IntRange / FloatRange, as --help shows it
+        if describe_range is not None:
+            described += f" ({describe_range()})"
     if getattr(param, "multiple", False) or param.nargs == -1:
         described += ", repeatable"
     return described
@@ -78,6 +80,7 @@ def default_text(param: click.Parameter, ctx: click.Context) -> str:
 
 
 def option_names(param: click.Option) -> str:
+    """``--x``, its aliases, and the ``--no-x`` of an on/off switch."""
     names = ", ".join(f"`{n}`" for n in param.opts)
     return names + "".join(f" / `{n}`" for n in param.secondary_opts)
 

@@ -1,8 +1,7 @@
 """The documentation holds together: the design notes cited by module docstrings exist (docs/design.md, with the
 cited sections), docs/cli.md is what scripts/cli_reference.py writes, every relative link of the Markdown pages
 resolves (file and heading), every page of docs/ is linked from the front page, and each figure of a shipped model
-is written in one place only. The commands the pages
-show are checked in tests/test_doc_commands.py."""
+is written in one place only. The commands the pages show are checked in tests/test_doc_commands.py."""
 from __future__ import annotations
 
 import re
