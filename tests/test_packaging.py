@@ -82,6 +82,11 @@ def test_wheel_holds_the_package_the_cli_and_the_sample_data(installed):
     assert "vqprior/data/sample/cifar10_sample.npz" in names
     assert "vqprior/compress/coding.py" in names
     assert not [n for n in names if n.startswith(("tests/", "commands/", "bench/", "scripts/"))]
+    sources = {f"vqprior/{p.relative_to(REPO / 'vqprior').as_posix()}" for p in (REPO / "vqprior").rglob("*.py")}
+    sources |= {f"vqprior/commands/{p.relative_to(REPO / 'commands').as_posix()}"
+                for p in (REPO / "commands").rglob("*.py")}
+    missing = sorted(sources - set(names))
+    assert not missing, f"modules left out of the wheel (a new subpackage not in pyproject.toml's packages?): {missing}"
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "vqprior = vqprior.commands.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
