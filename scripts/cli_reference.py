@@ -113,7 +113,8 @@ def render() -> str:
         "# Command-line reference",
         "",
         f"Generated from the click commands by `{REGENERATE}`; do not edit by hand (tests/test_docs.py checks that "
-        "this page is what the script writes). Every command also answers `--help`.",
+        "this page is what the script writes). Every command also answers `--help`. What the commands share (run "
+        "folders, resuming, fine-tuning, outputs, errors) and how they fit together: [usage.md](usage.md).",
         "",
         help_markdown(cli.help),
         "",
