@@ -139,3 +139,9 @@ def test_every_docs_page_is_linked_from_the_front_page():
     linked = {target.partition("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", readme)}
     missing = [f"docs/{page.name}" for page in (REPO / "docs").glob("*.md") if f"docs/{page.name}" not in linked]
     assert not missing, f"pages of docs/ that README.md does not link: {missing}"
+
+
+def test_front_page_stays_short():
+    """Issue 22: a front page a newcomer reads in five minutes, at most about 15 KB; details belong in docs/."""
+    size = len((REPO / "README.md").read_bytes())
+    assert size <= 16_000, f"README.md is {size} bytes: move details to a page of docs/ and link it"
