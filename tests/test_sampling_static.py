@@ -104,3 +104,13 @@ def test_cuda_without_an_index_is_the_current_device(monkeypatch):
     cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda:0"), torch.device("cuda:1")
     assert _same_device(cuda, cuda1) and not _same_device(cuda, cuda0) and _same_device(cuda0, cuda0)
     assert _same_device(torch.device("cpu"), torch.device("cpu")) and not _same_device(cuda, torch.device("cpu"))
+
+
+def test_compiled_sampling_runs_under_bf16_autocast():
+    """Under bf16 autocast the step's matrix products return bfloat16 while the maps stay float32: the static
+    writes cast (index_copy_ would refuse mixed dtypes)."""
+    model = make_model("codes-class-cond-k3-heads2", dtype=torch.float32)
+    _, label, cond = make_inputs(model, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sample(model, 2, label=label, condition=cond, compile={"backend": "eager"})
+    assert out.shape == (2, H, W) and 0 <= out.min() and out.max() < model.config.num_codes
