@@ -12,6 +12,11 @@ timed on every position.
     .venv/bin/python bench/sample_speed.py            # the full table; naive timed on 32 positions per cell
     .venv/bin/python bench/sample_speed.py --quick    # about a minute: checks that everything runs
     .venv/bin/python bench/sample_speed.py --sizes 32 --batches 16 --repeats 3 --naive-positions 32
+    .venv/bin/python bench/sample_speed.py --sizes 32 --batches 16 --static   # + the static-shape and compiled steps
+
+--static adds two columns: the cached sampler with static shapes in eager mode (``CachedSampler(static=True)``: what
+``--compile`` compiles) and compiled (``sample(..., compile=True)``: inductor on CPU; compilation left out of the
+timing by one untimed run at the same size first).
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ def run_cell(args) -> dict:
     torch.set_num_threads(args.threads)
     model = build_model(args.head, args.size, args.num_codes)
     positions = args.size * args.size
-    measured = positions if args.method == "cached" or args.naive_positions <= 0 \
+    measured = positions if args.method != "naive" or args.naive_positions <= 0 \
         else min(positions, args.naive_positions)
     start = positions - measured
     shape = (args.batch, 3, args.size, args.size) if args.head == "pixels" else (args.batch, args.size, args.size)
@@ -65,12 +70,24 @@ def run_cell(args) -> dict:
     before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Untimed warm-up on a 2x2 map: one-time costs (lazy initialisation) stay out of the timing, and its small
     # maps leave the memory high-water mark to the real run.
-    sample(model, args.batch, method=args.method, height=2, width=2)
+    method = "naive" if args.method == "naive" else "cached"
+    extra = dict(compile=True) if args.method in ("static", "compiled") else {}
+    if args.method == "static":  # the static-shape step in plain eager mode: sample(compile=True), compiling nothing
+        import vqprior.sampling
+
+        class EagerStatic(vqprior.sampling.CachedSampler):
+            def compile(self, **options):
+                return self
+
+        vqprior.sampling.CachedSampler = EagerStatic
+    sample(model, args.batch, method=method, height=2, width=2, **extra)
+    if args.method == "compiled":  # compilation is per map size: once at the timed size, untimed
+        sample(model, args.batch, method=method, prefix=prefix, start=start, **extra)
     times = []
     for r in range(args.repeats):
         g = torch.Generator().manual_seed(r)
         t0 = time.perf_counter()
-        sample(model, args.batch, method=args.method, generator=g, prefix=prefix, start=start)
+        sample(model, args.batch, method=method, generator=g, prefix=prefix, start=start, **extra)
         times.append(time.perf_counter() - t0)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     median = statistics.median(times)
@@ -80,7 +97,7 @@ def run_cell(args) -> dict:
 
 def spawn_cell(args, head: str, size: int, batch: int, method: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--cell", "--head", head, "--size", str(size), "--batch",
-           str(batch), "--method", method, "--repeats", str(args.repeats if method == "cached" else args.naive_repeats),
+           str(batch), "--method", method, "--repeats", str(args.naive_repeats if method == "naive" else args.repeats),
            "--naive-positions", str(args.naive_positions), "--threads", str(args.threads),
            "--num-codes", str(args.num_codes)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -103,6 +120,8 @@ def main(argv=None) -> None:
                         help="time naive on at most this many positions and extrapolate; 0: all (default 32)")
     parser.add_argument("--num-codes", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--static", action="store_true",
+                        help="also time the static-shape cached step, eager and compiled (two more columns)")
     parser.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--head", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -129,6 +148,8 @@ def main(argv=None) -> None:
     print("peak MB = peak RSS increase while sampling (getrusage ru_maxrss, fresh process per cell)\n")
     header = (f"{'head':6} {'size':>5} {'batch':>5} {'naive s':>10} {'naive timed on':>24} {'cached s':>9} "
               f"{'cached ms/pos':>13} {'speed-up':>9} {'naive MB':>9} {'cached MB':>9}")
+    if args.static:
+        header += f" {'static ms/pos':>13} {'compiled ms/pos':>15}"
     print(header)
     print("-" * len(header))
     for head in args.heads:
@@ -141,7 +162,12 @@ def main(argv=None) -> None:
                 print(f"{head:6} {f'{size}x{size}':>5} {batch:>5} {naive['seconds']:>10.2f} {basis:>24} "
                       f"{cached['seconds']:>9.3f} {1e3 * cached['seconds'] / cached['positions']:>13.3f} "
                       f"{naive['seconds'] / cached['seconds']:>8.1f}x {naive['peak_mb']:>9.1f} "
-                      f"{cached['peak_mb']:>9.1f}", flush=True)
+                      f"{cached['peak_mb']:>9.1f}", end="")
+                if args.static:
+                    static, compiled = (spawn_cell(args, head, size, batch, m) for m in ("static", "compiled"))
+                    print(f" {1e3 * static['seconds'] / static['positions']:>13.3f} "
+                          f"{1e3 * compiled['seconds'] / compiled['positions']:>15.3f}", end="")
+                print(flush=True)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,38 @@ def precision_option(sampling: bool = False, default: str = "fp32"):
                              f"on CUDA; bf16: autocast of the model calls (CPU and CUDA{bf16}).")
 
 
+compile_sampler_option = click.option(
+    "--compile", "compile_step", is_flag=True,
+    help="torch.compile the cached sampler's per-position step (static shapes: one compilation for all positions; "
+         "CUDA graphs on CUDA). Needs a C++ compiler on CPU, Triton on CUDA; pays off on GPUs.")
+
+
+def check_compile_sampler(compile_step: bool, method: str, device) -> None:
+    """--compile applies to the cached sampler only, and needs inductor's toolchain: both checked before any work."""
+    if not compile_step:
+        return
+    if method != "cached":
+        raise click.UsageError("--compile applies to --method cached (the naive sampler has no step to compile)")
+    from vqprior.acceleration import check_compiler
+
+    check_compiler(device)
+
+
+def _apply_deterministic(ctx, param, value):
+    if value:  # while the options are parsed: before the command body touches CUDA (cuBLAS reads its workspace once)
+        from vqprior.determinism import set_deterministic
+
+        set_deterministic(True)
+    return value
+
+
+deterministic_option = click.option(
+    "--deterministic", is_flag=True, expose_value=False, callback=_apply_deterministic,
+    help="Deterministic algorithms (torch.use_deterministic_algorithms, cuDNN deterministic and not autotuned, a "
+         "fixed cuBLAS workspace): the same results on every run on the same device model and software; slower on "
+         "GPUs. See docs/exactness.md.")
+
+
 def apply_precision(precision: str) -> None:
     """The precision policy for a command's whole run (vqprior.precision), set before any model call."""
     from vqprior.precision import apply_precision_policy

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import (apply_precision, check_outputs, device_option, guarded, precision_option, refuse_unused,
-                     resolve_device)
+from .common import (apply_precision, check_compile_sampler, check_outputs, compile_sampler_option,
+                     deterministic_option, device_option, guarded, precision_option, refuse_unused, resolve_device)
 
 
 @click.command("complete")
@@ -24,12 +24,14 @@ from .common import (apply_precision, check_outputs, device_option, guarded, pre
 @click.option("--class", "label", type=int, default=None, help="Class label (class-conditional models).")
 @click.option("--method", type=click.Choice(["cached", "naive"]), default="cached", show_default=True)
 @click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True)
+@compile_sampler_option
 @precision_option(sampling=True)
 @device_option
+@deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
 def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperature, top_k, top_p, label, method,
-             scale, device, precision, quiet):
+             scale, compile_step, device, precision, quiet):
     """Complete the image: keep its first --keep-rows rows exactly and sample the rest, --num times.
 
     Pixel models condition on the exact raster prefix. Priors encode the image with their embedded VQ-VAE, keep
@@ -44,6 +46,7 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
     from vqprior.images import image_format, load_image, save_grid
 
     device = resolve_device(device)
+    check_compile_sampler(compile_step, method, device)
     apply_precision(precision)
     check_outputs(out)
     image_format(out)
@@ -72,7 +75,7 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
         start, prefix = encoded.starts, [code.expand(num, -1, -1) for code in encoded.codes]
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
                       top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start, precision=precision,
-                      progress=False if quiet else None)
+                      progress=False if quiet else None, compile=compile_step)
     original = image.unsqueeze(0).to(result.images.device)
     if original.shape[1] != result.images.shape[1]:
         original = original.expand(-1, result.images.shape[1], -1, -1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .common import (apply_precision, check_dataset_options, device_option, guarded, precision_option, refuse_unused,
-                     resolve_device)
+from .common import (apply_precision, check_dataset_options, deterministic_option, device_option, guarded,
+                     precision_option, refuse_unused, resolve_device)
 from .options import DATASETS
 
 
@@ -25,6 +25,7 @@ from .options import DATASETS
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
 @precision_option()
 @device_option
+@deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
 def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, marginal, cache, precision, device,

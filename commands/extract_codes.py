@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import check_dataset_options, device_option, guarded, removes_new_folder_on_error, resolve_device
+from .common import (check_dataset_options, deterministic_option, device_option, guarded, removes_new_folder_on_error,
+                     resolve_device)
 from .options import DATASETS
 
 
@@ -21,6 +22,7 @@ from .options import DATASETS
               help="Encode only the first N images (0: all).")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
 @device_option
+@deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
 @removes_new_folder_on_error("out", discard=lambda folder: True)  # a failed extraction is rebuilt from scratch

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import (apply_precision, check_outputs, device_option, guarded, precision_option, refuse_unused,
+from .common import (apply_precision, check_compile_sampler, check_outputs, compile_sampler_option,
+                     deterministic_option, device_option, guarded, precision_option, refuse_unused,
                      removes_new_folder_on_error, resolve_device)
 
 
@@ -50,13 +51,15 @@ def sampling_options(fn):
 @click.option("--animate", type=click.Path(dir_okay=False), default=None,
               help="Also write an animation of the samples filling in position by position (.gif, or an animated "
                    ".png / .webp).")
+@compile_sampler_option
 @precision_option(sampling=True)
 @device_option
+@deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
 @removes_new_folder_on_error("out_dir", discard=lambda folder: True)  # a failed command leaves no --out-dir
 def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, batch_size, scale,
-           out_dir, overwrite, class_rows, save_codes, save_array, animate, device, precision, quiet):
+           out_dir, overwrite, class_rows, save_codes, save_array, animate, compile_step, device, precision, quiet):
     """Sample from CKPT (a pixel model or a code prior): an image grid (--out), one PNG per sample (--out-dir),
     the uint8 array (--save-array) and/or the codes (--save-codes); at least one of them."""
     import torch
@@ -76,6 +79,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     if not out_dir:
         refuse_unused(("overwrite",), "without --out-dir (single files are always replaced atomically)")
     device = resolve_device(device)
+    check_compile_sampler(compile_step, method, device)
     apply_precision(precision)
     check_outputs(out, save_codes, save_array, animate)
     if out:
@@ -96,7 +100,8 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     generator = torch.Generator(device=device).manual_seed(seed)
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
                       top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size,
-                      precision=precision, progress=False if quiet else None)
+                      precision=precision, progress=False if quiet else None,
+                      compile=compile_step)
     written = []
     if out:
         # Samples cycle through the classes (sample i has class i % classes); --class-rows groups them by class.

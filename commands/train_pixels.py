@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_dataset_options, device_option, guarded, removes_new_folder_on_error
+from .common import check_dataset_options, deterministic_option, device_option, guarded, removes_new_folder_on_error
 from .options import MODEL_FIELDS, data_options, model_options, train_config_from_options, train_options
 from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, differing, refuse_on_resume,
                         refuse_with_init, resumed_data_config, start_run)
@@ -17,6 +17,7 @@ ARCHITECTURE = ("preset", "class_conditional", *MODEL_FIELDS)  # fixed by a resu
 @model_options
 @train_options
 @device_option
+@deterministic_option
 @click.pass_context
 @guarded
 @removes_new_folder_on_error("out_dir")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import device_option, guarded, refuse_unused, removes_new_folder_on_error
+from .common import deterministic_option, device_option, guarded, refuse_unused, removes_new_folder_on_error
 from .options import MODEL_FIELDS, model_options, train_config_from_options, train_options
 from .run_start import (announce, architecture_conflicts, differing, refuse_on_resume, refuse_with_init, same_path,
                         start_run)
@@ -29,6 +29,7 @@ PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *MODEL_FIELDS)  # w
 @model_options
 @train_options
 @device_option
+@deterministic_option
 @click.pass_context
 @guarded
 @removes_new_folder_on_error("out_dir")

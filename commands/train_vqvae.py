@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import check_dataset_options, device_option, guarded, refuse_unused, removes_new_folder_on_error
+from .common import (check_dataset_options, deterministic_option, device_option, guarded, refuse_unused,
+                     removes_new_folder_on_error)
 from .options import data_options, train_config_from_options, train_options
 from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, refuse_on_resume,
                         refuse_with_init, resumed_data_config, start_run)
@@ -32,6 +33,7 @@ FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_c
 @click.option("--commitment", type=click.FloatRange(min=0), default=None, help="Commitment cost. [default: 0.25]")
 @train_options(ema=0.0, lr=3e-4, lr_decay=1.0, batch_size=32, eval_every=500, sample_every=500)
 @device_option
+@deterministic_option
 @click.pass_context
 @guarded
 @removes_new_folder_on_error("out_dir")

@@ -30,6 +30,10 @@ CASES = [
          "divisible"),
     case("device-cuda-unavailable", "sample {px} --device cuda --out out.png", "CUDA", marks=NO_CUDA),
     case("device-unknown", "sample {px} --device tpu --out out.png", "unknown device"),
+    case("compile-with-naive-sampler", "sample {px} --compile --method naive --out out.png", "--method cached"),
+    case("complete-compile-with-naive-sampler",
+         "complete {px} --image in.png --keep-rows 2 --compile --method naive --out out.png", "--method cached",
+         image_in_png),
     # options that would do nothing
     case("top-k-on-pixel-model", "sample {px} --top-k 5 --out out.png", "--top-k does nothing"),
     case("top-p-on-pixel-model", "sample {px} --top-p 0.9 --out out.png", "--top-p does nothing"),

@@ -119,7 +119,22 @@ def full_folder(d, a):
     (d / "full" / "keep.txt").write_text("mine")
 
 
+def made_on(record: str):
+    """The good file with its environment record replaced (CRC refit): as if compressed on another device."""
+    def setup(d, a):
+        from vqprior.compress import container, unpack
+
+        header = unpack(a["good"].read_bytes())
+        header.environment = record
+        (d / "elsewhere.vqz").write_bytes(container.pack(header))
+    return setup
+
+
 CASES = [
+    ("made-on-a-gpu", "decompress {px} elsewhere.vqz --out o.npy", r"compressed on CUDA \(NVIDIA H200",
+     made_on(f"torch {torch.__version__} cuda gpu=NVIDIA_H200 cuda=12.8 cudnn=91002 constriction 0.4.1")),
+    ("made-with-other-cpu-kernels", "decompress {px} elsewhere.vqz --out o.npy", "other CPU kernels",
+     made_on(f"torch {torch.__version__} cpu NO_SUCH_KERNELS constriction 0.4.1")),
     ("not-ours", "decompress {px} notours.vqz --out o.npy", "not a vqprior compressed file",
      write("notours.vqz", b"hello world, not compressed")),
     ("corrupt", "decompress {px} bad.vqz --out o.npy", "corrupt or truncated", corrupt),

@@ -56,12 +56,12 @@ def value_at(x, p):
     return x[:, :, r, c] if x.dim() == 4 else x[:, r, c]
 
 
-def max_step_error(model, start: int) -> float:
+def max_step_error(model, start: int, static: bool = False) -> float:
     """Largest |cached step params - full forward params on the same prefix| over the positions >= start of random
     data (the forward sees the data at positions < p and zeros after, as naive sampling does)."""
     x, label, cond = make_inputs(model, batch=3)
     with torch.no_grad():
-        sampler = CachedSampler(model, 3, label, cond)
+        sampler = CachedSampler(model, 3, label, cond, static=static)
         sampler.prefill(x, start)
         error = 0.0
         for p in range(start, H * W):

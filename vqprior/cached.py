@@ -5,6 +5,15 @@ zero-padded) input map filled up to the current position and contracts the small
 one matmul; each attention step keeps the keys and values of the positions filled so far. The samplers
 (``vqprior.sampling``) and the lossless coder (``vqprior.compress``) drive it; tests check it against full forward
 passes at every position.
+
+Two ways to run a step, the same arithmetic up to the attention's reduction length:
+
+* dynamic (the default; fastest in eager mode): Python-integer slices of the maps, attention over the p positions
+  filled so far, so the shapes change from one position to the next;
+* static (``static=True``; what ``compile()`` needs): every map is read and written through index tensors taken from
+  per-position tables, the position is a device tensor, and attention runs over all L positions under a mask. Every
+  step then has the same shapes, so ``torch.compile`` builds one graph for all positions (and CUDA graphs can
+  replay it: ``mode="reduce-overhead"``).
 """
 from __future__ import annotations
 
@@ -58,8 +67,10 @@ class _DownRightGated:
         self.w1, self.b1 = _conv_matrix(block.conv1.conv), block.conv1.conv.bias.detach()
         self.w2 = _conv_matrix(block.conv2.conv)  # conv2's bias is part of the per-step conditioned bias
         shape = (batch, height + k - 1, width + k - 1, self.w1.shape[1])  # zero rows on top, zero columns left
-        self.in_map = self.w1.new_zeros(shape)  # elu(x): conv1's input
-        self.mid_map = self.w1.new_zeros(shape)  # elu(conv1 output): conv2's input (dropout is off in eval)
+        # Allocated flat (B, rows * columns, C) for the static path's index_select / index_copy_; viewed 4-D.
+        self.in_flat = self.w1.new_zeros(batch, shape[1] * shape[2], shape[3])  # elu(x): conv1's input
+        self.mid_flat = self.w1.new_zeros(batch, shape[1] * shape[2], shape[3])  # elu(conv1 output): conv2's input
+        self.in_map, self.mid_map = self.in_flat.view(shape), self.mid_flat.view(shape)  # (dropout is off in eval)
 
     def __call__(self, x, r: int, c: int, bias2):
         k, B = self.k, x.shape[0]
@@ -67,6 +78,15 @@ class _DownRightGated:
         h = torch.addmm(self.b1, self.in_map[:, r:r + k, c:c + k].reshape(B, -1), self.w1)
         self.mid_map[:, r + k - 1, c + k - 1] = elu(h)
         return x + F.glu(torch.addmm(bias2, self.mid_map[:, r:r + k, c:c + k].reshape(B, -1), self.w2), 1)
+
+    def static(self, x, window: torch.Tensor, write: torch.Tensor, bias2):
+        """The same at the position whose k*k window and own cell in the flat maps are ``window`` (k*k,) and
+        ``write`` (1,) (index tensors): the window rows come out in the (kh, kw, channel) order of the matrices."""
+        B = x.shape[0]
+        self.in_flat.index_copy_(1, write, F.elu(x).unsqueeze(1).to(self.in_flat.dtype))
+        h = torch.addmm(self.b1, self.in_flat.index_select(1, window).reshape(B, -1), self.w1)
+        self.mid_flat.index_copy_(1, write, F.elu(h).unsqueeze(1).to(self.mid_flat.dtype))
+        return x + F.glu(torch.addmm(bias2, self.mid_flat.index_select(1, window).reshape(B, -1), self.w2), 1)
 
 
 class _Attention:
@@ -84,6 +104,8 @@ class _Attention:
         self.zero = like.new_zeros(batch, attn.value_channels)  # position 0 attends to nothing
         self.bg = bg_rows.unsqueeze(1).expand(length, batch, 2)  # (L, B, 2)
         self.block_out = None  # block output at the current position, waiting for that position's raw input
+        self.block_out_buffer = like.new_zeros(batch, attn.q_proj.in_channels - 2)  # static path (q_in = filters + 2)
+        self.before = torch.arange(length, device=like.device)  # static path: key j is visible at p when j < p
 
     def attend(self, h, p: int):
         self.block_out = h
@@ -94,6 +116,25 @@ class _Attention:
         scores = torch.matmul(q.view(B, self.heads, 1, -1), self.keys_t[..., :p])  # (B, n, 1, p)
         out = torch.matmul(torch.softmax(scores, -1), self.values[:, :, :p])  # (B, n, 1, value / n)
         return out.reshape(B, -1)
+
+    def attend_static(self, h, p: torch.Tensor):
+        """``attend`` at the position held by the 0-d tensor ``p``, over all L cached keys with those at positions
+        >= p masked: the same shapes at every position. exp(-inf) = 0, so the masked keys add exact zeros."""
+        self.block_out_buffer.copy_(h)
+        B = h.shape[0]
+        q = torch.addmm(self.q_b, self.q_block(torch.cat([h, self.bg[p]], 1)), self.q_w)
+        scores = torch.matmul(q.view(B, self.heads, 1, -1), self.keys_t)  # (B, n, 1, L)
+        scores = scores.masked_fill(self.before >= p, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, -1), self.values).reshape(B, -1)  # (B, value)
+        return torch.where(p > 0, out, self.zero)  # position 0 (an all-masked row, NaN above) attends to nothing
+
+    def append_static(self, raw, p: torch.Tensor):
+        """``append`` at the position held by the 0-d tensor ``p``."""
+        B = raw.shape[0]
+        kv = torch.addmm(self.kv_b, self.kv_block(torch.cat([raw, self.block_out_buffer, self.bg[p]], 1)), self.kv_w)
+        at = p.view(1)
+        self.keys_t.index_copy_(3, at, kv[:, :self.key_channels].reshape(B, self.heads, -1, 1).to(self.keys_t.dtype))
+        self.values.index_copy_(2, at, kv[:, self.key_channels:].reshape(B, self.heads, 1, -1).to(self.values.dtype))
 
     def append(self, raw, p: int):
         B = raw.shape[0]
@@ -117,19 +158,28 @@ class CachedSampler:
     order, or from ``start`` after ``prefill(prefix, start)``. The model must be in eval mode; everything that does
     not depend on the sampled values (weight-normed weights, background, class biases, condition features) is
     computed here, once.
+
+    ``static=True`` runs every step with the same shapes (see the module docstring); ``compile()`` then compiles the
+    step and the append once each, for all positions. Both ways give the same parameters to float rounding (the
+    attention's sums run over p or over L terms); a test checks that and that the samples agree.
     """
 
     def __init__(self, model, batch_size: int, label: torch.Tensor | None = None,
-                 condition: torch.Tensor | None = None, height: int | None = None, width: int | None = None):
+                 condition: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+                 static: bool = False):
         if model.training:
             raise ValueError("cached sampling needs the model in eval mode (call model.eval())")
         c = model.config
-        self.model, self.batch = model, batch_size
+        self.model, self.batch, self.static = model, batch_size, static
         self.height, self.width = height or c.height, width or c.width
         self.label, self.condition = label, condition
         self.position, self._stepped = 0, -1
+        self._step_at, self._append_at = self._step_static, self._append_static
+        self.compiled = False
         with torch.no_grad():
             self._build(model, batch_size, self.height, self.width, label, condition)
+            if static:
+                self._build_tables()
 
     def _build(self, model, B, H, W, label, condition):
         stem = model.stem
@@ -187,19 +237,97 @@ class CachedSampler:
         self.num_gated = len(gated)
         self.head_w, self.head_b = _conv_matrix(model.head.out), model.head.out.bias.detach()
 
+    def _build_tables(self):
+        """Per-position index tables of the static path: the position as a device tensor, the stem's 2x3 window
+        and own cell in the flat input map, each kernel size's k*k window and own cell in the flat block maps,
+        and the stem bias of each position."""
+        H, W, device = self.height, self.width, self.inputs.device
+        r = torch.arange(H, device=device).repeat_interleave(W)  # (L,) row of each position
+        c = torch.arange(W, device=device).repeat(H)
+
+        def windows(rows, cols, width):  # (L, rows * cols): row-major window starting at (r, c) in a padded map
+            i, j = torch.arange(rows, device=device), torch.arange(cols, device=device)
+            return ((r[:, None, None] + i[:, None]) * width + c[:, None, None] + j).flatten(1)
+
+        self.positions = torch.arange(H * W, device=device)
+        self.inputs_flat = self.inputs.view(self.batch, -1, self.inputs.shape[-1])
+        self.stem_window, self.stem_write = windows(2, 3, W + 2), ((r + 1) * (W + 2) + c + 1)[:, None]
+        self.stem_bias_rows = torch.stack(self.stem_bias)[2 * (r > 0).long() + (c > 0).long()]  # (L, F)
+        self.windows = {}  # kernel size -> ((L, k*k) window, (L, 1) own cell)
+        for res_blocks, _, _ in self.blocks:
+            for res in res_blocks:
+                k = res.k
+                self.windows[k] = (windows(k, k, W + k - 1), ((r + k - 1) * (W + k - 1) + c + k - 1)[:, None])
+        self.ones = self.inputs.new_ones(self.batch, 1)
+
+    def compile(self, **options) -> "CachedSampler":
+        """Compile the static step and append with ``torch.compile(fullgraph=True, dynamic=False, **options)``:
+        one graph each for every position (a batch of another size compiles once more). On CUDA pass
+        ``mode="reduce-overhead"`` for CUDA graphs; the maps that steps write are marked as static addresses so
+        that the graphs can update them in place."""
+        if not self.static:
+            raise ValueError("compile() needs a CachedSampler built with static=True")
+        if self.inputs.device.type == "cuda":
+            for t in self._state():
+                torch._dynamo.mark_static_address(t, guard=False)
+        settings = dict(fullgraph=True, dynamic=False, **options)
+        self._step_at = torch.compile(self._step_static, **settings)
+        self._append_at = torch.compile(self._append_static, **settings)
+        self.compiled = True
+        return self
+
+    def _state(self) -> list[torch.Tensor]:
+        """Every tensor a step writes."""
+        out = [self.inputs]
+        for res_blocks, attn, _ in self.blocks:
+            out += [t for res in res_blocks for t in (res.in_flat, res.mid_flat)]
+            if attn is not None:
+                out += [attn.keys_t, attn.values, attn.block_out_buffer]
+        return out
+
+    def _biases(self, p):
+        """An iterator over each gated block's (B, 2F) conv2 bias at position p (an int or a 0-d tensor)."""
+        if self.cond_rows is None:
+            return iter(self.bias_views)
+        return iter(torch.addmm(self.static_bias, self.cond_rows[:, p], self.cond_w)
+                    .view(self.batch, self.num_gated, -1).unbind(1))
+
+    def _step_static(self, p: torch.Tensor) -> torch.Tensor:
+        """The step at the position held by the 0-d device tensor ``p``: no Python value depends on p."""
+        B = self.batch
+        h = torch.addmm(self.stem_bias_rows[p], self.inputs_flat.index_select(1, self.stem_window[p]).reshape(B, -1),
+                        self.stem_w)
+        biases = self._biases(p)
+        at = {k: (window[p], write[p]) for k, (window, write) in self.windows.items()}
+        for res_blocks, attn, out in self.blocks:
+            for res in res_blocks:
+                h = res.static(h, *at[res.k], next(biases))
+            if attn is not None:
+                h = out(h, attn.attend_static(h, p), next(biases))
+        return torch.addmm(self.head_b, F.elu(h), self.head_w)
+
+    def _append_static(self, p: torch.Tensor, raw: torch.Tensor) -> None:
+        """Write the raw input ``raw`` (B, Cr) at the position held by the 0-d device tensor ``p``."""
+        row = torch.cat([raw.to(self.inputs.dtype), self.ones], 1).unsqueeze(1)  # the raw input and its one
+        self.inputs_flat.index_copy_(1, self.stem_write[p], row)
+        for attn in self.attns:
+            attn.append_static(raw, p)
+
     def step(self, p: int) -> torch.Tensor:
         """The (B, P) head parameters at position p (p must be the next position to sample)."""
         if p != self.position:
             raise ValueError(f"step({p}) out of order: the next position is {self.position}")
+        if self.static:
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            params = self._step_at(self.positions[p])
+            self._stepped = p
+            return params
         B = self.batch
         r, c = divmod(p, self.width)
         h = torch.addmm(self.stem_bias[2 * (r > 0) + (c > 0)], self.inputs[:, r:r + 2, c:c + 3].reshape(B, -1),
                         self.stem_w)
-        if self.cond_rows is None:
-            biases = iter(self.bias_views)
-        else:
-            biases = iter(torch.addmm(self.static_bias, self.cond_rows[:, p], self.cond_w)
-                          .view(B, self.num_gated, -1).unbind(1))
+        biases = self._biases(p)
         for res_blocks, attn, out in self.blocks:
             for res in res_blocks:
                 h = res(h, r, c, next(biases))
@@ -216,10 +344,13 @@ class CachedSampler:
             raw = uint8_to_unit(value, self.inputs.dtype)  # (B, C)
         else:
             raw = self.embed_table[value]  # (B, embed_dim)
-        r, c = divmod(p, self.width)
-        self.inputs[:, r + 1, c + 1, :self.raw_channels] = raw
-        for attn in self.attns:
-            attn.append(raw, p)
+        if self.static:
+            self._append_at(self.positions[p], raw)
+        else:
+            r, c = divmod(p, self.width)
+            self.inputs[:, r + 1, c + 1, :self.raw_channels] = raw
+            for attn in self.attns:
+                attn.append(raw, p)
         self.position += 1
 
     def prefill(self, prefix: torch.Tensor, start: int) -> None:

@@ -79,11 +79,12 @@ def generate(model, num: int, *, precision: str = "fp32", progress: bool | None 
 def _generate(model, num: int, *, bottom=None, method: str = "cached", generator: torch.Generator | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label: int | None = None,
              animate: bool = False, prefix: list[torch.Tensor] | torch.Tensor | None = None,
-             start: int | list[int] = 0, batch_size: int | None = None, bar=None) -> Generated:
+             start: int | list[int] = 0, batch_size: int | None = None, bar=None,
+             compile: bool | dict = False) -> Generated:
     """Sample ``num`` images from a pixel model or a (top) prior, with ``bottom`` the bottom prior of a 2-level
     VQ-VAE. ``prefix``/``start`` complete a known raster prefix: pixels, an image batch and a position; priors, a
     list of code maps [top(, bottom)] and a list of start positions, one per level. ``bar`` (tqdm) counts the
-    sampled positions."""
+    sampled positions. ``compile``: see ``vqprior.sampling.sample`` (each prior's step is compiled once)."""
     from .sampling import sample
 
     if num < 1:
@@ -98,7 +99,8 @@ def _generate(model, num: int, *, bottom=None, method: str = "cached", generator
 
     device = next(model.parameters()).device
     labels = _labels(model, num, label, device)
-    kwargs = dict(method=method, generator=generator, temperature=temperature, batch_size=batch_size)
+    kwargs = dict(method=method, generator=generator, temperature=temperature, batch_size=batch_size,
+                  compile=compile)
     if model.config.head == "pixels":
         if bottom is not None:
             raise UserError("--bottom applies to code priors, not to pixel models")

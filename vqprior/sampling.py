@@ -74,6 +74,30 @@ def _check_inputs(model, num, shape, label, condition, prefix, start, device):
     return label, condition, prefix
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same one (``cuda`` without an index is the current CUDA device)."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index:
+        return True
+    if a.type == "cuda":
+        current = torch.cuda.current_device()
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return {a.index, b.index} <= {None, 0}
+
+
+def check_generator(generator, device: torch.device) -> None:
+    """Refuse, before any work, a generator on another device than the model's: the samplers draw their random
+    numbers on the model's device, where torch would otherwise fail deep inside with a device-mismatch error."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise SamplingError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not _same_device(generator.device, torch.device(device)):
+        raise SamplingError(f"the generator is on {generator.device} but the model is on {device}: create it with "
+                            f"torch.Generator(device=...) on the model's device")
+
+
 def _check_controls(model, num, method, temperature, top_k, top_p, batch_size, height, width) -> None:
     if not _positive_int(num):
         raise SamplingError(f"num must be a positive integer, got {num!r}")
@@ -95,7 +119,7 @@ def _check_controls(model, num, method, temperature, top_k, top_p, batch_size, h
 def sample(model, num: int, method: str = "cached", generator: torch.Generator | None = None,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label=None, condition=None, prefix=None,
            start: int = 0, batch_size: int | None = None, on_step=None, height: int | None = None,
-           width: int | None = None) -> torch.Tensor:
+           width: int | None = None, compile: bool | dict = False) -> torch.Tensor:
     """Draw ``num`` samples: uint8 (num, C, H, W) images from a pixel model, int64 (num, H, W) codes from a prior.
 
     ``label``: int or (num,) tensor (class-conditional models); ``condition``: (num, h, w) top codes (bottom
@@ -103,17 +127,25 @@ def sample(model, num: int, method: str = "cached", generator: torch.Generator |
     sampled. ``on_step(p, current_batch)`` runs after each sampled position. ``method="naive"`` runs a full forward
     pass per position (the reference); ``"cached"`` is the fast exact path; both give the same samples for the same
     generator. Runs in eval mode without gradients and returns on the model's device.
+
+    ``compile`` (cached only): run the cached sampler with static shapes and ``torch.compile`` its step once for
+    all positions (True: inductor, with CUDA graphs on CUDA; a dict: the ``torch.compile`` options to use, e.g.
+    ``{"backend": "eager"}``). Its parameters equal the eager cached ones to float rounding (see docs/exactness.md).
     """
     _check_controls(model, num, method, temperature, top_k, top_p, batch_size, height, width)
+    if compile and method != "cached":
+        raise SamplingError("compile applies to the cached sampler (method='cached')")
     c = model.config
     H, W = height or c.height, width or c.width
     shape = (num, c.channels, H, W) if c.head == "pixels" else (num, H, W)
     device = next(model.parameters()).device
+    check_generator(generator, device)
     label, condition, prefix = _check_inputs(model, num, shape, label, condition, prefix, start, device)
     out = torch.zeros(shape, dtype=torch.uint8 if c.head == "pixels" else torch.long, device=device)
     if prefix is not None:
         out.view(num, -1, H * W)[:, :, :start] = prefix.reshape(num, -1, H * W)[:, :, :start]
     controls = dict(generator=generator, temperature=temperature, top_k=top_k, top_p=top_p)
+    compile_options = _compile_options(compile, device)
     step = batch_size or num
     was_training = model.training
     model.eval()
@@ -121,9 +153,12 @@ def sample(model, num: int, method: str = "cached", generator: torch.Generator |
         with torch.no_grad():
             for b0 in range(0, num, step):
                 part = slice(b0, min(num, b0 + step))
-                run = _sample_cached if method == "cached" else _sample_naive
-                run(model, out[part], start, label[part] if label is not None else None,
-                    condition[part] if condition is not None else None, controls, on_step)
+                args = (model, out[part], start, label[part] if label is not None else None,
+                        condition[part] if condition is not None else None, controls, on_step)
+                if method == "cached":
+                    _sample_cached(*args, compile_options)
+                else:
+                    _sample_naive(*args)
     finally:
         model.train(was_training)
     return out
@@ -139,11 +174,28 @@ def _sample_naive(model, canvas, start, label, condition, controls, on_step) -> 
             on_step(p, canvas)
 
 
-def _sample_cached(model, canvas, start, label, condition, controls, on_step) -> None:
+def _compile_options(compile, device: torch.device) -> dict | None:
+    """None (eager), or the torch.compile options for the cached step: True = inductor after checking its
+    toolchain, with CUDA graphs on CUDA (mode "reduce-overhead"); a dict is taken as given."""
+    if isinstance(compile, dict):
+        return dict(compile)
+    if compile is not True and compile is not False:
+        raise SamplingError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+    if not compile:
+        return None
+    from .acceleration import check_compiler
+
+    check_compiler(device)
+    return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+
+
+def _sample_cached(model, canvas, start, label, condition, controls, on_step, compile_options=None) -> None:
     H, W = canvas.shape[-2:]
     if start == H * W:
         return  # nothing to sample: the prefix is the whole map
-    sampler = CachedSampler(model, canvas.shape[0], label, condition, H, W)
+    sampler = CachedSampler(model, canvas.shape[0], label, condition, H, W, static=compile_options is not None)
+    if compile_options is not None:
+        sampler.compile(**compile_options)
     sampler.prefill(canvas, start)
     for p in range(start, H * W):
         value = model.head.sample(sampler.step(p), **controls)

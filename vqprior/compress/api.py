@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import container
-from .coding import Decoder, Encoder, code_codes, code_labels, code_pixels, deterministic_threads
+from .coding import Decoder, Encoder, code_codes, code_labels, code_pixels, deterministic_coding
 from .container import CompressedFileError, Header
 
 DEFAULT_CHUNK = 64
@@ -81,7 +81,7 @@ def _encode(models, kind: str, arrays: list[torch.Tensor], chunk: int, names, co
     num_classes = _num_classes(models)
     labels, log_prob = _best_labels(models, arrays, num_classes)
     encoder = Encoder()
-    with deterministic_threads(_device(models[0])):
+    with deterministic_coding(_device(models[0])):
         for start in range(0, n, chunk):
             part = slice(start, min(n, start + chunk))
             lab = code_labels(encoder, num_classes, labels[part], part.stop - start) if num_classes else None
@@ -116,9 +116,10 @@ def _decode(models, kind: str, data: bytes, where: str, decode_chunk) -> tuple[H
             raise CompressedFileError(f"{where} has an invalid header (level {level} shape {shape})")
     if h.num_classes != _num_classes(models):
         raise CompressedFileError(f"{where} codes {h.num_classes} classes but the model has {_num_classes(models)}")
+    container.check_reproducible(h.environment, _device(models[0]), where)
     decoder = Decoder(h.payload)
     parts, labels = [[] for _ in models], []
-    with deterministic_threads(_device(models[0])):
+    with deterministic_coding(_device(models[0])):
         for start in range(0, h.count, h.chunk):
             b = min(h.count, start + h.chunk) - start
             lab = code_labels(decoder, h.num_classes, None, b) if h.num_classes else None
@@ -129,8 +130,8 @@ def _decode(models, kind: str, data: bytes, where: str, decode_chunk) -> tuple[H
     labels = torch.cat(labels) if h.num_classes else None
     if container.data_digest(labels, arrays) != h.data_sha256:
         here = container.environment(_device(models[0]))
-        cause = (f"it was encoded with {h.environment} and this is {here}; decode it with the same torch, device, "
-                 f"CPU kernels (ATEN_CPU_CAPABILITY) and constriction" if here != h.environment else
+        cause = (f"it was encoded with {h.environment} and this is {here}; decode it with the same torch, device "
+                 f"kernels and constriction" if here != h.environment else
                  "the probabilities computed here differ from the encoder's")
         raise CompressedFileError(f"{where}: the decoded data fail the checksum, nothing was written: {cause}")
     return h, arrays, labels

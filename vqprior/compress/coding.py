@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..cached import CachedSampler
+from ..determinism import deterministic
 from .tables import PixelConditionals, categorical_table, uniform_table
 
 
@@ -64,24 +65,28 @@ class Decoder:
         try:
             out = self._coder.decode(self._family, _as_constriction(table))
         except Exception as e:  # noqa: BLE001 - constriction raises its own types for exhausted or invalid data
-            raise UserError(f"the compressed data cannot be decoded ({str(e).splitlines()[0][:80]}): the file is "
-                            f"damaged") from None
+            # The CRC held, so this is not a damaged file: the probabilities computed here differ from the
+            # encoder's in a way the recorded environment does not show (or the payload was altered, CRC refit).
+            raise UserError(f"the compressed data do not decode with the probabilities computed here "
+                            f"({str(e).splitlines()[0][:80]}); nothing was written") from None
         return np.asarray(out, dtype=np.int64)
 
 
 @contextlib.contextmanager
-def deterministic_threads(device: torch.device):
-    """On the CPU, code with one torch thread: a matrix product's rounding may depend on how it is split between
-    threads, and the decoder must reproduce the encoder's floats exactly whatever machine it runs on."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def deterministic_coding(device: torch.device):
+    """The coder's arithmetic must repeat exactly when decoding: deterministic mode (``vqprior.determinism``: on a
+    GPU, deterministic cuDNN / cuBLAS / index kernels, no autotuning), and on the CPU one torch thread, since a
+    matrix product's rounding may depend on how it is split between threads."""
+    with deterministic():
+        if device.type != "cpu":
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def code_labels(side, num_classes: int, labels: torch.Tensor | None, batch: int) -> torch.Tensor:

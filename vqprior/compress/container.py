@@ -11,15 +11,18 @@ Layout, little-endian::
     levels       u8   1 for pixels and 1-level priors, 2 for top + bottom
     per level:   32s  sha256 of the model (``model_sha256``: config and weights), then u16 x 3: pixels (C, H, W),
                       codes (h, w, 0)
-    env          u8 length + ASCII: the torch version, device and CPU kernels that computed the probabilities, and
-                      the constriction version that coded them
+    env          u8 length + ASCII: what computed the probabilities (``environment``), "torch V cpu CAPABILITY
+                      constriction V" or "torch V cuda gpu=MODEL cuda=V cudnn=V constriction V" (spaces in the
+                      GPU's name written as _); CUDA files written before the GPU record hold "torch V cuda
+                      constriction V"
     names        u32 length + zlib-compressed JSON list of file names (length 0: none)
     data_sha256  16s  first 16 bytes of the sha256 of the decoded data (``data_digest``)
     payload      u32 length + bytes: constriction RangeEncoder words (uint32, little-endian)
     crc32        u32  of every byte before it
 
 Reading checks, in order: the magic (a file that is not ours), the version, the CRC (corruption, truncation); the
-caller then checks the kind and the model hashes before decoding and the data hash after.
+caller then checks the kind, the model hashes and the environment (``check_reproducible``: refused before decoding
+where the probabilities cannot be recomputed exactly) and the data hash after.
 """
 from __future__ import annotations
 
@@ -80,18 +83,86 @@ def data_digest(labels: torch.Tensor | None, arrays: list[torch.Tensor]) -> byte
     return digest.digest()[:16]
 
 
-def environment(device: torch.device) -> str:
-    """What computed the probabilities: decoding elsewhere can give other floats (refused by the data hash)."""
+def device_identity(device: torch.device) -> dict:
+    """What decides the floats a model computes on ``device``: torch's version and the device's kernels (the CPU's
+    ATen capability; a GPU's model, with spaces as _, and its CUDA and cuDNN versions)."""
+    ident = {"torch": torch.__version__, "device": device.type}
+    if device.type == "cpu":
+        ident["cpu"] = torch.backends.cpu.get_cpu_capability()
+    elif device.type == "cuda":
+        ident.update(gpu="_".join(torch.cuda.get_device_name(device).split()), cuda=torch.version.cuda or "?",
+                     cudnn=str(torch.backends.cudnn.version()))
+    return ident
+
+
+def _constriction_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        coder = version("constriction")
+        return version("constriction")
     except PackageNotFoundError:
-        coder = "?"
-    text = f"torch {torch.__version__} {device.type}"
-    if device.type == "cpu":
-        text += f" {torch.backends.cpu.get_cpu_capability()}"
-    return f"{text} constriction {coder}"[:255]
+        return "?"
+
+
+def environment(device: torch.device) -> str:
+    """The header's record of what computed the probabilities (at most 255 ASCII characters, space-separated)."""
+    ident = device_identity(device)
+    kernels = [ident["cpu"]] if "cpu" in ident else [f"{k}={v}" for k, v in ident.items() if k not in ("torch",
+                                                                                                    "device")]
+    words = ["torch", ident["torch"], ident["device"], *kernels, "constriction", _constriction_version()]
+    return " ".join("_".join(str(w).split()) for w in words).encode("ascii", "replace").decode()[:255]
+
+
+def parse_environment(text: str) -> dict | None:
+    """The record as a dict (``legacy: True`` for a GPU file without its GPU's identity), None when unreadable."""
+    words = text.split()
+    if len(words) < 3 or words[0] != "torch":
+        return None
+    record = {"torch": words[1], "device": words[2]}
+    kernels = words[3:words.index("constriction")] if "constriction" in words else words[3:]
+    if words[2] == "cpu":
+        if kernels:
+            record["cpu"] = kernels[0]
+    else:
+        record.update(w.split("=", 1) for w in kernels if "=" in w)
+        record["legacy"] = "gpu" not in record
+    return record
+
+
+_KERNELS = {"cpu": ("torch", "cpu"), "cuda": ("torch", "gpu", "cuda", "cudnn")}
+_NAMES = {"torch": "torch", "cpu": "CPU kernels", "gpu": "GPU", "cuda": "CUDA", "cudnn": "cuDNN"}
+
+
+def describe_environment(record: dict) -> str:
+    if record.get("device") == "cuda":
+        gpu = str(record.get("gpu", "GPU unknown")).replace("_", " ")
+        return f"CUDA ({gpu}, CUDA {record.get('cuda', '?')}, cuDNN {record.get('cudnn', '?')}, " \
+               f"torch {record.get('torch', '?')})"
+    if record.get("device") == "cpu":
+        return f"the CPU ({record.get('cpu', '?')} kernels, torch {record.get('torch', '?')})"
+    return f"{record.get('device', '?')} (torch {record.get('torch', '?')})"
+
+
+def check_reproducible(recorded: str, device: torch.device, where: str = "the file") -> None:
+    """Refuse, before decoding, a file whose probabilities this device cannot recompute exactly: another device
+    kind, or the same kind with other kernels (torch version; the CPU's capability; the GPU model, CUDA or cuDNN).
+    GPU files written before the GPU record have only their device kind checked (the data hash still guards)."""
+    record, here = parse_environment(recorded), device_identity(device)
+    if record is None:
+        return
+    differs = []
+    if record["device"] != here["device"]:
+        differs.append("device")
+    elif not record.get("legacy"):
+        differs = [_NAMES[k] for k in _KERNELS.get(here["device"], ("torch",)) if record.get(k) != here.get(k)]
+    if not differs:
+        return
+    hint = ""
+    if differs == ["CPU kernels"]:
+        hint = f"; on a CPU with more, ATEN_CPU_CAPABILITY={str(record.get('cpu')).lower()} selects those kernels"
+    raise CompressedFileError(f"{where} was compressed on {describe_environment(record)} and this is "
+                              f"{describe_environment(here)}: other {', '.join(differs)} compute other "
+                              f"probabilities, so it is not decoded; decompress it where it was made{hint}")
 
 
 def pack(h: Header) -> bytes:

@@ -1,0 +1,116 @@
+"""The static-shape cached sampler (what ``sample(compile=...)`` / ``--compile`` runs) and the generator check.
+
+Static shapes: its parameters equal a full forward pass (float64) and the dynamic cached path (float32, to rounding);
+under ``torch.compile`` one graph serves every position (a counting backend and ``error_on_recompile`` show it), and
+the compiled samples equal the eager cached samples for the same seed. A generator on another device than the model
+is refused up front with one line.
+"""
+import pytest
+import torch
+import torch._dynamo
+
+from test_sampling import VARIANTS, H, W, make_inputs, make_model, max_step_error, value_at
+from vqprior.sampling import CachedSampler, SamplingError, _same_device, check_generator, complete, sample
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_static_params_equal_forward_float64(variant):
+    model = make_model(variant)
+    assert max_step_error(model, start=0, static=True) < 1e-10
+    assert max_step_error(model, start=W + 2, static=True) < 1e-10
+
+
+@pytest.mark.parametrize("variant", ["rgb", "gray-k3-heads2", "codes-class-cond-k3-heads2", "codes-cond-no-attn"])
+def test_static_params_equal_dynamic_float32(variant):
+    """Same inputs through both ways of stepping: the convolutions gather the same windows into the same matmuls;
+    only attention sums over L instead of p terms (masked ones are exact zeros), so float32 agrees to rounding."""
+    model = make_model(variant, dtype=torch.float32)
+    x, label, cond = make_inputs(model, batch=3)
+    dynamic, static = (CachedSampler(model, 3, label, cond, static=s) for s in (False, True))
+    error = 0.0
+    with torch.no_grad():
+        for p in range(H * W):
+            a, b = dynamic.step(p), static.step(p)
+            error = max(error, (a - b).abs().max().item())
+            dynamic.append(p, value_at(x, p))
+            static.append(p, value_at(x, p))
+    assert error < 1e-5
+    if not model.config.attention:
+        assert error == 0.0  # no attention: the very same arithmetic
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them eagerly (fast on CPU)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+@pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2"])
+def test_compiled_step_compiles_once_for_all_positions(variant):
+    model = make_model(variant, dtype=torch.float32)
+    _, label, cond = make_inputs(model, batch=4)
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    draw = dict(label=label, condition=cond)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = sample(model, 4, generator=torch.Generator().manual_seed(0), compile={"backend": backend}, **draw)
+        assert backend.graphs == 2  # the step and the append, each once for all H * W positions
+        again = sample(model, 4, generator=torch.Generator().manual_seed(0), compile={"backend": backend}, **draw)
+        assert backend.graphs == 2  # a new sampler of the same shapes reuses both graphs
+    eager = sample(model, 4, generator=torch.Generator().manual_seed(0), **draw)
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+
+
+def test_compiled_completion_keeps_prefix_and_equals_eager():
+    model = make_model("codes", dtype=torch.float32)
+    x, _, _ = make_inputs(model, batch=2)
+    torch._dynamo.reset()
+    runs = [complete(model, x, keep_rows=2, num=2, generator=torch.Generator().manual_seed(5), **kw)
+            for kw in ({"compile": {"backend": "aot_eager"}}, {})]
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0][:, :2], x.repeat_interleave(2, 0)[:, :2])
+
+
+def test_compile_is_refused_for_the_naive_sampler_and_must_be_bool_or_options():
+    model = make_model("codes", dtype=torch.float32)
+    with pytest.raises(SamplingError, match="cached sampler"):
+        sample(model, 2, method="naive", compile=True)
+    with pytest.raises(SamplingError, match="compile must be"):
+        sample(model, 2, compile="yes")
+    with pytest.raises(ValueError, match="static=True"):
+        CachedSampler(model, 2).compile()
+
+
+def test_a_generator_on_another_device_is_refused_up_front():
+    model = make_model("codes", dtype=torch.float32).to("meta")  # stands in for a model on a GPU
+    with pytest.raises(SamplingError, match="generator is on cpu but the model is on meta") as e:
+        sample(model, 2, generator=torch.Generator())
+    assert "\n" not in str(e.value)
+    with pytest.raises(SamplingError, match="generator is on cpu but the model is on meta"):
+        complete(model, torch.zeros(H, W, dtype=torch.long), keep_rows=1, num=1, generator=torch.Generator())
+    with pytest.raises(SamplingError, match="torch.Generator"):
+        sample(make_model("codes"), 2, generator=0)
+    with pytest.raises(SamplingError, match="model is on cuda:0"):
+        check_generator(torch.Generator(), torch.device("cuda:0"))
+
+
+def test_cuda_without_an_index_is_the_current_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda:0"), torch.device("cuda:1")
+    assert _same_device(cuda, cuda1) and not _same_device(cuda, cuda0) and _same_device(cuda0, cuda0)
+    assert _same_device(torch.device("cpu"), torch.device("cpu")) and not _same_device(cuda, torch.device("cpu"))
+
+
+def test_compiled_sampling_runs_under_bf16_autocast():
+    """Under bf16 autocast the step's matrix products return bfloat16 while the maps stay float32: the static
+    writes cast (index_copy_ would refuse mixed dtypes)."""
+    model = make_model("codes-class-cond-k3-heads2", dtype=torch.float32)
+    _, label, cond = make_inputs(model, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sample(model, 2, label=label, condition=cond, compile={"backend": "eager"})
+    assert out.shape == (2, H, W) and 0 <= out.min() and out.max() < model.config.num_codes
