@@ -83,9 +83,9 @@ class _DownRightGated:
         """The same at the position whose k*k window and own cell in the flat maps are ``window`` (k*k,) and
         ``write`` (1,) (index tensors): the window rows come out in the (kh, kw, channel) order of the matrices."""
         B = x.shape[0]
-        self.in_flat.index_copy_(1, write, F.elu(x).unsqueeze(1).to(self.in_flat.dtype))
+        self.in_flat.index_copy_(1, write, elu(x).unsqueeze(1).to(self.in_flat.dtype))
         h = torch.addmm(self.b1, self.in_flat.index_select(1, window).reshape(B, -1), self.w1)
-        self.mid_flat.index_copy_(1, write, F.elu(h).unsqueeze(1).to(self.mid_flat.dtype))
+        self.mid_flat.index_copy_(1, write, elu(h).unsqueeze(1).to(self.mid_flat.dtype))
         return x + F.glu(torch.addmm(bias2, self.mid_flat.index_select(1, window).reshape(B, -1), self.w2), 1)
 
 
@@ -304,7 +304,7 @@ class CachedSampler:
                 h = res.static(h, *at[res.k], next(biases))
             if attn is not None:
                 h = out(h, attn.attend_static(h, p), next(biases))
-        return torch.addmm(self.head_b, F.elu(h), self.head_w)
+        return torch.addmm(self.head_b, elu(h), self.head_w)
 
     def _append_static(self, p: torch.Tensor, raw: torch.Tensor) -> None:
         """Write the raw input ``raw`` (B, Cr) at the position held by the 0-d device tensor ``p``."""
