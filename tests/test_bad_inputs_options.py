@@ -25,6 +25,13 @@ CASES = [
     case("class-conditional-unlabeled-folder",
          f"train-pixels --dataset folder --data-dir {{images}} --class-conditional --out run {TRAIN}",
          "no class labels"),
+    case("class-dropout-one", f"train-pixels --class-conditional --class-dropout 1 --out run {TRAIN}",
+         "--class-dropout"),
+    case("class-dropout-unconditional", f"train-pixels --class-dropout 0.1 --out run {TRAIN}", "--class-conditional"),
+    case("class-dropout-unconditional-prior", f"train-prior --codes {{train_codes}} --class-dropout 0.1 --out run "
+         f"{PRIOR}", "--class-conditional"),
+    case("init-from-unconditional-with-class-dropout",
+         f"train-pixels --init-from {{px}} --class-dropout 0.1 --out run {TRAIN}", "not class-conditional"),
     case("image-size-not-divisible-by-stride",
          "train-vqvae --preset tiny --levels 2 --image-size 10 --limit 8 --steps 1 --out run --quiet --device cpu",
          "divisible"),
@@ -57,6 +64,8 @@ CASES = [
     # resume and init-from
     case("resume-changes-architecture", "train-pixels --out run --resume --filters 64 --quiet", "--filters 64",
          copied_run("px", "run")),
+    case("resume-changes-class-dropout", "train-pixels --out run --resume --class-dropout 0.2 --quiet",
+         r"--class-dropout 0.2 \(was 0.0\)", copied_run("px", "run")),
     case("resume-changes-dataset", "train-pixels --out run --resume --dataset mnist --quiet", "--dataset mnist",
          copied_run("px", "run")),
     case("resume-prior-other-codes", "train-prior --codes {test_codes} --out top --resume --quiet", "--codes",
