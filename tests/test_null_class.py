@@ -1,6 +1,7 @@
 """Training with a null class (classifier-free guidance, docs/guidance.md): ``--class-dropout P`` replaces labels
 by a learned null class with probability P; the null class is in the checkpoint and in ``info``; a resumed run keeps
 P; ``--init-from`` a model without a null class gives it one whose embedding starts at the mean of the classes."""
+import math
 import re
 
 import pytest
@@ -178,3 +179,54 @@ def test_train_prior_with_class_dropout_and_init_from(tmp_path):
     line = error_line(run_cli("train-prior", *codes, "--init-from", p.bottom, "--class-dropout", "0.1", *FAST,
                               "--out", tmp_path / "bad"))
     assert "not class-conditional" in line
+
+
+# --- the null class as a density (evaluate --class none) ----------------------------------------------------------
+
+def test_the_null_class_is_a_normalised_density_over_every_code_map():
+    import itertools
+
+    from vqprior.evaluate import NullClass
+
+    torch.manual_seed(0)
+    config = model_config_from_preset("tiny", head="codes", num_codes=3, height=2, width=3, num_classes=3,
+                                      null_class=True, cond_num_codes=2, cond_height=1, cond_width=1)
+    model = PixelSNAIL(config).double().eval()
+    for m in model.modules():
+        if getattr(m, "class_embedding", None) is not None:
+            torch.nn.init.normal_(m.class_embedding.weight)
+    maps = torch.tensor(list(itertools.product(range(3), repeat=6))).view(-1, 2, 3)  # all 3^6 code maps
+    condition = torch.ones(len(maps), 1, 1, dtype=torch.long)
+    log_p = NullClass(model).log_prob(maps, condition=condition, label=torch.zeros(len(maps), dtype=torch.long))
+    assert float(torch.logsumexp(log_p.sum((1, 2)), 0).exp()) == pytest.approx(1.0, abs=1e-10)
+    with torch.no_grad():
+        given_null = model.log_prob(maps, condition=condition, label=torch.full((len(maps),), 3))
+        given_0 = model.log_prob(maps, condition=condition, label=torch.zeros(len(maps), dtype=torch.long))
+    assert torch.equal(log_p, given_null) and not torch.allclose(log_p, given_0)
+    with pytest.raises(Exception, match="trained with a null class"):
+        NullClass(PixelSNAIL(tiny(False)))
+
+
+def test_evaluate_class_none_scores_the_null_class(tmp_path):
+    train_pixel_run(tmp_path / "run", "--class-conditional", "--class-dropout", "0.5", steps=1, limit=8)
+    ckpt = tmp_path / "run" / "latest.pt"
+    pattern = r"([\d.]+) bits/dim on sample test(.*): 16 items"
+    figures = {}
+    for args in ([], ["--class", "label"], ["--class", "none"], ["--marginal"]):
+        out = check_ok(run_cli("evaluate", ckpt, "--limit", "16", "--quiet", "--device", "cpu", *args)).output
+        match = re.search(pattern, out)
+        assert match, out
+        figures[" ".join(args)] = (float(match.group(1)), match.group(2))
+    assert figures[""] == figures["--class label"] and figures[""][1] == ""
+    assert "the null class" in figures["--class none"][1] and "marginal" in figures["--marginal"][1]
+    assert figures["--class none"][0] != figures[""][0] and figures["--class none"][0] != figures["--marginal"][0]
+    # The null class's figure is the model's log-likelihood given label 10, computed here without the CLI.
+    from vqprior.checkpoint import load_model
+    from vqprior.data.datasets import load_image_dataset
+
+    model = load_model(ckpt)
+    images = torch.stack([torch.as_tensor(load_image_dataset("sample", "test", image_size=8)[i]["image"])
+                          for i in range(16)])
+    with torch.no_grad():
+        nats = -model.log_prob(images, label=torch.full((16,), 10)).double().sum()
+    assert figures["--class none"][0] == pytest.approx(float(nats) / (16 * 3 * 64 * math.log(2)), abs=1e-4)
