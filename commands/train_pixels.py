@@ -10,7 +10,7 @@ from .run_start import (DATA_FIXED, announce, architecture_conflicts, class_drop
                         differing, null_class_start, refuse_on_resume, refuse_with_init, resumed_data_config,
                         start_run)
 
-ARCHITECTURE = ("preset", "class_conditional", "class_dropout", *MODEL_FIELDS)  # fixed by a resumed run or an --init-from checkpoint
+ARCHITECTURE = ("preset", "class_conditional", *MODEL_FIELDS)  # fixed by a resumed run or an --init-from checkpoint
 
 
 @click.command("train-pixels")
@@ -53,7 +53,7 @@ def train_pixels(ctx, **kw):
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"], class_conditional=conditional,
                                  limit=kw["limit"], class_dropout=kw["class_dropout"])
-    announce(start, ctx, kw, ARCHITECTURE + DATA_FIXED)
+    announce(start, ctx, kw, ARCHITECTURE + DATA_FIXED + ("class_dropout",))  # a resumed run keeps these
     train_set = load_split(data_config, "train")
     val_set = load_split(data_config, "test")
     if start.init is not None:
