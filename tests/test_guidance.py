@@ -227,6 +227,16 @@ def test_cli_guided_sampling_of_a_two_level_pair(tmp_path):
     guided = check_ok(run_cli("sample", top, *common, "--guidance", "3", "--save-codes", tmp_path / "c.npz"))
     assert "guides" not in guided.stderr  # the bottom prior here is not class-conditional: nothing to say
     assert set(np.load(tmp_path / "c.npz")) == {"top", "bottom"}
+    # A class-conditional bottom prior without a null class is sampled unguided, and sample says so; with one, both
+    # priors are guided and there is nothing to say.
+    for name, extra in (("bottom-cond", ["--class-conditional"]), ("bottom-null", ["--class-conditional",
+                                                                                  "--class-dropout", "0.5"])):
+        check_ok(run_cli("train-prior", "--codes", p.train_codes, "--level", "bottom", "--preset", "tiny", *extra,
+                         *fast, "--out", tmp_path / name))
+        args = [top, "--bottom", tmp_path / name / "latest.pt", *common[2:], "--guidance", "2", "--save-array",
+                tmp_path / f"{name}.npy"]
+        stderr = check_ok(run_cli("sample", *args)).stderr
+        assert ("guides the top prior only" in stderr) == (name == "bottom-cond"), stderr
     line = [x for x in run_cli("sample", p.top, *common, "--guidance", "1", "--save-array", tmp_path / "d.npy")
             .stderr.splitlines() if x.startswith("Error")]
     assert len(line) == 1 and "--guidance 1 needs a model trained with a null class" in line[0]
