@@ -184,6 +184,25 @@ def test_the_guided_pixel_table_at_w0_is_the_conditional_one():
             own.observe(ch, values[:, ch])
 
 
+def test_log_pmf_equals_the_per_bin_log_mass_of_the_coder_in_every_tail():
+    """log_pmf (all 256 bins from shared edges) against observe's per-bin formula (_log_bin_mass), for mixtures from
+    wide to very sharp (log-scales down to the clamp), after observing earlier channels."""
+    from vqprior.compress.tables import _log_bin_mass
+
+    torch.manual_seed(0)
+    values = torch.arange(256, dtype=torch.float64)
+    for spread in (0.5, 3.0, 8.0):
+        s = PixelConditionals(torch.randn(64, 5 * 10) * spread, 3, 5)
+        for ch in range(3):
+            log_w = s.log_w - s.log_w.logsumexp(1, keepdim=True)
+            ref = torch.logsumexp(log_w.unsqueeze(-1) + _log_bin_mass(values, s._mean(ch).unsqueeze(-1),
+                                                                      s.inv_s[:, ch].unsqueeze(-1)), 1)
+            got = s.log_pmf(ch)
+            assert torch.allclose(got, ref, rtol=1e-10, atol=1e-10), (spread, ch, float((got - ref).abs().max()))
+            assert torch.allclose(got.exp().sum(1), torch.ones(64, dtype=torch.float64), atol=1e-12)
+            s.observe(ch, torch.randint(0, 256, (64,), dtype=torch.uint8))
+
+
 # --- W = 0, refusals, the CLI --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["cached", "naive"])

@@ -121,8 +121,18 @@ class PixelConditionals:
         in the tails (guided sampling divides two of them; ``pmf``'s differences of CDFs lose the upper tail)."""
         if c != len(self.x):
             raise ValueError(f"channel {c} asked before channels 0..{c - 1} were observed")
-        v = torch.arange(LEVELS, dtype=torch.float64)  # (256,)
-        per_component = _log_bin_mass(v, self._mean(c).unsqueeze(-1), self.inv_s[:, c].unsqueeze(-1))  # (B, M, 256)
+        z = (_EDGES - self._mean(c).unsqueeze(-1)) * self.inv_s[:, c].unsqueeze(-1)  # (B, M, 255) standardized edges
+        log_cdf, log_sf = F.logsigmoid(z), F.logsigmoid(-z)  # log CDF and log(1 - CDF) at each edge
+        # Bin v lies between edges v-1 (a) and v (b); as in _log_bin_mass, its mass comes from the upper tail when
+        # the bin lies above the mean, else from the lower one, each edge's logsigmoid computed once for two bins.
+        above = z[..., :-1] > 0
+        base = torch.where(above, log_sf[..., :-1], log_cdf[..., 1:])
+        # log(1 - exp(d)) as log(-expm1(d)): accurate to ~1e-16 absolute for every d < 0, all a log-probability
+        # needs (_log1mexp's second branch buys relative accuracy of results near 0, at twice the cost).
+        inner = base + torch.log(-torch.expm1(torch.where(above, log_sf[..., 1:] - log_sf[..., :-1],
+                                                          log_cdf[..., :-1] - log_cdf[..., 1:])))
+        per_component = torch.cat([log_cdf[..., :1], inner, log_sf[..., -1:]], -1)  # (B, M, 256)
+        per_component = torch.nan_to_num(per_component, nan=_LOG_FLOOR, neginf=_LOG_FLOOR).clamp_min(_LOG_FLOOR)
         log_w = self.log_w - torch.logsumexp(self.log_w, 1, keepdim=True)
         return torch.logsumexp(log_w.unsqueeze(-1) + per_component, 1)
 
