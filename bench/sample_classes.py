@@ -171,7 +171,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--grids", default=None, metavar="PREFIX", help="write class-row grids per scale")
     parser.add_argument("--grid-columns", type=int, default=10)
-    parser.add_argument("--test-limit", type=int, default=0, help="real test images judged (0: all)")
+    parser.add_argument("--test-limit", type=int, default=None,
+                        help="real test images judged (0: all; default: all for cnn, 2000 for the slower knn)")
     args = parser.parse_args()
 
     arrays = args.source.endswith(".npy")
@@ -188,7 +189,8 @@ def main() -> None:
         from vqprior.checkpoint import read_checkpoint
 
         dataset = read_checkpoint(args.source)["config"]["data"].get("dataset") or "mnist"
-    judge = Judge(args.judge, dataset or "mnist", args.data_dir, args.k, args.test_limit)
+    limit = args.test_limit if args.test_limit is not None else (0 if args.judge == "cnn" else 2000)
+    judge = Judge(args.judge, dataset or "mnist", args.data_dir, args.k, limit)
     real = real_spreads(judge)
     rows = [("real test images", "-", figures(judge, judge.test_x, judge.test_y, real))]
     grids = []
