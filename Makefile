@@ -10,7 +10,7 @@ BIN = $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)

@@ -39,6 +39,7 @@ Usage (the full run takes several minutes; run it on an otherwise idle machine):
     python bench/train_speed.py                      # tiny, small, paper-cifar10; fp32 and bf16
     python bench/train_speed.py --quick --presets tiny
     python bench/train_speed.py --presets small,paper-cifar10 --variants plain,compile --baseline 42ec96d
+    python bench/train_speed.py --presets small,small:no-attention --precisions fp32 --baseline c62c274
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ PRESETS = ("tiny", "small", "paper-cifar10")
 PRECISIONS = ("fp32", "bf16")
 VARIANTS = ("plain", "compile", "checkpoint")
 DEFAULT_REPEATS = {"tiny": 20, "small": 10, "paper-cifar10": 3}  # paper-cifar10 takes seconds per step on 2 cores
+NO_ATTENTION = ":no-attention"  # a preset name with this suffix is that preset with attention=False
 BATCH, SIZE = 8, 32
 
 
@@ -161,7 +163,14 @@ def measure_training_step(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     base_rss = _peak_rss_mib()
     torch.manual_seed(0)
-    model = PixelSNAIL(model_config_from_preset(spec["preset"], height=SIZE, width=SIZE)).train()
+    try:  # as the tree's training loop does before its first step (vqprior.allocator, where the tree has it)
+        from vqprior.allocator import retain_freed_memory
+        retain_freed_memory()
+    except ImportError:
+        pass
+    preset = spec["preset"].removesuffix(NO_ATTENTION)
+    overrides = dict(attention=False) if spec["preset"].endswith(NO_ATTENTION) else {}
+    model = PixelSNAIL(model_config_from_preset(preset, height=SIZE, width=SIZE, **overrides)).train()
     if spec["variant"] == "checkpoint":
         model.checkpoint_activations = True
     forward = torch.compile(model) if spec["variant"] == "compile" else model
@@ -364,7 +373,7 @@ def main(argv=None) -> None:
     def names(text, allowed, what):
         chosen = [p.strip() for p in text.split(",") if p.strip()]
         for p in chosen:
-            if p not in allowed:
+            if p.removesuffix(NO_ATTENTION) not in allowed:
                 parser.error(f"unknown {what} {p!r}; choose from {', '.join(allowed)}")
         return chosen
 
@@ -382,7 +391,7 @@ def main(argv=None) -> None:
         trees.insert(0, ("baseline", checkout(args.baseline), ["plain"]))
     rows, preset_flops = [], {}
     for preset in presets:
-        repeats = args.repeats or (2 if args.quick else DEFAULT_REPEATS[preset])
+        repeats = args.repeats or (2 if args.quick else DEFAULT_REPEATS[preset.removesuffix(NO_ATTENTION)])
         for precision in precisions:
             for tree, path, tree_variants in trees:
                 for variant in tree_variants:

@@ -66,6 +66,9 @@ for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate,
 
 
 def main():
+    from vqprior.allocator import retain_freed_memory
+
+    retain_freed_memory()  # every command here is a process that runs one job: keep freed memory for reuse
     cli()
 
 

@@ -3,8 +3,8 @@
 The figures on the first 100 images of the bundled sample's test part (real CIFAR-10 test images: the pixel model's
 bits/dim, the VQ-VAE's PSNR, the priors' bits/code) and both MNIST pixel models' on the first 200 MNIST test images
 are re-measured here, so the shipped files and their documented results cannot drift apart; the class-conditional
-MNIST models must draw the digit asked for. (Full test-split figures are reproduced by the README's ``vqprior
-evaluate`` commands; 10,000 images take minutes, too long for the suite.)
+MNIST models must draw the digit asked for. (Full test-split figures, in the README's results table, are reproduced by
+the ``vqprior evaluate`` commands of docs/results.md; 10,000 images take minutes, too long for the suite.)
 """
 from __future__ import annotations
 

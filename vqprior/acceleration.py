@@ -1,7 +1,7 @@
 """Training-speed switches, kept out of the loop (vqprior.train) so the plain path stays readable: ``torch.compile``
 of the training model, the optimizer's fused kernel, and the gradient norm that the non-finite guard and clipping
-share. None of them changes the objective; each was chosen from a profile (bench/train_speed.py, README
-"Training step").
+share. None of them changes the objective; each was chosen from a profile (bench/train_speed.py,
+docs/benchmarks.md "Training step").
 """
 from __future__ import annotations
 

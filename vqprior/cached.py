@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .activation import elu
 from .attention import background
 from .distributions import uint8_to_unit
 from .layers import GatedResBlock, WNConv2d
@@ -45,8 +46,8 @@ class _NinGated:
         self.w2, self.b2 = _conv_matrix(block.conv2), block.conv2.bias.detach()
 
     def __call__(self, x, aux=None, bias2=None):
-        h = torch.addmm(self.b1, F.elu(x if aux is None else torch.cat([x, aux], 1)), self.w1)
-        return x + F.glu(torch.addmm(self.b2 if bias2 is None else bias2, F.elu(h), self.w2), 1)  # a * sigmoid(b)
+        h = torch.addmm(self.b1, elu(x if aux is None else torch.cat([x, aux], 1)), self.w1)
+        return x + F.glu(torch.addmm(self.b2 if bias2 is None else bias2, elu(h), self.w2), 1)  # a * sigmoid(b)
 
 
 class _DownRightGated:
@@ -62,9 +63,9 @@ class _DownRightGated:
 
     def __call__(self, x, r: int, c: int, bias2):
         k, B = self.k, x.shape[0]
-        self.in_map[:, r + k - 1, c + k - 1] = F.elu(x)
+        self.in_map[:, r + k - 1, c + k - 1] = elu(x)
         h = torch.addmm(self.b1, self.in_map[:, r:r + k, c:c + k].reshape(B, -1), self.w1)
-        self.mid_map[:, r + k - 1, c + k - 1] = F.elu(h)
+        self.mid_map[:, r + k - 1, c + k - 1] = elu(h)
         return x + F.glu(torch.addmm(bias2, self.mid_map[:, r:r + k, c:c + k].reshape(B, -1), self.w2), 1)
 
 
@@ -205,7 +206,7 @@ class CachedSampler:
             if attn is not None:
                 h = out(h, attn.attend(h, p), next(biases))
         self._stepped = p
-        return torch.addmm(self.head_b, F.elu(h), self.head_w)
+        return torch.addmm(self.head_b, elu(h), self.head_w)
 
     def append(self, p: int, value: torch.Tensor) -> None:
         """Record the value sampled at p (pixels uint8 (B, C), codes int64 (B,)) and the keys/values it yields."""

@@ -7,9 +7,9 @@ one position at a time from (B, P) parameters, which is what both samplers share
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .activation import elu
 from .distributions import (logistic_mixture_log_prob, sample_categorical, sample_logistic_mixture, uint8_to_unit,
                             unit_to_uint8)
 from .layers import WNConv2d
@@ -25,7 +25,7 @@ class LogisticMixtureHead(nn.Module):
         self.out = WNConv2d(filters, mixtures * per_mix, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(F.elu(h))
+        return self.out(elu(h))
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) or [-1, 1] float images -> (B, H, W) log-likelihood in nats (channels summed)."""
@@ -48,7 +48,7 @@ class CategoricalHead(nn.Module):
         self.out = WNConv2d(filters, num_codes, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(F.elu(h))
+        return self.out(elu(h))
 
     def log_prob(self, logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """int64 codes (B, H, W) -> (B, H, W) log-probabilities in nats."""

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activation import elu
+
 
 class WNConv2d(nn.Module):
     """A weight-normalised 2D convolution without padding (callers pad explicitly, which keeps causality visible).
@@ -154,10 +156,10 @@ class GatedResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None, label: torch.Tensor | None = None,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.elu(x))
+        h = self.conv1(elu(x))
         if self.aux is not None:
-            h = h + self.aux(F.elu(aux))
-        h = self.conv2(self.dropout(F.elu(h)))
+            h = h + self.aux(elu(aux))
+        h = self.conv2(self.dropout(elu(h)))
         h = h + self.condition_bias(label, cond)
         a, b = h.chunk(2, dim=1)
         return x + a * torch.sigmoid(b)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .activation import elu
 from .attention import CausalSelfAttention, background
 from .config import ModelConfig
 from .distributions import uint8_to_unit
@@ -29,7 +30,7 @@ class ConditionStack(nn.Module):
     def forward(self, codes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = self.embedding(codes).permute(0, 3, 1, 2)  # (B, C, h, w)
         for conv in self.convs:
-            x = x + conv(F.pad(F.elu(x), (1, 1, 1, 1)))
+            x = x + conv(F.pad(elu(x), (1, 1, 1, 1)))
         return F.interpolate(x, size=size, mode="nearest")
 
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .acceleration import StepTimer, Throughput, clip_and_measure, compile_model, make_optimizer
+from .allocator import retain_freed_memory
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
@@ -103,6 +104,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     """
     device = torch.device(device)
     apply_precision_policy(config.precision)
+    retain_freed_memory()  # host memory freed by one step is reused by the next, not faulted in again
     run = TrainingRun(task, config, out_dir, device, progress=progress, num_workers=num_workers)
     # The order of these calls is the order in which they draw from the global RNG (model init, data-dependent
     # init, the eval copy's init): keep it, or runs stop being reproducible across versions.

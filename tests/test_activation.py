@@ -1,0 +1,112 @@
+"""The library's ELU (vqprior.activation.elu) equals F.elu in values and gradients, in float32, float64 and under
+bf16 autocast; every place PixelSNAIL applies ELU uses it (training forward/backward, evaluation, the cached
+sampler); the allocator settings apply once on glibc and step aside where they should."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vqprior.allocator as allocator
+from conftest import tiny_model
+from vqprior.activation import elu
+from vqprior.sampling import sample
+
+
+def _inputs(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16, 16, dtype=dtype) * 4
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, 1e-9, -1e-9, -30.0, 30.0], dtype=dtype)  # edges and saturation
+    return x
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1.2e-7), (torch.float64, 1e-15)])
+def test_elu_matches_torch_in_values_and_gradients(dtype, tol):
+    x = _inputs(dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = elu(a), F.elu(b)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert ya.dtype == dtype
+    assert (ya - yb).abs().max().item() <= tol
+    assert (a.grad - b.grad).abs().max().item() <= 4 * tol * grad.abs().max().item()
+    assert torch.autograd.gradcheck(elu, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
+
+
+def test_elu_under_bf16_autocast_rounds_like_torch():
+    x = _inputs(torch.float32).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = elu(a), F.elu(b)
+    assert ya.dtype == torch.bfloat16
+    # Both are computed in float32 and rounded once: at most one bf16 rounding step apart, mostly identical.
+    assert torch.allclose(ya.float(), yb.float(), rtol=2 ** -7, atol=1e-7)
+    assert (ya == yb).float().mean().item() > 0.99
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert torch.allclose(a.grad.float(), b.grad.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_pixelsnail_never_calls_torch_elu(monkeypatch):
+    """Training forward/backward, evaluation and the cached sampler all go through vqprior.activation.elu."""
+    model = tiny_model(dtype=torch.float32)
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("F.elu called")
+
+    monkeypatch.setattr(F, "elu", refuse)
+    model.train()
+    model.log_prob(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        model.log_prob(x)
+    sample(model, 2, method="cached", generator=torch.Generator().manual_seed(0))
+
+
+def _fresh_process(code, **env):
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_allocator_settings_apply_once_on_glibc_and_yield_to_the_users():
+    import platform
+
+    code = ("from vqprior.allocator import retain_freed_memory as r; a = r(); b = r(); print(a, b)")
+    expected = ["True", "True"] if platform.libc_ver()[0] == "glibc" else ["False", "False"]
+    assert _fresh_process(code) == expected
+    assert _fresh_process(code, MALLOC_TRIM_THRESHOLD_="1000000") == ["False", "False"]
+
+
+def test_allocator_does_nothing_without_glibc(monkeypatch):
+    monkeypatch.setattr(allocator, "_state", {})
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator.retain_freed_memory() is False
+
+
+def test_elu_off_the_cpu_is_torchs_fused_kernel(monkeypatch):
+    """On any other device (a GPU; the meta device stands in for it here) F.elu is one fused kernel: use it."""
+    calls = []
+    real = F.elu
+    monkeypatch.setattr(F, "elu", lambda x, *a, **k: calls.append(x.device.type) or real(x, *a, **k))
+    out = elu(torch.empty(2, 3, device="meta"))
+    assert out.device.type == "meta" and calls == ["meta"]
+
+
+def test_elu_compiles_without_graph_breaks():
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    x = torch.randn(4, 5, requires_grad=True)
+    out = torch.compile(lambda t: elu(t) * 2, backend=counter, fullgraph=True)(x)
+    out.sum().backward()
+    assert counter.frame_count == 1
+    assert torch.allclose(out, F.elu(x) * 2, atol=1e-7)
