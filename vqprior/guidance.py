@@ -19,6 +19,7 @@ sampled values.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from .null_class import null_label
 def check_guidance(model, scale) -> float:
     """``scale`` as a float after checking it (a one-line UserError): finite and >= 0, and W > 0 needs a model
     trained with a null class."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
         raise UserError(f"guidance must be a finite number >= 0 (0: off), got {scale!r}")
     if scale:
         null_label(model.config, "guidance")
