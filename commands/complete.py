@@ -5,6 +5,7 @@ import click
 
 from .common import (apply_precision, check_compile_sampler, check_outputs, compile_sampler_option,
                      deterministic_option, device_option, guarded, precision_option, refuse_unused, resolve_device)
+from .sample import guidance_checks, guidance_option
 
 
 @click.command("complete")
@@ -22,6 +23,7 @@ from .common import (apply_precision, check_compile_sampler, check_outputs, comp
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Priors: nucleus mass (1: off).")
 @click.option("--class", "label", type=int, default=None, help="Class label (class-conditional models).")
+@guidance_option
 @click.option("--method", type=click.Choice(["cached", "naive"]), default="cached", show_default=True)
 @click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True)
 @compile_sampler_option
@@ -30,8 +32,8 @@ from .common import (apply_precision, check_compile_sampler, check_outputs, comp
 @deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
-def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperature, top_k, top_p, label, method,
-             scale, compile_step, device, precision, quiet):
+def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperature, top_k, top_p, label, guidance,
+             method, scale, compile_step, device, precision, quiet):
     """Complete the image: keep its first --keep-rows rows exactly and sample the rest, --num times.
 
     Pixel models condition on the exact raster prefix. Priors encode the image with their embedded VQ-VAE, keep
@@ -73,9 +75,10 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
             raise UserError(f"--keep-rows must be at most the image height {H}, got {keep_rows}")
         encoded = encode_prefix(vq, image, keep_rows)  # the prior conditions on these codes, not on the pixels
         start, prefix = encoded.starts, [code.expand(num, -1, -1) for code in encoded.codes]
+    guidance_checks(guidance, model, bottom_model)
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
                       top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start, precision=precision,
-                      progress=False if quiet else None, compile=compile_step)
+                      progress=False if quiet else None, compile=compile_step, guidance=guidance)
     original = image.unsqueeze(0).to(result.images.device)
     if original.shape[1] != result.images.shape[1]:
         original = original.expand(-1, result.images.shape[1], -1, -1)

@@ -22,14 +22,17 @@ from .options import DATASETS
 @click.option("--marginal", is_flag=True,
               help="Class-conditional models: score -log2 p(x) = -log2 sum_y p(y) p(x|y), p(y) uniform (one pass "
                    "per class), instead of -log2 p(x|label): the model as an unconditional density.")
+@click.option("--class", "class_", type=click.Choice(["label", "none"]), default=None,
+              help="Class-conditional models: score given each item's own label (label, the default), or given "
+                   "the null class (none: the unconditional p(x) of a model trained with --class-dropout, one pass).")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
 @precision_option()
 @device_option
 @deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
-def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, marginal, cache, precision, device,
-             quiet):
+def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, marginal, class_, cache, precision,
+             device, quiet):
     """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights (the
     likelihood itself is float32 under --precision bf16); for a VQ-VAE, the reconstruction MSE (0..255 scale) and
     PSNR, and codebook usage and perplexity per level."""
@@ -37,7 +40,8 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
 
     from vqprior.checkpoint import load_model, read_checkpoint
     from vqprior.config import DataConfig
-    from vqprior.evaluate import ClassMarginal, evaluate_nll
+    from vqprior.evaluate import ClassMarginal, NullClass, evaluate_nll
+    from vqprior.null_class import null_label
     from vqprior.precision import autocast
 
     device = resolve_device(device)
@@ -48,6 +52,13 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
     if marginal and (kind == "vqvae" or not model.config.num_classes):
         raise click.UsageError("--marginal is for class-conditional pixel models and priors; this "
                                f"{'VQ-VAE' if kind == 'vqvae' else 'model'} has no classes")
+    if class_ and (kind == "vqvae" or not model.config.num_classes):
+        raise click.UsageError(f"--class {class_} is for class-conditional pixel models and priors; this "
+                               f"{'VQ-VAE' if kind == 'vqvae' else 'model'} has no classes")
+    if class_ and marginal:
+        raise click.UsageError(f"--marginal sums over the classes and --class {class_} scores one: pass one of them")
+    if class_ == "none":
+        null_label(model.config, "--class none")
     if kind == "prior":
         refuse_unused(("dataset", "data_dir", "split", "cache"), "for a prior (it is scored on the --codes cache)")
     else:
@@ -60,6 +71,8 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
         return
     scored, labelled = (ClassMarginal(model), False) if marginal else (model, bool(model.config.num_classes))
     how = f" (marginal over {model.config.num_classes} classes, p(y) uniform)" if marginal else ""
+    if class_ == "none":
+        scored, labelled, how = NullClass(model), False, " (the null class: the unconditional p(x))"
     if kind == "pixels":
         if codes:
             raise click.UsageError("--codes is for priors; this is a pixel model")

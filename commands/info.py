@@ -69,6 +69,11 @@ def info(checkpoint, as_json):
              f"file: {facts['file']}",
              f"weights stored as {facts['storage_dtype']}; written by vqprior {facts['vqprior_version']}, "
              f"checkpoint format {facts['format_version']}"]
+    classes = int(facts["architecture"].get("num_classes", 0) or 0)
+    if classes:
+        null = ("with a null class (p(x) too: sample --guidance, evaluate --class none)"
+                if facts["architecture"].get("null_class") else "without a null class (no --guidance)")
+        lines.append(f"class-conditional over {classes} classes, {null}")
     sections = [("architecture", facts["architecture"]), ("training", facts["training"]), ("data", facts["data"])]
     if "prior" in facts:
         sections.append(("prior", facts["prior"]))

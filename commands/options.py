@@ -113,6 +113,15 @@ def train_config_from_options(ctx: click.Context, kwargs: dict, checkpoint: dict
     return TrainConfig(**stored)
 
 
+def class_dropout_option(fn):
+    """--class-dropout: train a null class beside the classes (classifier-free guidance, docs/guidance.md)."""
+    return click.option("--class-dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
+                        show_default=True, metavar="P",
+                        help="Class-conditional models: replace each training label by a learned null class with "
+                             "probability P, so the model also learns p(x) and can be sampled with --guidance "
+                             "(0.1-0.2 is usual). With --init-from a model without a null class, adds one.")(fn)
+
+
 DATASETS = ["sample", "cifar10", "mnist", "imagenet32", "imagenet64", "folder"]
 
 

@@ -123,6 +123,31 @@ def announce(start: RunStart, ctx: click.Context, kw: dict, fixed: tuple[str, ..
                    f"{start.init['step']}): new run, step 0, fresh optimizer.", err=True)
 
 
+def null_class_start(ctx: click.Context, kw: dict, start: RunStart, model_config, conditional: bool):
+    """(model config, --init-from weights) of a new run with ``--class-dropout``: a fresh class-conditional run gets
+    a null class; an --init-from model without one gets it added (vqprior.null_class.add_null_class: each class
+    embedding's null row starts at the mean of its class rows), which is said on stderr."""
+    from dataclasses import replace
+
+    from vqprior.null_class import add_null_class
+
+    weights = start.init_weights
+    if not kw["class_dropout"]:
+        return model_config, weights
+    if not conditional:
+        where = f"--init-from {kw['init_from']} is not class-conditional" if start.init is not None else \
+            "pass --class-conditional"
+        raise click.UsageError(f"--class-dropout {kw['class_dropout']} trains a null class beside the classes of a "
+                               f"class-conditional model: {where}")
+    if model_config is None or model_config.null_class:
+        return model_config, weights
+    if start.init is not None:
+        weights = add_null_class(weights, model_config)
+        start.echo(f"--class-dropout: adding a null class to the {model_config.num_classes} classes of "
+                   f"{kw['init_from']} (its embedding starts at the mean of the class embeddings).", err=True)
+    return replace(model_config, null_class=True), weights
+
+
 def resumed_data_config(ctx: click.Context, kw: dict, data_config):
     """The run's DataConfig with the options that may change on resume applied (the image cache, --download)."""
     changes = {name: kw[name] or (False if name == "download" else "") for name in ("cache", "download")
@@ -138,3 +163,8 @@ def data_conflicts(ctx: click.Context, kw: dict, data_config) -> list[str]:
 
 
 DATA_FIXED = ("dataset", "data_dir", "image_size", "limit")
+
+
+def class_dropout_conflicts(ctx: click.Context, kw: dict, data_config) -> list[str]:
+    """--class-dropout on resume: the run keeps the objective it was started with."""
+    return differing(ctx, kw, {"class_dropout": data_config.class_dropout})

@@ -8,6 +8,25 @@ from .common import (apply_precision, check_compile_sampler, check_outputs, comp
                      removes_new_folder_on_error, resolve_device)
 
 
+guidance_option = click.option(
+    "--guidance", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="W",
+    help="Classifier-free guidance scale (models trained with --class-dropout): draw from p(x|y)^(1+W) / p(x)^W, "
+         "normalised at every position; 0: off. See docs/guidance.md.")
+
+
+def guidance_checks(guidance: float, model, bottom_model) -> None:
+    """--guidance needs a model with a null class (one line before sampling); say on stderr when it guides only the
+    top prior of a pair (the bottom prior has no null class)."""
+    from vqprior.generate import guided_levels
+    from vqprior.null_class import null_label
+
+    if guidance:
+        null_label(model.config, f"--guidance {guidance:g}")
+    if guidance and bottom_model is not None and bottom_model.config.num_classes and not bottom_model.config.null_class:
+        click.echo(f"--guidance {guidance:g} guides {' and '.join(guided_levels(model, bottom_model))} only: the "
+                   f"bottom prior has no null class and is sampled given the class, unguided.", err=True)
+
+
 def sampling_options(fn):
     opts = [
         click.option("--num", type=click.IntRange(min=1), default=16, show_default=True, help="How many samples."),
@@ -21,6 +40,7 @@ def sampling_options(fn):
                      help="Priors: nucleus sampling mass (1: off)."),
         click.option("--class", "label", type=int, default=None,
                      help="Class label (class-conditional models; default: cycle through classes)."),
+        guidance_option,
         click.option("--method", type=click.Choice(["cached", "naive"]), default="cached", show_default=True,
                      help="cached = exact incremental sampler; naive = one full forward pass per position."),
         click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per grid row."),
@@ -58,8 +78,9 @@ def sampling_options(fn):
 @click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
 @removes_new_folder_on_error("out_dir", discard=lambda folder: True)  # a failed command leaves no --out-dir
-def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, method, nrow, batch_size, scale,
-           out_dir, overwrite, class_rows, save_codes, save_array, animate, compile_step, device, precision, quiet):
+def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, guidance, method, nrow, batch_size,
+           scale, out_dir, overwrite, class_rows, save_codes, save_array, animate, compile_step, device, precision,
+           quiet):
     """Sample from CKPT (a pixel model or a code prior): an image grid (--out), one PNG per sample (--out-dir),
     the uint8 array (--save-array) and/or the codes (--save-codes); at least one of them."""
     import torch
@@ -98,10 +119,11 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     if class_rows:
         nrow = _class_rows_nrow(model, num, label, nrow)
     generator = torch.Generator(device=device).manual_seed(seed)
+    guidance_checks(guidance, model, bottom_model)
     result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
                       top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size,
-                      precision=precision, progress=False if quiet else None,
-                      compile=compile_step)
+                      precision=precision, progress=False if quiet else None, compile=compile_step,
+                      guidance=guidance)
     written = []
     if out:
         # Samples cycle through the classes (sample i has class i % classes); --class-rows groups them by class.

@@ -4,9 +4,11 @@ from __future__ import annotations
 import click
 
 from .common import check_dataset_options, deterministic_option, device_option, guarded, removes_new_folder_on_error
-from .options import MODEL_FIELDS, data_options, model_options, train_config_from_options, train_options
-from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, differing, refuse_on_resume,
-                        refuse_with_init, resumed_data_config, start_run)
+from .options import (MODEL_FIELDS, class_dropout_option, data_options, model_options, train_config_from_options,
+                      train_options)
+from .run_start import (DATA_FIXED, announce, architecture_conflicts, class_dropout_conflicts, data_conflicts,
+                        differing, null_class_start, refuse_on_resume, refuse_with_init, resumed_data_config,
+                        start_run)
 
 ARCHITECTURE = ("preset", "class_conditional", *MODEL_FIELDS)  # fixed by a resumed run or an --init-from checkpoint
 
@@ -14,6 +16,7 @@ ARCHITECTURE = ("preset", "class_conditional", *MODEL_FIELDS)  # fixed by a resu
 @click.command("train-pixels")
 @data_options
 @click.option("--class-conditional", is_flag=True, help="Condition on the dataset's class labels.")
+@class_dropout_option
 @model_options
 @train_options
 @device_option
@@ -34,10 +37,12 @@ def train_pixels(ctx, **kw):
 
     start = start_run(ctx, kw, "pixels")  # rank 0 alone prints and writes
     device, echo, checkpoint = start.device, start.echo, start.checkpoint
+    model_config, init_weights = None, None
     if checkpoint is not None:
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = ModelConfig.from_dict(checkpoint["config"]["model"])
-        refuse_on_resume(arch_conflicts(ctx, kw, model_config) + data_conflicts(ctx, kw, data_config), kw["out_dir"])
+        refuse_on_resume(arch_conflicts(ctx, kw, model_config) + data_conflicts(ctx, kw, data_config)
+                         + class_dropout_conflicts(ctx, kw, data_config), kw["out_dir"])
         data_config = resumed_data_config(ctx, kw, data_config)
     else:
         check_dataset_options(kw["dataset"], ctx)
@@ -45,10 +50,11 @@ def train_pixels(ctx, **kw):
             model_config = ModelConfig.from_dict(start.init["config"]["model"])
             refuse_with_init(arch_conflicts(ctx, kw, model_config), kw["init_from"])
         conditional = model_config.num_classes > 0 if start.init is not None else kw["class_conditional"]
+        model_config, init_weights = null_class_start(ctx, kw, start, model_config, conditional)
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"], class_conditional=conditional,
-                                 limit=kw["limit"])
-    announce(start, ctx, kw, ARCHITECTURE + DATA_FIXED)
+                                 limit=kw["limit"], class_dropout=kw["class_dropout"])
+    announce(start, ctx, kw, ARCHITECTURE + DATA_FIXED + ("class_dropout",))  # a resumed run keeps these
     train_set = load_split(data_config, "train")
     val_set = load_split(data_config, "test")
     if start.init is not None:
@@ -59,6 +65,7 @@ def train_pixels(ctx, **kw):
         model_config = model_config_from_preset(
             kw["preset"], head="pixels", channels=train_set.channels, height=train_set.height, width=train_set.width,
             num_classes=train_set.num_classes if data_config.class_conditional else 0,
+            null_class=data_config.class_dropout > 0,
             **{k: kw[k] for k in MODEL_FIELDS})
     train_config = train_config_from_options(ctx, kw, checkpoint)
     task = PixelTask(model_config, data_config)
@@ -67,7 +74,7 @@ def train_pixels(ctx, **kw):
                f"{train_set.channels}x{train_set.height}x{train_set.width}; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
-                   init_weights=start.init_weights)
+                   init_weights=init_weights)
     bpd = result["metrics"].get("eval_bpd")
     where = Path(kw["out_dir"])
     if result["status"] == "stopped":

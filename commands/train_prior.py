@@ -4,9 +4,9 @@ from __future__ import annotations
 import click
 
 from .common import deterministic_option, device_option, guarded, refuse_unused, removes_new_folder_on_error
-from .options import MODEL_FIELDS, model_options, train_config_from_options, train_options
-from .run_start import (announce, architecture_conflicts, differing, refuse_on_resume, refuse_with_init, same_path,
-                        start_run)
+from .options import MODEL_FIELDS, class_dropout_option, model_options, train_config_from_options, train_options
+from .run_start import (announce, architecture_conflicts, class_dropout_conflicts, differing, null_class_start,
+                        refuse_on_resume, refuse_with_init, same_path, start_run)
 
 PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *MODEL_FIELDS)  # with --preset: the architecture
 
@@ -17,6 +17,7 @@ PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *MODEL_FIELDS)  # w
 @click.option("--level", type=click.Choice(["top", "bottom"]), default="top", show_default=True,
               help="Which code map to model; a bottom prior is conditioned on the top codes.")
 @click.option("--class-conditional", is_flag=True, help="Condition on the source images' class labels.")
+@class_dropout_option
 @click.option("--vqvae", "vqvae_path", type=click.Path(), default=None,
               help="The VQ-VAE checkpoint to embed (default: the one recorded in the cache, checked by sha256).")
 @click.option("--embed-dim", type=click.IntRange(min=1), default=None,
@@ -47,6 +48,7 @@ def train_prior(ctx, **kw):
     start = start_run(ctx, kw, "prior")  # rank 0 alone prints and writes
     device, echo, checkpoint = start.device, start.echo, start.checkpoint
     meta = read_code_metadata(kw["codes"])
+    init_weights = None
     if checkpoint is not None:
         model_config = ModelConfig.from_dict(checkpoint["config"]["model"])
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
@@ -54,7 +56,8 @@ def train_prior(ctx, **kw):
         payload = checkpoint.get("vqvae")
         refuse_on_resume(arch_conflicts(ctx, kw, model_config, level)
                          + differing(ctx, kw, {"codes": data_config.cache}, same_path)
-                         + vqvae_conflicts(ctx, kw, payload), kw["out_dir"])
+                         + vqvae_conflicts(ctx, kw, payload)
+                         + class_dropout_conflicts(ctx, kw, data_config), kw["out_dir"])
     else:
         level = kw["level"]
         if start.init is not None:
@@ -72,15 +75,17 @@ def train_prior(ctx, **kw):
         if payload["sha256"] != meta.get("vqvae_sha256"):
             raise UserError(f"{vq_path} is not the VQ-VAE these codes were extracted with (sha256 differs)")
         conditional = model_config.num_classes > 0 if start.init is not None else kw["class_conditional"]
-        data_config = DataConfig(dataset=meta.get("dataset", ""), cache=str(kw["codes"]),
-                                 class_conditional=conditional)
         if start.init is not None:
             check_init_codes(model_config, meta, level, kw["init_from"])
         else:
             base = model_config_from_preset(kw["preset"], head="codes", num_codes=2,
                                             **{k: kw[k] for k in PRIOR_FIELDS})
             model_config = prior_model_config(base, meta, level, kw["class_conditional"])
-    announce(start, ctx, kw, ("preset", "level", "class_conditional", "codes", "vqvae_path", *PRIOR_FIELDS))
+        model_config, init_weights = null_class_start(ctx, kw, start, model_config, conditional)
+        data_config = DataConfig(dataset=meta.get("dataset", ""), cache=str(kw["codes"]),
+                                 class_conditional=conditional, class_dropout=kw["class_dropout"])
+    announce(start, ctx, kw, ("preset", "level", "class_conditional", "class_dropout", "codes", "vqvae_path",
+                              *PRIOR_FIELDS))
     train_set = CodeDataset(kw["codes"], level)
     val_set = None
     if kw["val_codes"]:
@@ -96,7 +101,7 @@ def train_prior(ctx, **kw):
                f"train / {len(val_set) if val_set else 0} held-out maps; device {device}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
-                   init_weights=start.init_weights)
+                   init_weights=init_weights)
     if result["status"] == "stopped":
         echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
         return

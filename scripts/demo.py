@@ -5,6 +5,8 @@ in this one process so torch is imported once. What it writes into --out (defaul
 
     shipped/<model>_samples.png              samples of each shipped model found in --checkpoints
     shipped/<model>_complete_<image>.png     completions of held-out test images (scripts/demo_images/)
+    shipped/<model>_guided.png               one guided grid (--guidance), of the first shipped model with a null
+                                             class (code priors first: they sample fastest); none if none has one
     latest.pt, metrics.jsonl, samples_stepN.png   the short training run (a small PixelSNAIL on the bundled sample)
     curves.png                               its learning curves (vqprior plot)
     README.txt, index.html                   which picture is which, with the command that made it
@@ -32,6 +34,7 @@ DATASETS = tuple(CLASS_NAMES)
 TEST_IMAGES = {"cifar10": [("cifar10-test-0016.png", 5), ("cifar10-test-0006.png", 1)],
                "mnist": [("mnist-test-0000.png", 7), ("mnist-test-0001.png", 2)]}
 NUM_SAMPLES, NROW, NUM_COMPLETIONS = 20, 10, 6
+GUIDANCE = 1  # classifier-free guidance scale of the guided grid (docs/guidance.md)
 
 
 class Demo:
@@ -88,6 +91,37 @@ def shipped_models(checkpoints: Path, dataset: str) -> list[tuple[str, Path, Pat
         if p not in (top, bottom):
             found.append((p.stem, p, None))
     return found
+
+
+def has_null_class(path: Path) -> bool:
+    """Whether a shipped model was trained with a null class (so it can be sampled with --guidance)."""
+    from vqprior.checkpoint import read_checkpoint
+
+    return bool(read_checkpoint(path, ("pixels", "prior"))["config"]["model"].get("null_class", False))
+
+
+def show_guided(demo: Demo, checkpoints: Path) -> None:
+    """One class-row grid at --guidance GUIDANCE, of the first shipped model with a null class (priors first)."""
+    from vqprior.errors import UserError
+
+    found = [(dataset, *m) for dataset in DATASETS for m in shipped_models(checkpoints, dataset)]
+    found.sort(key=lambda m: "-pixels" in m[1])  # stable: priors first, then the pixel models, datasets in order
+    for dataset, name, ckpt, bottom in found:
+        try:
+            if not has_null_class(ckpt):
+                continue
+        except (UserError, KeyError):
+            continue  # a broken model is reported where its samples fail
+        pair = ["--bottom", bottom] if bottom else []
+        model = f"{ckpt.name} with {bottom.name}" if bottom else ckpt.name
+        out = demo.out / "shipped" / f"{name}_guided.png"
+        legend = ", ".join(f"{i} {c}" for i, c in enumerate(CLASS_NAMES[dataset]))
+        demo.make(f"Guided sampling (classifier-free guidance) with {model}", out,
+                  f"one row per class ({legend}) at guidance scale W = {GUIDANCE}: each conditional is "
+                  f"p(x|y)^(1+W) / p(x)^W, normalised (docs/guidance.md); shown at 2x", "sample", ckpt, *pair,
+                  "--num", 5 * len(CLASS_NAMES[dataset]), "--class-rows", "--guidance", GUIDANCE, "--seed", 0,
+                  "--scale", 2, "--out", out)
+        return
 
 
 def show_shipped(demo: Demo, checkpoints: Path, images: Path) -> None:
@@ -199,6 +233,7 @@ def main(argv=None) -> int:
     (a.out / "shipped").mkdir(parents=True, exist_ok=True)
     demo = Demo(a.out)
     show_shipped(demo, a.checkpoints, a.images)
+    show_guided(demo, a.checkpoints)
     train_here(demo, a.steps, shlex.split(a.train_extra))
     text, index = write_index(demo, time.perf_counter() - start)
     print(f"\n{len(demo.entries)} pictures in {a.out}; which is which: {text} (or open {index})")

@@ -119,3 +119,26 @@ def test_demo_images_are_the_held_out_images_they_are_named_after():
             shipped = np.array(Image.open(REPO / "scripts" / "demo_images" / name))
             np.testing.assert_array_equal(shipped, pixels[index])
             assert labels[index] == label, name
+
+
+def test_the_demo_shows_one_guided_grid_when_a_shipped_model_has_a_null_class(shipped, tmp_path):
+    demo = load_demo()
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name in ("cifar10-pixels-small.pt", "cifar10-prior-bottom.pt", "mnist-pixels.pt"):
+        shutil.copy(shipped / name, ckpts / name)
+    (tmp_path / "out" / "shipped").mkdir(parents=True)
+    run = demo.Demo(tmp_path / "out")
+    demo.show_guided(run, ckpts)
+    assert run.entries == [] and run.failed == []  # no model with a null class: nothing shown, no failure
+    codes = shipped.parent / "train.lmdb"  # the fixture's pipeline, beside its checkpoints folder
+    check_ok(run_cli("train-prior", "--codes", codes, "--init-from", shipped / "cifar10-prior-top.pt",
+                     "--class-dropout", "0.5", "--steps", "1", "--batch-size", "4", "--num-samples", "1", "--quiet",
+                     "--device", "cpu", "--out", tmp_path / "top"))
+    shutil.copy(tmp_path / "top" / "latest.pt", ckpts / "cifar10-prior-top.pt")
+    demo.show_guided(run, ckpts)
+    assert len(run.entries) == 1 and run.failed == []
+    section, path, what, command = run.entries[0]
+    assert path.name == "cifar10-prior_guided.png" and path.is_file()
+    assert "--guidance 1" in command and "--class-rows" in command and "W = 1" in what
+

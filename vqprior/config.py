@@ -62,6 +62,7 @@ class ModelConfig:
     dropout: float = 0.5
     mixtures: int = 10
     num_classes: int = 0  # > 0: class-conditional (a learned per-block bias)
+    null_class: bool = False  # class-conditional with one more learned "no class" input, label num_classes (p(x))
     cond_num_codes: int = 0  # > 0: conditioned on a coarser code map with this codebook size
     cond_height: int = 0
     cond_width: int = 0
@@ -85,8 +86,15 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes < 0 or self.cond_num_codes < 0:
             raise ConfigError("num_classes and cond_num_codes must be >= 0")
+        if self.null_class and not self.num_classes:
+            raise ConfigError("a null class needs a class-conditional model (num_classes > 0)")
         if self.cond_num_codes and (self.cond_height < 1 or self.cond_width < 1):
             raise ConfigError("a code-map condition needs cond_height and cond_width")
+
+    @property
+    def class_rows(self) -> int:
+        """Rows of each class embedding: the classes, plus the null class (label ``num_classes``) when present."""
+        return self.num_classes + int(self.null_class)
 
     @property
     def out_channels(self) -> int:
@@ -162,6 +170,15 @@ class DataConfig:
     download: bool = False
     class_conditional: bool = False
     limit: int = 0  # train on the first N training images only (0 = all); a resumed run keeps it
+    # Classifier-free guidance training (vqprior.guidance): each label is replaced by the null class with this
+    # probability, so one network learns p(x | y) and p(x). A resumed run keeps it.
+    class_dropout: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"class-dropout must be in [0, 1), got {self.class_dropout}")
+        if self.class_dropout and not self.class_conditional:
+            raise ConfigError("class-dropout needs a class-conditional model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

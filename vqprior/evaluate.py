@@ -1,6 +1,7 @@
 """Held-out likelihood: total negative log-likelihood in nats over a split, reported as bits/dim (pixels) or
 bits/code (priors). bits = total NLL nats / (ln 2 * number of modelled values). ``ClassMarginal`` scores a
-class-conditional model as the unconditional density it defines."""
+class-conditional model as the unconditional density it defines; ``NullClass`` scores the unconditional density a
+model trained with a null class learnt directly (vqprior.null_class)."""
 from __future__ import annotations
 
 import math
@@ -62,3 +63,19 @@ class ClassMarginal:
             labels = torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)
             per_class.append(self.model.log_prob(x, condition=condition, label=labels).double().flatten(1).sum(1))
         return torch.logsumexp(torch.stack(per_class, 1), 1) - math.log(self.num_classes)
+
+
+class NullClass:
+    """A model trained with a null class read as the unconditional p(x) it learnt: every item scored given the null
+    label, whatever its own label (one pass). Anything ``evaluate_nll`` takes, like ``ClassMarginal``."""
+
+    def __init__(self, model):
+        from .null_class import null_label
+
+        self.null = null_label(model.config, "scoring p(x) with the null class")
+        self.model = model
+
+    @torch.no_grad()
+    def log_prob(self, x: torch.Tensor, condition=None, label=None) -> torch.Tensor:
+        labels = torch.full((x.shape[0],), self.null, dtype=torch.long, device=x.device)
+        return self.model.log_prob(x, condition=condition, label=labels)

@@ -79,12 +79,13 @@ def generate(model, num: int, *, precision: str = "fp32", progress: bool | None 
 def _generate(model, num: int, *, bottom=None, method: str = "cached", generator: torch.Generator | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label: int | None = None,
              animate: bool = False, prefix: list[torch.Tensor] | torch.Tensor | None = None,
-             start: int | list[int] = 0, batch_size: int | None = None, bar=None,
+             start: int | list[int] = 0, batch_size: int | None = None, guidance: float = 0.0, bar=None,
              compile: bool | dict = False) -> Generated:
     """Sample ``num`` images from a pixel model or a (top) prior, with ``bottom`` the bottom prior of a 2-level
     VQ-VAE. ``prefix``/``start`` complete a known raster prefix: pixels, an image batch and a position; priors, a
-    list of code maps [top(, bottom)] and a list of start positions, one per level. ``bar`` (tqdm) counts the
-    sampled positions. ``compile``: see ``vqprior.sampling.sample`` (each prior's step is compiled once)."""
+    list of code maps [top(, bottom)] and a list of start positions, one per level. ``guidance`` (W, see
+    ``vqprior.guidance``) guides the model sampled and, when it has a null class too, the bottom prior. ``bar`` (tqdm)
+    counts the sampled positions. ``compile``: see ``vqprior.sampling.sample`` (each prior's step is compiled once)."""
     from .sampling import sample
 
     if num < 1:
@@ -100,7 +101,7 @@ def _generate(model, num: int, *, bottom=None, method: str = "cached", generator
     device = next(model.parameters()).device
     labels = _labels(model, num, label, device)
     kwargs = dict(method=method, generator=generator, temperature=temperature, batch_size=batch_size,
-                  compile=compile)
+                  compile=compile, guidance=guidance)
     if model.config.head == "pixels":
         if bottom is not None:
             raise UserError("--bottom applies to code priors, not to pixel models")
@@ -148,11 +149,20 @@ def _generate(model, num: int, *, bottom=None, method: str = "cached", generator
         frames += rec.frames
     rec = _FrameRecorder(bottom_shape[0] * bottom_shape[1], lambda c: vq.decode([top, c])) if animate else None
     bottom_labels = _labels(bottom, num, label, device) if bottom.config.num_classes else None
+    code_kw["guidance"] = guidance if bottom.config.null_class else 0.0  # see guided_levels
     bot = sample(bottom, num, label=bottom_labels, condition=top, on_step=_on_step(rec, tick), prefix=bottom_prefix,
                  start=bottom_start, **code_kw)
     if rec:
         frames += rec.frames
     return Generated(vq.decode([top, bot]), [top, bot], frames)
+
+
+def guided_levels(model, bottom=None) -> list[str]:
+    """The models ``--guidance`` guides: the one sampled (it must have a null class), and the bottom prior when it has
+    one too (a bottom prior without one is sampled unguided, given the class as before)."""
+    if bottom is None:
+        return ["the model"]
+    return ["the top prior"] + (["the bottom prior"] if bottom.config.null_class else [])
 
 
 @dataclass

@@ -8,6 +8,7 @@ import torch
 from .config import DataConfig, ModelConfig
 from .evaluate import evaluate_nll
 from .layers import data_dependent_init
+from .null_class import drop_labels
 from .pixelsnail import PixelSNAIL
 
 
@@ -32,7 +33,8 @@ class PixelTask:
 
     def loss(self, model, batch):
         x = batch["image"]
-        params = model(x, label=self._label(batch))
+        label = drop_labels(self._label(batch), self.model_config, self.data_config.class_dropout)  # null class
+        params = model(x, label=label)
         head = getattr(model, "module", model).head  # DistributedDataParallel keeps PixelSNAIL in .module
         log_prob = head.log_prob(params.float(), x)  # the likelihood in fp32 even under bf16 autocast
         nats_per_dim = -log_prob.sum((1, 2)).mean() / x[0].numel()

@@ -39,7 +39,7 @@ class PixelSNAILBlock(nn.Module):
 
     def __init__(self, c: ModelConfig, raw_channels: int, cond_channels: int):
         super().__init__()
-        gated = dict(dropout=c.dropout, cond_channels=cond_channels, num_classes=c.num_classes)
+        gated = dict(dropout=c.dropout, cond_channels=cond_channels, num_classes=c.class_rows)
         self.res = nn.ModuleList(GatedResBlock(c.filters, "down_right", c.kernel_size, **gated)
                                  for _ in range(c.res_blocks))
         if c.attention:
@@ -100,8 +100,9 @@ class PixelSNAIL(nn.Module):
             if label is None:
                 raise ValueError("this model is class-conditional: pass a label")
             label = torch.as_tensor(label)
-            if label.numel() and (label.min() < 0 or label.max() >= c.num_classes):
-                raise ValueError(f"label outside [0, {c.num_classes - 1}]")
+            if label.numel() and (label.min() < 0 or label.max() >= c.class_rows):
+                null = f" or the null class {c.num_classes}" if c.null_class else ""
+                raise ValueError(f"label outside [0, {c.num_classes - 1}]{null}")
         if c.cond_num_codes:
             if condition is None:
                 raise ValueError("this is a bottom prior conditioned on top codes: pass the top codes")

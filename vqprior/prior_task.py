@@ -20,6 +20,7 @@ from .data.codes import check_codebook, read_code_metadata
 from .errors import UserError
 from .evaluate import evaluate_nll
 from .layers import data_dependent_init
+from .null_class import drop_labels
 from .pixelsnail import PixelSNAIL
 from .vqvae import VQVAE, VQVAEConfig
 
@@ -138,6 +139,7 @@ class PriorTask:
 
     def loss(self, model, batch):
         x, condition, label = self._inputs(batch)
+        label = drop_labels(label, self.model_config, self.data_config.class_dropout)  # null class (guidance)
         logits = model(x, label=label, condition=condition)
         log_prob = getattr(model, "module", model).head.log_prob(logits.float(), x)  # fp32 even under bf16
         nats_per_code = -log_prob.sum((1, 2)).mean() / (x.shape[1] * x.shape[2])

@@ -16,6 +16,7 @@ import torch
 
 from .cached import CachedSampler
 from .errors import UserError
+from .guidance import Guidance, Unguided, check_guidance
 
 METHODS = ("cached", "naive")
 
@@ -119,14 +120,16 @@ def _check_controls(model, num, method, temperature, top_k, top_p, batch_size, h
 def sample(model, num: int, method: str = "cached", generator: torch.Generator | None = None,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label=None, condition=None, prefix=None,
            start: int = 0, batch_size: int | None = None, on_step=None, height: int | None = None,
-           width: int | None = None, compile: bool | dict = False) -> torch.Tensor:
+           width: int | None = None, compile: bool | dict = False, guidance: float = 0.0) -> torch.Tensor:
     """Draw ``num`` samples: uint8 (num, C, H, W) images from a pixel model, int64 (num, H, W) codes from a prior.
 
     ``label``: int or (num,) tensor (class-conditional models); ``condition``: (num, h, w) top codes (bottom
     priors); ``prefix`` (same shape as the output) + ``start``: positions < start (raster order) are kept, the rest
     sampled. ``on_step(p, current_batch)`` runs after each sampled position. ``method="naive"`` runs a full forward
     pass per position (the reference); ``"cached"`` is the fast exact path; both give the same samples for the same
-    generator. Runs in eval mode without gradients and returns on the model's device.
+    generator. ``guidance`` W > 0 (models trained with a null class) draws from the classifier-free guided
+    conditionals (``vqprior.guidance``); W = 0 is the unguided sampler. Runs in eval mode without gradients and
+    returns on the model's device.
 
     ``compile`` (cached only): run the cached sampler with static shapes and ``torch.compile`` its step once for
     all positions (True: inductor, with CUDA graphs on CUDA; a dict: the ``torch.compile`` options to use, e.g.
@@ -135,6 +138,7 @@ def sample(model, num: int, method: str = "cached", generator: torch.Generator |
     _check_controls(model, num, method, temperature, top_k, top_p, batch_size, height, width)
     if compile and method != "cached":
         raise SamplingError("compile applies to the cached sampler (method='cached')")
+    guidance = check_guidance(model, guidance)
     c = model.config
     H, W = height or c.height, width or c.width
     shape = (num, c.channels, H, W) if c.head == "pixels" else (num, H, W)
@@ -146,6 +150,7 @@ def sample(model, num: int, method: str = "cached", generator: torch.Generator |
         out.view(num, -1, H * W)[:, :, :start] = prefix.reshape(num, -1, H * W)[:, :, :start]
     controls = dict(generator=generator, temperature=temperature, top_k=top_k, top_p=top_p)
     compile_options = _compile_options(compile, device)
+    draw = Guidance(model, controls, guidance) if guidance else Unguided(model, controls)
     step = batch_size or num
     was_training = model.training
     model.eval()
@@ -153,23 +158,28 @@ def sample(model, num: int, method: str = "cached", generator: torch.Generator |
         with torch.no_grad():
             for b0 in range(0, num, step):
                 part = slice(b0, min(num, b0 + step))
-                args = (model, out[part], start, label[part] if label is not None else None,
-                        condition[part] if condition is not None else None, controls, on_step)
+                rows = draw.inputs(label[part] if label is not None else None,
+                                   condition[part] if condition is not None else None)
                 if method == "cached":
-                    _sample_cached(*args, compile_options)
+                    _sample_cached(model, out[part], start, *rows, draw, on_step, compile_options)
                 else:
-                    _sample_naive(*args)
+                    _sample_naive(model, out[part], start, *rows, draw, on_step)
     finally:
         model.train(was_training)
     return out
 
 
-def _sample_naive(model, canvas, start, label, condition, controls, on_step) -> None:
+def _streams(x: torch.Tensor, draw) -> torch.Tensor:
+    """``x`` repeated once per stream of ``draw`` along the batch (guidance runs 2B rows: y's, then the null's)."""
+    return x if draw.streams == 1 else x.repeat(draw.streams, *([1] * (x.dim() - 1)))
+
+
+def _sample_naive(model, canvas, start, label, condition, draw, on_step) -> None:
     W = canvas.shape[-1]
     for p in range(start, canvas.shape[-2] * W):
         r, c = divmod(p, W)
-        params = model(canvas, label=label, condition=condition)[:, :, r, c]  # (B, P)
-        canvas[..., r, c] = model.head.sample(params, **controls)  # (B, C) pixels or (B,) codes
+        params = model(_streams(canvas, draw), label=label, condition=condition)[:, :, r, c]  # (B or 2B, P)
+        canvas[..., r, c] = draw(params)  # (B, C) pixels or (B,) codes
         if on_step is not None:
             on_step(p, canvas)
 
@@ -189,17 +199,18 @@ def _compile_options(compile, device: torch.device) -> dict | None:
     return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
 
 
-def _sample_cached(model, canvas, start, label, condition, controls, on_step, compile_options=None) -> None:
+def _sample_cached(model, canvas, start, label, condition, draw, on_step, compile_options=None) -> None:
     H, W = canvas.shape[-2:]
     if start == H * W:
         return  # nothing to sample: the prefix is the whole map
-    sampler = CachedSampler(model, canvas.shape[0], label, condition, H, W, static=compile_options is not None)
+    sampler = CachedSampler(model, canvas.shape[0] * draw.streams, label, condition, H, W,
+                            static=compile_options is not None)
     if compile_options is not None:
         sampler.compile(**compile_options)
-    sampler.prefill(canvas, start)
+    sampler.prefill(_streams(canvas, draw), start)
     for p in range(start, H * W):
-        value = model.head.sample(sampler.step(p), **controls)
-        sampler.append(p, value)
+        value = draw(sampler.step(p))
+        sampler.append(p, _streams(value, draw))
         canvas[..., p // W, p % W] = value
         if on_step is not None:
             on_step(p, canvas)
