@@ -44,7 +44,7 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
     from vqprior.images import image_format, load_image, save_grid
 
     device = resolve_device(device)
-    apply_precision(precision)
+    apply_precision(precision, device)
     check_outputs(out)
     image_format(out)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))

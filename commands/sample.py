@@ -76,7 +76,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     if not out_dir:
         refuse_unused(("overwrite",), "without --out-dir (single files are always replaced atomically)")
     device = resolve_device(device)
-    apply_precision(precision)
+    apply_precision(precision, device)
     check_outputs(out, save_codes, save_array, animate)
     if out:
         image_format(out)
