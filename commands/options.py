@@ -107,18 +107,19 @@ TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "ema", "grad_clip", "ev
 
 def train_config_from_options(ctx: click.Context, kwargs: dict, checkpoint: dict | None, device) -> TrainConfig:
     """A fresh run takes every option; a resumed run keeps its stored config except options given explicitly.
-    ``--precision auto`` becomes the training default for ``device`` (vqprior.precision)."""
-    from vqprior.precision import resolve_training_precision
+    ``--precision auto`` becomes the training default for ``device`` (vqprior.precision); a precision the device
+    cannot run (bf16 on a GPU that only emulates it) is a one-line error now, not mid-run."""
+    from vqprior.precision import check_precision, resolve_training_precision
 
     values = {k: kwargs[k] for k in TRAIN_FIELDS}
     values["precision"] = resolve_training_precision(values["precision"], device)
-    if checkpoint is None:
-        return TrainConfig(**values)
-    stored = TrainConfig.from_dict(checkpoint["config"]["train"]).to_dict()
-    for k in TRAIN_FIELDS:
-        if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None):
-            stored[k] = values[k]
-    return TrainConfig(**stored)
+    if checkpoint is not None:
+        stored = TrainConfig.from_dict(checkpoint["config"]["train"]).to_dict()
+        values.update({k: stored[k] for k in TRAIN_FIELDS
+                       if ctx.get_parameter_source(k) in (click.core.ParameterSource.DEFAULT, None)})
+    config = TrainConfig(**values)
+    check_precision(config.precision, device)
+    return config
 
 
 DATASETS = ["sample", "cifar10", "mnist", "imagenet32", "imagenet64", "folder"]
