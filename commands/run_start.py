@@ -40,7 +40,7 @@ def start_run(ctx: click.Context, kw: dict, kind: str) -> RunStart:
     process group under torchrun and prepare the run folder. ``echo`` prints on rank 0 only."""
     from vqprior.checkpoint import build_model, read_checkpoint
     from vqprior.distributed import init_distributed, world_size_from_env
-    from vqprior.train import prepare_run_dir
+    from vqprior.run_state import prepare_run_dir
 
     init = None
     if kw["init_from"]:

@@ -9,7 +9,9 @@ Layout (docs/design.md section 6)::
     model, ema      state dicts (the unwrapped module; no "module." / "_orig_mod." prefixes)
     optimizer       optimizer state dict (absent in exported checkpoints)
     step            int
-    rng             {"torch": ByteTensor, "cuda": [ByteTensor, ...]}
+    rng             {"torch": ByteTensor, "cuda": ByteTensor of the training GPU (CUDA runs only; older
+                    checkpoints hold a list, one per visible GPU)}
+    scaler          fp16 runs: torch.amp.GradScaler state (scale, growth tracker, factors)
     metrics         {name: float}
     vqvae           priors only: {"config": {...}, "weights": state dict, "sha256": str}
     storage_dtype   "float32" | "float16" (exported checkpoints may store floats in half precision)

@@ -140,3 +140,22 @@ def reduce_weighted_means(metrics: dict[str, float], count: int, device: torch.d
     if total <= 0:
         raise ValueError("nothing to evaluate: the split is empty")
     return {k: float(buf[i]) / total for i, k in enumerate(keys)}
+
+
+def evaluate_sharded(task, eval_model, val_set, batch_size: int, num_workers: int, loader_rng, device) -> dict:
+    """Distributed eval: each rank evaluates its shard; the per-rank averages are reduced weighted by shard size."""
+    from torch.utils.data import DataLoader
+
+    rank, world = get_rank(), get_world_size()
+    shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=loader_rng())
+    result = task.evaluate(eval_model, loader) if len(shard) else {}
+    # Every rank needs the keys even when its shard is empty (fewer held-out items than ranks).
+    keys = sorted(result) if len(shard) else sorted(task.evaluate(eval_model, DataLoader(
+        torch.utils.data.Subset(val_set, [0]), batch_size=1, generator=loader_rng())))
+    reduced = reduce_weighted_means({k: result.get(k, 0.0) for k in keys}, len(shard), device)
+    if "mse" in reduced and "psnr" in reduced:
+        from .vqvae_task import psnr_from_mse  # PSNR is not linear in the MSE: recompute it from the reduced MSE
+
+        reduced["psnr"] = psnr_from_mse(reduced["mse"])
+    return reduced

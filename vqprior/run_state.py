@@ -1,10 +1,12 @@
 """What makes a training run exact and resumable, apart from the loop itself (vqprior.train): the step-indexed
 batch sampler (batch order a pure function of seed and step), the Polyak EMA, the SIGINT/SIGTERM stop flag, the RNG
-state saved with a checkpoint, and the metrics.jsonl record that a resumed run truncates to its checkpoint's step.
+state saved with a checkpoint (the training device's generators only), the run folder (``prepare_run_dir``) and the
+metrics.jsonl record that a resumed run truncates to its checkpoint's step.
 """
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,8 +14,10 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, read_checkpoint
 from .errors import UserError
+
+CHECKPOINT_NAME = "latest.pt"  # a run folder's checkpoint
 
 
 class StepBatchSampler(Sampler):
@@ -154,6 +158,34 @@ def _cuda_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A batch's tensors on ``device``; the copies are asynchronous where the loader pinned them (CUDA)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict[str, Any] | None:
+    """Create ``out_dir``; return the checkpoint to resume from (or None). Refuses to clobber an existing run."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out must be a folder, but a file exists there: {out}")
+    ckpt = out / CHECKPOINT_NAME
+    if ckpt.exists():
+        if not resume:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        data = read_checkpoint(ckpt, kind)
+        if "optimizer" not in data:
+            raise UserError(f"{ckpt} is an exported checkpoint (weights only, no optimizer state) and cannot be "
+                            f"resumed; start a new run from its weights with --init-from {ckpt} --out NEW_FOLDER")
+        return data
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"the run folder is not writable: {out}")
+    return None
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -173,5 +205,5 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
 
 
-__all__ = ["StepBatchSampler", "EMA", "StopFlag", "in_main_thread", "rng_state", "set_rng_state", "append_jsonl",
-           "truncate_metrics"]
+__all__ = ["StepBatchSampler", "EMA", "StopFlag", "in_main_thread", "rng_state", "set_rng_state", "to_device",
+           "prepare_run_dir", "append_jsonl", "truncate_metrics"]

@@ -40,61 +40,17 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .acceleration import StepTimer, Throughput, clip_and_measure, compile_model, make_optimizer
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .device import pin_memory, set_cudnn_benchmark
 from .errors import UserError
 from .images import make_grid, save_grid
 from .precision import apply_precision_policy, autocast, grad_scaler
-from .run_state import EMA, StepBatchSampler, StopFlag, append_jsonl, rng_state, set_rng_state, truncate_metrics
+from .run_state import (CHECKPOINT_NAME, EMA, StepBatchSampler, StopFlag, append_jsonl, rng_state, set_rng_state,
+                        to_device, truncate_metrics)
 from .step_guard import NonFiniteGuard, read_values, step_unless
 
 log = logging.getLogger(__name__)
-CHECKPOINT_NAME = "latest.pt"
-
-
-def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict[str, Any] | None:
-    """Create ``out_dir``; return the checkpoint to resume from (or None). Refuses to clobber an existing run."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out must be a folder, but a file exists there: {out}")
-    ckpt = out / CHECKPOINT_NAME
-    if ckpt.exists():
-        if not resume:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        data = read_checkpoint(ckpt, kind)
-        if "optimizer" not in data:
-            raise UserError(f"{ckpt} is an exported checkpoint (weights only, no optimizer state) and cannot be "
-                            f"resumed; start a new run from its weights with --init-from {ckpt} --out NEW_FOLDER")
-        return data
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"the run folder is not writable: {out}")
-    return None
-
-
-def _reduce_eval(task, eval_model, val_set, batch_size: int, num_workers: int, loader_rng, device) -> dict:
-    """Distributed eval: each rank evaluates its shard; the per-rank averages are reduced weighted by shard size."""
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=loader_rng())
-    result = task.evaluate(eval_model, loader) if len(shard) else {}
-    # Every rank needs the keys even when its shard is empty (fewer held-out items than ranks).
-    keys = sorted(result) if len(shard) else sorted(task.evaluate(eval_model, DataLoader(
-        torch.utils.data.Subset(val_set, [0]), batch_size=1, generator=loader_rng())))
-    reduced = distributed.reduce_weighted_means({k: result.get(k, 0.0) for k in keys}, len(shard), device)
-    if "mse" in reduced and "psnr" in reduced:
-        from .vqvae_task import psnr_from_mse  # PSNR is not linear in the MSE: recompute it from the reduced MSE
-
-        reduced["psnr"] = psnr_from_mse(reduced["mse"])
-    return reduced
 
 
 def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathLike, *,
@@ -262,7 +218,7 @@ class TrainingRun:
         self.eval_model.load_state_dict(self.ema.state_dict())
         with torch.no_grad(), autocast(self.device, self.config.precision):
             if self.world > 1:
-                result = _reduce_eval(self.task, self.eval_model, self.val_set, self.eval_batch, self.num_workers,
+                result = distributed.evaluate_sharded(self.task, self.eval_model, self.val_set, self.eval_batch, self.num_workers,
                                       self.loader_rng, self.device)
             else:  # the final evaluation (often the whole held-out split) shows its own progress bar
                 batches = tqdm(self.val_loader, desc="final evaluation", unit="batch", leave=False,
