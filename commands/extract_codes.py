@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import apply_precision, check_dataset_options, device_option, guarded, removes_new_folder_on_error, resolve_device
+from .common import (apply_precision, check_dataset_options, device_option, guarded, removes_new_folder_on_error,
+                     resolve_device)
 from .options import DATASETS
 
 

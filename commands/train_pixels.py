@@ -63,7 +63,8 @@ def train_pixels(ctx, **kw):
     task = PixelTask(model_config, data_config)
     n_params = sum(p.numel() for p in task.build_model().parameters())
     echo(f"PixelSNAIL {n_params:,} parameters; {len(train_set)} train / {len(val_set)} held-out images "
-               f"{train_set.channels}x{train_set.height}x{train_set.width}; device {device}, precision {train_config.precision}", err=True)
+               f"{train_set.channels}x{train_set.height}x{train_set.width}; device {device}, "
+               f"precision {train_config.precision}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
                    init_weights=start.init_weights)

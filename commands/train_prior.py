@@ -92,7 +92,8 @@ def train_prior(ctx, **kw):
     task = PriorTask(model_config, data_config, level, payload)
     echo(f"{level} prior over {model_config.height}x{model_config.width} codes ({model_config.num_codes} "
                f"codes): {sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} "
-               f"train / {len(val_set) if val_set else 0} held-out maps; device {device}, precision {train_config.precision}", err=True)
+               f"train / {len(val_set) if val_set else 0} held-out maps; device {device}, "
+               f"precision {train_config.precision}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
                    init_weights=start.init_weights)

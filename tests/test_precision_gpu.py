@@ -18,7 +18,8 @@ CUDA = torch.device("cuda", 0)
 def test_the_head_projects_in_float32_under_bf16_autocast(head):
     from conftest import tiny_model
 
-    model = tiny_model(dtype=torch.float32, head=head, height=8, width=8, **({"num_codes": 8} if head == "codes" else {}))
+    codes = {"num_codes": 8} if head == "codes" else {}
+    model = tiny_model(dtype=torch.float32, head=head, height=8, width=8, **codes)
     x = torch.randint(0, 8, (2, 8, 8)) if head == "codes" else torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         params = model(x)
@@ -94,6 +95,10 @@ def test_fp16_training_resumes_its_grad_scaler_exactly(tmp_path):
     full, part = (read_checkpoint(tmp_path / run / "latest.pt") for run in ("full", "part"))
     assert full["scaler"] == part["scaler"] and full["scaler"]["_growth_tracker"] == 4
     assert all(torch.equal(full["model"][k], part["model"][k]) for k in full["model"])
+    from vqprior.checkpoint import export_checkpoint
+
+    export_checkpoint(tmp_path / "full" / "latest.pt", tmp_path / "small.pt")
+    assert "scaler" not in read_checkpoint(tmp_path / "small.pt")  # training state stays out of exports
 
 
 @pytest.fixture

@@ -218,8 +218,8 @@ class TrainingRun:
         self.eval_model.load_state_dict(self.ema.state_dict())
         with torch.no_grad(), autocast(self.device, self.config.precision):
             if self.world > 1:
-                result = distributed.evaluate_sharded(self.task, self.eval_model, self.val_set, self.eval_batch, self.num_workers,
-                                      self.loader_rng, self.device)
+                result = distributed.evaluate_sharded(self.task, self.eval_model, self.val_set, self.eval_batch,
+                                                      self.num_workers, self.loader_rng, self.device)
             else:  # the final evaluation (often the whole held-out split) shows its own progress bar
                 batches = tqdm(self.val_loader, desc="final evaluation", unit="batch", leave=False,
                                dynamic_ncols=True, disable=not (self.progress and final))
