@@ -51,8 +51,8 @@ def vqvae_case():
 
 
 @pytest.mark.parametrize("case", [pixel_case, prior_case, vqvae_case], ids=["pixels", "prior", "vqvae"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_steps_between_logging_steps_do_not_sync(case, precision, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision,grad_clip", [("fp32", 0.0), ("fp32", 1.0), ("fp16", 1.0)])
+def test_steps_between_logging_steps_do_not_sync(case, precision, grad_clip, tmp_path, monkeypatch):
     task, data = case()
     per_step, counting = [], [False]
 
@@ -80,7 +80,7 @@ def test_steps_between_logging_steps_do_not_sync(case, precision, tmp_path, monk
 
     monkeypatch.setattr(TrainingRun, "train_step", step)
     config = TrainConfig(steps=STEPS, batch_size=4, num_samples=2, eval_every=100, sample_every=100,
-                         checkpoint_every=100, precision=precision, grad_clip=1.0)
+                         checkpoint_every=100, precision=precision, grad_clip=grad_clip)
     result = train(task, data, None, config, tmp_path, progress=False)
     assert result["step"] == STEPS and len(per_step) == STEPS
     assert max(len(reads) for reads in per_step) <= 1, per_step  # the bound
