@@ -5,7 +5,7 @@ Both runs use the same data (the bundled CIFAR-10 sample), preset, seed, steps a
 the sample), so the difference shows what bf16 training cost in model quality, not bf16 evaluation noise.
 
     python bench/bf16_quality.py                     # small preset, 32x32, 200 steps of batch 8
-    python bench/bf16_quality.py --steps 50 --image-size 16
+    python bench/bf16_quality.py --steps 50 --image-size 16 --seed 1
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from vqprior.train import train
 def run(precision: str, args, train_set, val_set) -> dict:
     model_config = model_config_from_preset(args.preset, height=train_set.height, width=train_set.width)
     task = PixelTask(model_config, DataConfig(dataset="sample", image_size=args.image_size))
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=0, precision=precision, lr=2e-3,
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, precision=precision, lr=2e-3,
                          eval_every=10 ** 9, sample_every=10 ** 9, checkpoint_every=10 ** 9, num_samples=1)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -51,12 +51,13 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Training seed (model init, dropout, batch order).")
     args = parser.parse_args()
     train_set = load_image_dataset("sample", "train", image_size=args.image_size)
     val_set = load_image_dataset("sample", "test", image_size=args.image_size)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}; preset "
-          f"{args.preset}, {train_set.height}x{train_set.width}, {args.steps} steps x {args.batch_size}")
+          f"{args.preset}, {train_set.height}x{train_set.width}, {args.steps} steps x {args.batch_size}, seed {args.seed}")
     rows = [run(p, args, train_set, val_set) for p in ("fp32", "bf16")]
     print("| precision | train wall s | median images/s | held-out bits/dim (fp32 eval) |")
     print("|---|---|---|---|")

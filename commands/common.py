@@ -76,33 +76,37 @@ def _one_line(e: BaseException) -> str:
 
 
 def resolve_device(name: str):
-    """``auto`` -> cuda when available, else cpu; otherwise the named device (validated)."""
+    """``auto`` -> cuda when available, else cpu; otherwise the named device, checked up front
+    (vqprior.device.check_device: cpu, cuda or cuda:N with N an existing GPU)."""
     import torch
+
+    from vqprior.device import check_device
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available")
-    return device
+    return check_device(name)
 
 
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA when available), cpu, cuda or cuda:N.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-PRECISIONS = ("fp32", "tf32", "bf16")  # vqprior.config.PRECISIONS, spelled out so --help never imports the library
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # vqprior.config.PRECISIONS, spelled out so --help stays fast
 
 
-def precision_option(sampling: bool = False, default: str = "fp32"):
-    """--precision (vqprior.precision): fp32 (strict, TF32 off on CUDA), tf32 (CUDA TF32), bf16 (autocast)."""
+def precision_option(sampling: bool = False, training: bool = False):
+    """--precision (vqprior.precision): fp32 (strict, TF32 off on CUDA), tf32 (CUDA TF32), bf16 / fp16 (autocast);
+    the train commands add ``auto`` (their default: tf32 on Ampere+ GPUs, else fp32)."""
     exact = ", the cached sampler exact" if sampling else ""
     bf16 = "; sampling arithmetic stays float32" if sampling else ""
-    return click.option("--precision", type=click.Choice(PRECISIONS), default=default, show_default=True,
-                        help=f"fp32: strict float32{exact} (TF32 off on CUDA); tf32: TF32 matmuls and convolutions "
-                             f"on CUDA; bf16: autocast of the model calls (CPU and CUDA{bf16}).")
+    auto = ("auto: tf32 on CUDA GPUs of compute capability 8.0+ (Ampere), else fp32 (the value used is printed and "
+            "stored with the run); ") if training else ""
+    scaler = " with loss scaling (GradScaler)" if training else ""
+    return click.option("--precision", type=click.Choice(("auto",) * training + PRECISIONS),
+                        default="auto" if training else "fp32", show_default=True,
+                        help=f"{auto}fp32: strict float32{exact} (TF32 off on CUDA); tf32: TF32 matmuls and "
+                             f"convolutions on CUDA; bf16: autocast of the model calls (CPU and CUDA{bf16}; refused "
+                             f"on GPUs that only emulate bfloat16); fp16: float16 autocast{scaler}, for GPUs "
+                             f"without bfloat16. See docs/gpu.md.")
 
 
 compile_sampler_option = click.option(
@@ -137,11 +141,12 @@ deterministic_option = click.option(
          "GPUs. See docs/exactness.md.")
 
 
-def apply_precision(precision: str) -> None:
-    """The precision policy for a command's whole run (vqprior.precision), set before any model call."""
+def apply_precision(precision: str, device=None) -> None:
+    """The precision policy for a command's whole run (vqprior.precision), set before any model call; ``device``
+    refuses a precision it cannot run (bf16 on a GPU that only emulates it)."""
     from vqprior.precision import apply_precision_policy
 
-    apply_precision_policy(precision)
+    apply_precision_policy(precision, device)
 
 
 class _TqdmHandler(logging.Handler):

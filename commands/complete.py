@@ -49,7 +49,7 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
 
     device = resolve_device(device)
     check_compile_sampler(compile_step, method, device)
-    apply_precision(precision)
+    apply_precision(precision, device)
     check_outputs(out)
     image_format(out)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .common import check_outputs, device_option, guarded, resolve_device
+from .common import apply_precision, check_outputs, device_option, guarded, resolve_device
 
 
 def _load(checkpoint, bottom, device):
@@ -110,6 +110,7 @@ def compress(checkpoint, input_path, out, bottom, batch_size, device):
     from vqprior.compress.files import read_images
 
     device = resolve_device(device)
+    apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU
     check_outputs(out)
     model, priors = _load(checkpoint, bottom, device)
     path = Path(input_path)
@@ -152,6 +153,7 @@ def decompress(checkpoint, file, out, bottom, device):
     from .arrays import save_codes_file
 
     device = resolve_device(device)
+    apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU
     check_image_output(out)
     model, priors = _load(checkpoint, bottom, device)
     path = Path(file)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_outputs, device_option, guarded, resolve_device
+from .common import apply_precision, check_outputs, device_option, guarded, resolve_device
 
 
 @click.command("decode")
@@ -37,6 +37,7 @@ def decode(paths, vqvae_path, out, nrow, scale, device):
         raise click.UsageError(f"expected one CODES file, got {len(paths)}")
     codes_path = paths[0]
     device = resolve_device(device)
+    apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU
     check_outputs(out)
     image_format(out)
     model = load_model(vqvae_path, device, kind=("vqvae", "prior"))

@@ -45,7 +45,7 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
     from vqprior.precision import autocast
 
     device = resolve_device(device)
-    apply_precision(precision)
+    apply_precision(precision, device)
     stored = read_checkpoint(checkpoint, ("pixels", "prior", "vqvae"))
     kind, data = stored["kind"], DataConfig.from_dict(stored["config"]["data"])
     model = load_model(checkpoint, device)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import (check_dataset_options, deterministic_option, device_option, guarded, removes_new_folder_on_error,
+from .common import (apply_precision, check_dataset_options, deterministic_option, device_option, guarded,
+                     removes_new_folder_on_error,
                      resolve_device)
 from .options import DATASETS
 
@@ -40,6 +41,7 @@ def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_si
     from vqprior.data.datasets import load_image_dataset
 
     device = resolve_device(device)
+    apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU
     data = DataConfig.from_dict(read_checkpoint(vqvae_path, "vqvae")["config"]["data"])
     model = load_model(vqvae_path, device, kind="vqvae")
     name = dataset or data.dataset

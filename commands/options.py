@@ -66,7 +66,7 @@ def train_options(fn=None, **defaults):
         click.option("--num-samples", type=click.IntRange(min=1), default=d.num_samples, show_default=True,
                      help="Images in each sample grid."),
         click.option("--seed", type=int, default=d.seed, show_default=True),
-        precision_option(default=d.precision),
+        precision_option(training=True),
         click.option("--compile/--no-compile", "compile", default=d.compile, show_default=True,
                      help="torch.compile the training model (needs a C++ compiler on CPU, Triton on CUDA); the "
                           "first step's compile time is reported once."),
@@ -87,6 +87,10 @@ def train_options(fn=None, **defaults):
                           "included): its architecture, a fresh optimizer, step 0."),
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="DataLoader worker processes."),
+        click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+                     metavar="MINUTES",
+                     help="Under torchrun: how long a process waits for the others (e.g. while rank 0 alone writes "
+                          "a checkpoint or a sample grid) before the run ends with an error."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
         click.option("--tensorboard", is_flag=True,
                      help="Also log scalars and sample grids to OUT/tensorboard (pip install 'vqprior[tensorboard]')."),
@@ -101,16 +105,21 @@ TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "ema", "grad_clip", "ev
                 "checkpoint_activations", "time_limit")
 
 
-def train_config_from_options(ctx: click.Context, kwargs: dict, checkpoint: dict | None) -> TrainConfig:
-    """A fresh run takes every option; a resumed run keeps its stored config except options given explicitly."""
+def train_config_from_options(ctx: click.Context, kwargs: dict, checkpoint: dict | None, device) -> TrainConfig:
+    """A fresh run takes every option; a resumed run keeps its stored config except options given explicitly.
+    ``--precision auto`` becomes the training default for ``device`` (vqprior.precision); a precision the device
+    cannot run (bf16 on a GPU that only emulates it) is a one-line error now, not mid-run."""
+    from vqprior.precision import check_precision, resolve_training_precision
+
     values = {k: kwargs[k] for k in TRAIN_FIELDS}
-    if checkpoint is None:
-        return TrainConfig(**values)
-    stored = TrainConfig.from_dict(checkpoint["config"]["train"]).to_dict()
-    for k in TRAIN_FIELDS:
-        if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None):
-            stored[k] = values[k]
-    return TrainConfig(**stored)
+    values["precision"] = resolve_training_precision(values["precision"], device)
+    if checkpoint is not None:
+        stored = TrainConfig.from_dict(checkpoint["config"]["train"]).to_dict()
+        values.update({k: stored[k] for k in TRAIN_FIELDS
+                       if ctx.get_parameter_source(k) in (click.core.ParameterSource.DEFAULT, None)})
+    config = TrainConfig(**values)
+    check_precision(config.precision, device)
+    return config
 
 
 def class_dropout_option(fn):

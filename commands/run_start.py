@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from .common import resolve_device, setup_logging
+from .common import refuse_unused, resolve_device, setup_logging
 
 NOT_ECHOED = ("out_dir", "resume", "init_from")
 
@@ -39,8 +39,8 @@ def start_run(ctx: click.Context, kw: dict, kind: str) -> RunStart:
     """Validate --resume / --init-from (one-line errors before any data is loaded), pick the device, join the
     process group under torchrun and prepare the run folder. ``echo`` prints on rank 0 only."""
     from vqprior.checkpoint import build_model, read_checkpoint
-    from vqprior.distributed import init_distributed
-    from vqprior.train import prepare_run_dir
+    from vqprior.distributed import init_distributed, world_size_from_env
+    from vqprior.run_state import prepare_run_dir
 
     init = None
     if kw["init_from"]:
@@ -48,8 +48,11 @@ def start_run(ctx: click.Context, kw: dict, kind: str) -> RunStart:
             raise click.UsageError("--init-from starts a new run and --resume continues one: pass only one")
         init = read_checkpoint(kw["init_from"], kind)
         build_model(init, path=kw["init_from"])  # its weights must fit its config: one line now, not a traceback
+    if world_size_from_env() <= 1:
+        refuse_unused(("dist_timeout",), "in a single-process run (it bounds the waits between torchrun's processes)",
+                      ctx)
     setup_logging()  # the held-out evaluation of every eval interval is a line on stderr
-    rank, _, device = init_distributed(resolve_device(kw["device"]))
+    rank, _, device = init_distributed(resolve_device(kw["device"]), kw["dist_timeout"])
     echo = click.echo if rank == 0 else (lambda *args, **kwargs: None)
     checkpoint = prepare_run_dir(kw["out_dir"], kw["resume"], kind)
     return RunStart(device, echo, checkpoint, init)

@@ -101,7 +101,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
         refuse_unused(("overwrite",), "without --out-dir (single files are always replaced atomically)")
     device = resolve_device(device)
     check_compile_sampler(compile_step, method, device)
-    apply_precision(precision)
+    apply_precision(precision, device)
     check_outputs(out, save_codes, save_array, animate)
     if out:
         image_format(out)

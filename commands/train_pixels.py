@@ -67,11 +67,12 @@ def train_pixels(ctx, **kw):
             num_classes=train_set.num_classes if data_config.class_conditional else 0,
             null_class=data_config.class_dropout > 0,
             **{k: kw[k] for k in MODEL_FIELDS})
-    train_config = train_config_from_options(ctx, kw, checkpoint)
+    train_config = train_config_from_options(ctx, kw, checkpoint, device)
     task = PixelTask(model_config, data_config)
     n_params = sum(p.numel() for p in task.build_model().parameters())
     echo(f"PixelSNAIL {n_params:,} parameters; {len(train_set)} train / {len(val_set)} held-out images "
-               f"{train_set.channels}x{train_set.height}x{train_set.width}; device {device}", err=True)
+               f"{train_set.channels}x{train_set.height}x{train_set.width}; device {device}, "
+               f"precision {train_config.precision}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
                    init_weights=init_weights)

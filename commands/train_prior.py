@@ -94,11 +94,12 @@ def train_prior(ctx, **kw):
             raise UserError("--val-codes was extracted with a different VQ-VAE than --codes")
         val_set.validate_records()
     train_set.validate_records()  # one clear line now rather than a worker traceback later
-    train_config = train_config_from_options(ctx, kw, checkpoint)
+    train_config = train_config_from_options(ctx, kw, checkpoint, device)
     task = PriorTask(model_config, data_config, level, payload)
     echo(f"{level} prior over {model_config.height}x{model_config.width} codes ({model_config.num_codes} "
                f"codes): {sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} "
-               f"train / {len(val_set) if val_set else 0} held-out maps; device {device}", err=True)
+               f"train / {len(val_set) if val_set else 0} held-out maps; device {device}, "
+               f"precision {train_config.precision}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
                    init_weights=init_weights)

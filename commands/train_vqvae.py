@@ -81,11 +81,11 @@ def train_vqvae(ctx, **kw):
     if train_set.height % stride or train_set.width % stride:
         raise click.UsageError(f"images of {train_set.height}x{train_set.width} are not divisible by the "
                                f"VQ-VAE's total stride {stride}")
-    train_config = train_config_from_options(ctx, kw, checkpoint)
+    train_config = train_config_from_options(ctx, kw, checkpoint, device)
     task = VQVAETask(model_config, data_config)
     echo(f"VQ-VAE ({model_config.levels} level(s), {model_config.codebook_size} codes): "
                f"{sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} train / "
-               f"{len(val_set)} held-out images; device {device}", err=True)
+               f"{len(val_set)} held-out images; device {device}, precision {train_config.precision}", err=True)
     result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
                    progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
                    init_weights=start.init_weights)

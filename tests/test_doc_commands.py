@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import pytest
 
-from cli_support import check_ok, run_cli
+from cli_support import run_cli
 from test_docs import REPO, markdown_pages
 from vqprior.commands.cli import cli
 

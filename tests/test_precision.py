@@ -104,7 +104,7 @@ def tf32_flags():
 
 
 @pytest.mark.parametrize("precision,expected", [("fp32", (False, False)), ("bf16", (False, False)),
-                                                ("tf32", (True, True))])
+                                                ("fp16", (False, False)), ("tf32", (True, True))])
 def test_precision_policy_sets_both_tf32_switches(precision, expected, restore_tf32_flags):
     for start in (True, False):  # whatever the switches were before (PyTorch's cuDNN default is TF32 on)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = start
@@ -115,9 +115,9 @@ def test_precision_policy_sets_both_tf32_switches(precision, expected, restore_t
 def test_unknown_precision_is_a_user_error():
     from vqprior.errors import UserError
 
-    with pytest.raises(UserError, match="fp32, tf32 or bf16"):
-        apply_precision_policy("fp16")
-    assert PRECISIONS == ("fp32", "tf32", "bf16")
+    with pytest.raises(UserError, match="fp32, tf32, bf16 or fp16"):
+        apply_precision_policy("fp8")
+    assert PRECISIONS == ("fp32", "tf32", "bf16", "fp16")
 
 
 def test_commands_apply_the_policy(tmp_path, restore_tf32_flags):

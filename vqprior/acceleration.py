@@ -94,6 +94,10 @@ class Throughput:
         self.items += items
         return False
 
+    def discount(self, items: int) -> None:
+        """Take back the items of steps found skipped (the loop learns of them at its next read of the device)."""
+        self.items = max(self.items - items, 0)
+
     def rate(self, items: int, took: float) -> float:
         """The rate since the last call (or, when no steady-state step was counted since, e.g. a resumed process's
         first step landing on a logging step, that step's own rate); starts a new window."""

@@ -334,7 +334,8 @@ class CachedSampler:
             if attn is not None:
                 h = out(h, attn.attend(h, p), next(biases))
         self._stepped = p
-        return torch.addmm(self.head_b, elu(h), self.head_w)
+        with torch.autocast(h.device.type, enabled=False):  # the head projects in float32, as vqprior.heads does
+            return torch.addmm(self.head_b, elu(h).to(self.head_w.dtype), self.head_w)
 
     def append(self, p: int, value: torch.Tensor) -> None:
         """Record the value sampled at p (pixels uint8 (B, C), codes int64 (B,)) and the keys/values it yields."""

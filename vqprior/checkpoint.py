@@ -9,7 +9,9 @@ Layout (docs/design.md section 6)::
     model, ema      state dicts (the unwrapped module; no "module." / "_orig_mod." prefixes)
     optimizer       optimizer state dict (absent in exported checkpoints)
     step            int
-    rng             {"torch": ByteTensor, "cuda": [ByteTensor, ...]}
+    rng             {"torch": ByteTensor, "cuda": ByteTensor of the training GPU (CUDA runs only; older
+                    checkpoints hold a list, one per visible GPU)}
+    scaler          fp16 runs: torch.amp.GradScaler state (scale, growth tracker, factors)
     metrics         {name: float}
     vqvae           priors only: {"config": {...}, "weights": state dict, "sha256": str}
     storage_dtype   "float32" | "float16" (exported checkpoints may store floats in half precision)
@@ -162,7 +164,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool
     """Write a small inference-only copy: EMA weights as the model, no optimizer state, no machine paths in its
     configs (``strip_paths``); floats in fp16 if ``half``. Exporting an export gives the same weights."""
     data = read_checkpoint(src)
-    out = {k: v for k, v in data.items() if k not in ("optimizer", "ema", "rng")}
+    out = {k: v for k, v in data.items() if k not in ("optimizer", "ema", "rng", "scaler")}  # training state
     out["model"] = data.get("ema") or data["model"]
     out["config"] = strip_paths(data.get("config", {}))
     if "vqvae" in out:  # a prior's embedded VQ-VAE carries the configs of its own training run

@@ -13,7 +13,7 @@ from typing import Any
 from .errors import UserError
 
 
-PRECISIONS = ("fp32", "tf32", "bf16")  # see vqprior.precision
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # see vqprior.precision
 
 
 class ConfigError(UserError, ValueError):
@@ -149,7 +149,7 @@ class TrainConfig:
         if not self.time_limit >= 0:
             raise ConfigError(f"time-limit must be >= 0 minutes, got {self.time_limit}")
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be fp32, tf32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"precision must be fp32, tf32, bf16 or fp16, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,6 +3,10 @@
 ``LogisticMixtureHead`` models pixels (1 or 3 channels, PixelCNN++ channel coupling for RGB);
 ``CategoricalHead`` models VQ-VAE code indices. Both work on per-position parameter maps (B, P, H, W) and sample
 one position at a time from (B, P) parameters, which is what both samplers share.
+
+The last projection runs in float32 even under autocast (``project_float32``): under bf16 it would otherwise output
+bfloat16 means, scales and logits (8 mantissa bits), and the "float32 likelihood" would be computed from parameters
+already rounded to bf16.
 """
 from __future__ import annotations
 
@@ -15,6 +19,13 @@ from .distributions import (logistic_mixture_log_prob, sample_categorical, sampl
 from .layers import WNConv2d
 
 
+def project_float32(conv: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``conv(h)`` in float32 (or wider) whatever the autocast around it: half-precision features are upcast and the
+    weights are used as stored."""
+    with torch.autocast(h.device.type, enabled=False):
+        return conv(h.float() if h.dtype in (torch.float16, torch.bfloat16) else h)
+
+
 class LogisticMixtureHead(nn.Module):
     """Discretized logistic mixture over ``channels`` pixel channels with ``mixtures`` components."""
 
@@ -25,7 +36,7 @@ class LogisticMixtureHead(nn.Module):
         self.out = WNConv2d(filters, mixtures * per_mix, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(elu(h))
+        return project_float32(self.out, elu(h))
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) or [-1, 1] float images -> (B, H, W) log-likelihood in nats (channels summed)."""
@@ -48,7 +59,7 @@ class CategoricalHead(nn.Module):
         self.out = WNConv2d(filters, num_codes, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(elu(h))
+        return project_float32(self.out, elu(h))
 
     def log_prob(self, logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """int64 codes (B, H, W) -> (B, H, W) log-probabilities in nats."""

@@ -38,7 +38,7 @@ class PixelTask:
         head = getattr(model, "module", model).head  # DistributedDataParallel keeps PixelSNAIL in .module
         log_prob = head.log_prob(params.float(), x)  # the likelihood in fp32 even under bf16 autocast
         nats_per_dim = -log_prob.sum((1, 2)).mean() / x[0].numel()
-        return nats_per_dim, {"bpd": nats_per_dim.item() / math.log(2.0)}
+        return nats_per_dim, {"bpd": nats_per_dim.detach() / math.log(2.0)}  # read at logging steps only
 
     def evaluate(self, model, loader) -> dict[str, float]:
         device = next(model.parameters()).device

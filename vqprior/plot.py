@@ -129,7 +129,7 @@ def choose_metric(runs: list[Run], metric: str | None) -> str:
 def batch_size_of(run: Run) -> int | None:
     """The training batch size stored in the run's ``latest.pt`` (None when there is no readable checkpoint)."""
     from .checkpoint import read_checkpoint
-    from .train import CHECKPOINT_NAME
+    from .run_state import CHECKPOINT_NAME
 
     try:
         data = read_checkpoint(run.path / CHECKPOINT_NAME)

@@ -143,7 +143,7 @@ class PriorTask:
         logits = model(x, label=label, condition=condition)
         log_prob = getattr(model, "module", model).head.log_prob(logits.float(), x)  # fp32 even under bf16
         nats_per_code = -log_prob.sum((1, 2)).mean() / (x.shape[1] * x.shape[2])
-        return nats_per_code, {"bits_per_code": float(nats_per_code.detach()) / math.log(2.0)}
+        return nats_per_code, {"bits_per_code": nats_per_code.detach() / math.log(2.0)}  # read when logging
 
     def evaluate(self, model, loader) -> dict[str, float]:
         device = next(model.parameters()).device

@@ -1,7 +1,8 @@
 """The VQ-VAE's vector quantizer: nearest-code assignment, the EMA codebook update, dead-code restarts, and the
 codebook usage/perplexity measures. The codebook is a set of buffers changed only by ``init_codebook`` and
 ``update_codebook`` (never inside ``forward``), so an evaluation pass cannot change the model; in a distributed run
-the random choices are broadcast from rank 0 and the statistics all-reduced, so every rank keeps the same codebook.
+the random choices are broadcast from rank 0 and the statistics all-reduced, so every rank keeps the same codebook
+(DistributedDataParallel need not re-broadcast these buffers) and every rank makes the same collective calls.
 """
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ from torch import nn
 def measure_codes(codes: torch.Tensor, num_codes: int) -> dict[str, float]:
     """Codebook usage (fraction of codes used at least once) and perplexity (exp of the code entropy)."""
     return counts_to_usage(torch.bincount(codes.reshape(-1).long(), minlength=num_codes))
+
+
+def code_perplexity(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """exp of the entropy of the code histogram, as a 0-d tensor on the codes' device (no host sync: the training
+    step logs it, and reads it only at logging steps)."""
+    counts = torch.zeros(num_codes, device=codes.device).index_add_(
+        0, codes.reshape(-1), torch.ones(codes.numel(), device=codes.device))
+    p = counts / counts.sum().clamp_min(1)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
 def counts_to_usage(counts: torch.Tensor) -> dict[str, float]:
@@ -78,42 +88,56 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.fill_(1.0)
 
     @torch.no_grad()
-    def update_codebook(self, inputs: torch.Tensor, codes: torch.Tensor) -> int:
+    def update_codebook(self, inputs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """EMA update from one batch's encoder outputs (N, D) and their codes; then restart dead codes.
-        Returns the number of restarted codes. A batch with non-finite inputs is ignored (the step is skipped)."""
+
+        Returns the number of restarted codes as a 0-d tensor on the codebook's device. Nothing here reads a value
+        back to the host (the training step stays free of device syncs) and every rank of a distributed run takes
+        the same collective path whatever its data: a batch with non-finite inputs on any rank is ignored on every
+        rank (an all-reduced flag; the step is skipped), never by an early return that would leave the other
+        ranks waiting in the all-reduce."""
         inputs = inputs.float().reshape(-1, self.dim)
         codes = codes.reshape(-1)
-        if not torch.isfinite(inputs).all():
-            return 0
-        counts = torch.bincount(codes, minlength=self.num_codes).to(inputs.dtype)
+        # Counts by index_add_ rather than bincount: bincount sizes its output from the largest code (a host sync).
+        counts = torch.zeros(self.num_codes + 1, device=inputs.device).index_add_(
+            0, codes, torch.ones_like(codes, dtype=inputs.dtype))
+        counts[-1] = (~torch.isfinite(inputs).all()).to(inputs.dtype)  # the non-finite flag travels with the counts
         sums = torch.zeros_like(self.embed_avg).index_add_(0, codes, inputs)
         if dist.is_available() and dist.is_initialized():  # every rank's batch counts
             dist.all_reduce(counts)
             dist.all_reduce(sums)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        n = self.cluster_size.sum()
+        keep = counts[-1] == 0
+        counts = counts[:-1]
+        cluster_size = self.cluster_size * self.decay + counts * (1 - self.decay)
+        embed_avg = self.embed_avg * self.decay + sums * (1 - self.decay)
+        n = cluster_size.sum()
         # Laplace smoothing keeps a code with no assignments from dividing by zero.
-        smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
-        self.embedding.copy_(self.embed_avg / smoothed[:, None])
-        return self.restart_dead_codes(inputs)
+        smoothed = (cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
+        self.cluster_size.copy_(torch.where(keep, cluster_size, self.cluster_size))
+        self.embed_avg.copy_(torch.where(keep, embed_avg, self.embed_avg))
+        self.embedding.copy_(torch.where(keep, embed_avg / smoothed[:, None], self.embedding))
+        return self.restart_dead_codes(inputs, keep)
 
     @torch.no_grad()
-    def restart_dead_codes(self, inputs: torch.Tensor) -> int:
+    def restart_dead_codes(self, inputs: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Move codes whose EMA count is below the threshold onto random encoder outputs of the batch. Their
-        statistics restart at the threshold, so a restarted code survives only if it attracts vectors."""
+        statistics restart at the threshold, so a restarted code survives only if it attracts vectors.
+
+        A candidate is drawn for every code and the dead ones take theirs (a masked update of fixed shape, so
+        neither the number of dead codes nor their positions is read back to the host); ``keep`` False (a skipped
+        batch) restarts nothing. Returns the number of restarted codes (0-d tensor)."""
         if self.dead_code_threshold <= 0 or inputs.shape[0] == 0:
-            return 0
+            return torch.zeros((), device=self.embedding.device)
         dead = self.cluster_size < self.dead_code_threshold
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return 0
-        picks = inputs[torch.randint(inputs.shape[0], (num_dead,), device=inputs.device)].float()
+        if keep is not None:
+            dead &= keep
+        picks = inputs[torch.randint(inputs.shape[0], (self.num_codes,), device=inputs.device)].float()
         _broadcast(picks)
-        self.embedding[dead] = picks
-        self.embed_avg[dead] = picks * self.dead_code_threshold
-        self.cluster_size[dead] = self.dead_code_threshold
-        return num_dead
+        threshold = torch.full_like(self.cluster_size, self.dead_code_threshold)
+        self.embedding.copy_(torch.where(dead[:, None], picks, self.embedding))
+        self.embed_avg.copy_(torch.where(dead[:, None], picks * self.dead_code_threshold, self.embed_avg))
+        self.cluster_size.copy_(torch.where(dead, threshold, self.cluster_size))
+        return dead.sum()
 
 
 def _broadcast(t: torch.Tensor) -> None:
@@ -122,4 +146,4 @@ def _broadcast(t: torch.Tensor) -> None:
         dist.broadcast(t, 0)
 
 
-__all__ = ["VectorQuantizer", "measure_codes", "counts_to_usage"]
+__all__ = ["VectorQuantizer", "measure_codes", "code_perplexity", "counts_to_usage"]

@@ -19,7 +19,13 @@ Distributed (a process group initialised by ``vqprior.distributed.init_distribut
 model and runs the data-dependent init on the same full global batch 0; rank r trains on ``global_batch[r::N]`` and
 DDP averages the gradients, so N processes train the model one process would with the same global batch. Rank 0
 alone writes checkpoints, metrics and PNGs; eval runs on rank shards of the held-out set and is reduced; the stop
-flag and the non-finite check are agreed by an all-reduce each step so every rank leaves the loop at the same step.
+flag, the time limit and the non-finite check are agreed by an all-reduce each step so every rank leaves the loop at
+the same step. Codebooks (VQ-VAE buffers) are kept identical by the quantizer's own all-reduce and broadcasts, so
+DDP does not re-broadcast buffers every step.
+
+Host syncs: between logging steps a single-process step reads nothing back from the device (metrics, the non-finite
+guard and the skipped-step counters stay there: vqprior.step_guard); a distributed step reads its all-reduced flags
+once. Logging and checkpoint steps read everything in one transfer.
 """
 from __future__ import annotations
 
@@ -35,59 +41,18 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .acceleration import StepTimer, Throughput, clip_and_measure, compile_model, make_optimizer
 from .allocator import retain_freed_memory
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import TrainConfig
+from .determinism import is_deterministic
+from .device import pin_memory, set_cudnn_benchmark
 from .errors import UserError
 from .images import make_grid, save_grid
-from .precision import apply_precision_policy, autocast
-from .run_state import EMA, StepBatchSampler, StopFlag, append_jsonl, rng_state, set_rng_state, truncate_metrics
+from .precision import apply_precision_policy, autocast, grad_scaler
+from .run_state import (CHECKPOINT_NAME, EMA, StepBatchSampler, StopFlag, append_jsonl, rng_state, set_rng_state,
+                        to_device, truncate_metrics)
+from .step_guard import NonFiniteGuard, read_values, step_unless
 
 log = logging.getLogger(__name__)
-CHECKPOINT_NAME = "latest.pt"
-
-
-def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def prepare_run_dir(out_dir: str | os.PathLike, resume: bool, kind: str) -> dict[str, Any] | None:
-    """Create ``out_dir``; return the checkpoint to resume from (or None). Refuses to clobber an existing run."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out must be a folder, but a file exists there: {out}")
-    ckpt = out / CHECKPOINT_NAME
-    if ckpt.exists():
-        if not resume:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        data = read_checkpoint(ckpt, kind)
-        if "optimizer" not in data:
-            raise UserError(f"{ckpt} is an exported checkpoint (weights only, no optimizer state) and cannot be "
-                            f"resumed; start a new run from its weights with --init-from {ckpt} --out NEW_FOLDER")
-        return data
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"the run folder is not writable: {out}")
-    return None
-
-
-def _reduce_eval(task, eval_model, val_set, batch_size: int, num_workers: int, loader_rng, device) -> dict:
-    """Distributed eval: each rank evaluates its shard; the per-rank averages are reduced weighted by shard size."""
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=loader_rng())
-    result = task.evaluate(eval_model, loader) if len(shard) else {}
-    # Every rank needs the keys even when its shard is empty (fewer held-out items than ranks).
-    keys = sorted(result) if len(shard) else sorted(task.evaluate(eval_model, DataLoader(
-        torch.utils.data.Subset(val_set, [0]), batch_size=1, generator=loader_rng())))
-    reduced = distributed.reduce_weighted_means({k: result.get(k, 0.0) for k in keys}, len(shard), device)
-    if "mse" in reduced and "psnr" in reduced:
-        from .vqvae_task import psnr_from_mse  # PSNR is not linear in the MSE: recompute it from the reduced MSE
-
-        reduced["psnr"] = psnr_from_mse(reduced["mse"])
-    return reduced
 
 
 def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathLike, *,
@@ -103,7 +68,8 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     In a distributed run (see the module docstring) every rank calls this with the same arguments.
     """
     device = torch.device(device)
-    apply_precision_policy(config.precision)
+    apply_precision_policy(config.precision, device)
+    set_cudnn_benchmark(deterministic=is_deterministic())  # autotuned cuDNN unless --deterministic
     retain_freed_memory()  # host memory freed by one step is reused by the next, not faulted in again
     run = TrainingRun(task, config, out_dir, device, progress=progress, num_workers=num_workers)
     # The order of these calls is the order in which they draw from the global RNG (model init, data-dependent
@@ -117,12 +83,11 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
 
 @dataclass
 class _StepResult:
-    applied: bool  # False: a non-finite loss or gradient, the weights untouched
     stop: bool  # SIGINT/SIGTERM received (on any rank)
     time_up: bool  # --time-limit reached before this step (on any rank)
     items: int  # images or code maps in the global batch
     lr: float
-    metrics: dict[str, float]
+    metrics: dict[str, torch.Tensor]  # 0-d device tensors, read at logging steps only
 
 
 class TrainingRun:
@@ -144,8 +109,8 @@ class TrainingRun:
         self.board = None
         self.last_metrics: dict[str, float] = {}
         self.timer = StepTimer()
-        self.bad_steps = 0  # consecutive non-finite losses
-        self.skipped = 0  # steps skipped in this process (non-finite loss or gradient)
+        self.skipped = self.worst = 0  # the guard's counters as last read
+        self.last_skipped = False
 
     def loader_rng(self) -> torch.Generator:
         # Every DataLoader gets its own generator: creating an iterator otherwise draws a seed from the global RNG,
@@ -170,6 +135,8 @@ class TrainingRun:
                 raise UserError("--checkpoint-activations applies to PixelSNAIL models (pixels and priors) only")
             self.model.checkpoint_activations = True
         self.opt = make_optimizer(self.model, config.lr, (config.beta1, config.beta2))
+        self.scaler = grad_scaler(self.device, config.precision)  # fp16 only; a no-op otherwise
+        self.guard = NonFiniteGuard(self.device)  # skipped steps (non-finite loss or gradient), counted there
 
     def build_loaders(self, train_set, val_set) -> None:
         config = self.config
@@ -178,11 +145,13 @@ class TrainingRun:
         self.val_set = val_set
         self.sampler = StepBatchSampler(len(train_set), config.batch_size, config.seed, self.start_step,
                                         config.steps, rank=self.rank, world_size=self.world)
+        pin = pin_memory(self.device)  # pinned batches: the non-blocking copies in to_device overlap the step
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=self.num_workers,
-                                 persistent_workers=self.num_workers > 0, generator=self.loader_rng())
+                                 persistent_workers=self.num_workers > 0, generator=self.loader_rng(), pin_memory=pin)
         self.eval_batch = max(config.batch_size, 32)
         self.val_loader = DataLoader(val_set, batch_size=self.eval_batch, shuffle=False, num_workers=self.num_workers,
-                                     generator=self.loader_rng()) if val_set is not None and len(val_set) else None
+                                     generator=self.loader_rng(), pin_memory=pin) \
+            if val_set is not None and len(val_set) else None
 
     def initialise(self, train_set, checkpoint: dict[str, Any] | None,
                    init_weights: dict[str, torch.Tensor] | None) -> None:
@@ -198,7 +167,9 @@ class TrainingRun:
                 self.task.init_model(model, first)  # weight-norm data-dependent init (the same batch on every rank)
             self.ema = EMA(model, config.ema)
         else:
-            self.opt.load_state_dict(checkpoint["optimizer"])
+            self.opt.load_state_dict(checkpoint["optimizer"])  # torch moves its state to the parameters' device
+            if self.scaler.is_enabled() and "scaler" in checkpoint:
+                self.scaler.load_state_dict(checkpoint["scaler"])
             self.ema = EMA(model, config.ema, checkpoint["ema"])
             self.last_metrics = dict(checkpoint.get("metrics", {}))
             self.timer = StepTimer(checkpoint.get("train_seconds", 0.0))
@@ -209,7 +180,9 @@ class TrainingRun:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(model, device_ids=device_ids)
+            # No buffer broadcast before every forward pass: the only buffers (VQ-VAE codebooks) are kept identical
+            # on every rank by the quantizer's all-reduce (vqprior.quantizer), PixelSNAIL has none.
+            self.train_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
         if config.compile:
             # Compiled around DDP (not inside it) so that DDP's bucketed all-reduce still overlaps the backward pass.
             self.train_model = compile_model(self.train_model, self.device)
@@ -218,7 +191,13 @@ class TrainingRun:
         self.sample_batch = next(iter(DataLoader(sample_source, batch_size=config.num_samples,
                                                  generator=self.loader_rng())))
         if checkpoint is not None:
-            set_rng_state(checkpoint["rng"])  # last, so that nothing above shifts the dropout masks of later steps
+            self.restore_rng(checkpoint)  # last, so that nothing above shifts the dropout masks of later steps
+
+    def restore_rng(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's CPU generator and that of the training GPU; a CPU checkpoint resumed on a GPU seeds the
+        CUDA generator from (seed, step), so the resumed run is reproducible too."""
+        seed = hash((self.config.seed, self.start_step)) & 0x7FFF_FFFF
+        set_rng_state(checkpoint["rng"], self.device, seed=seed)
 
     # ---- what the run writes ---------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
@@ -226,8 +205,10 @@ class TrainingRun:
             return
         payload = {"kind": self.task.kind, "config": {**self.task.config_dicts(), "train": self.config.to_dict()},
                    "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                   "step": step, "rng": rng_state(), "metrics": self.last_metrics,
+                   "step": step, "rng": rng_state(self.device), "metrics": self.last_metrics,
                    "train_seconds": self.timer.seconds}
+        if self.scaler.is_enabled():
+            payload["scaler"] = self.scaler.state_dict()
         payload.update(self.task.extra_checkpoint())
         save_checkpoint(self.out / CHECKPOINT_NAME, payload)
 
@@ -240,8 +221,8 @@ class TrainingRun:
         self.eval_model.load_state_dict(self.ema.state_dict())
         with torch.no_grad(), autocast(self.device, self.config.precision):
             if self.world > 1:
-                result = _reduce_eval(self.task, self.eval_model, self.val_set, self.eval_batch, self.num_workers,
-                                      self.loader_rng, self.device)
+                result = distributed.evaluate_sharded(self.task, self.eval_model, self.val_set, self.eval_batch,
+                                                      self.num_workers, self.loader_rng, self.device)
             else:  # the final evaluation (often the whole held-out split) shows its own progress bar
                 batches = tqdm(self.val_loader, desc="final evaluation", unit="batch", leave=False,
                                dynamic_ncols=True, disable=not (self.progress and final))
@@ -267,9 +248,21 @@ class TrainingRun:
         if self.board:
             self.board.image("samples", step, make_grid(images, nrow))
 
-    def log_train(self, step: int, result: _StepResult, rate: float, bar) -> None:
+    def read_step(self, result: _StepResult) -> dict[str, float]:
+        """The step's metrics and the guard's counters, read from the device in one transfer (logging steps)."""
+        values = read_values({**result.metrics, **{f"guard.{k}": v for k, v in self.guard.tensors().items()}})
+        skipped = int(values.pop("guard.skipped"))
+        self.new_skipped = skipped - self.skipped
+        if self.new_skipped:
+            log.warning("%d step(s) skipped since the last report (non-finite loss or gradient; %d in all)",
+                        self.new_skipped, skipped)
+        self.skipped, self.worst = skipped, int(values.pop("guard.worst"))
+        self.last_skipped = bool(values.pop("guard.last"))
+        values.pop("guard.run")
+        return values
+
+    def log_train(self, step: int, result: _StepResult, metrics: dict[str, float], rate: float, bar) -> None:
         """A train record every 10 steps: lr, items/s, skipped steps, step time, the batch's metrics."""
-        metrics = result.metrics
         if self.world > 1:
             metrics = distributed.reduce_weighted_means(metrics, 1, self.device)
         bar.set_postfix(**{k: round(v, 4) for k, v in metrics.items()}, img_s=f"{rate:.1f}")
@@ -279,6 +272,12 @@ class TrainingRun:
             append_jsonl(self.metrics_path, {"step": step, "split": "train", **record})
             if self.board:
                 self.board.scalars("train", step, record)
+
+    def reads_at(self, step: int) -> bool:
+        """Whether ``step`` reads the device (logging, eval, grid or checkpoint step)."""
+        c = self.config
+        return any(step % every == 0 for every in (10, c.eval_every, c.sample_every, c.checkpoint_every)) \
+            or step == c.steps
 
     def periodic(self, step: int) -> None:
         """Eval, sample grid and checkpoint when ``step`` is one of their multiples (the last step's eval and grid
@@ -296,9 +295,23 @@ class TrainingRun:
         """--time-limit, judged on the step time spent so far (resumes included)."""
         return self.config.time_limit > 0 and self.timer.seconds >= self.config.time_limit * 60
 
+    def agree(self, stop: StopFlag, bad_loss: torch.Tensor) -> tuple[bool, bool, torch.Tensor]:
+        """(stop signal, time limit reached, non-finite loss) on any rank. In one process the first two are host
+        values and the flag stays on the device; a distributed run all-reduces the three together and reads the
+        result (the step's one host sync): a non-finite loss on one rank skips the step on all, even where its
+        gradient would be finite. The limit is judged on the step time before this step, so this step completes."""
+        stop_now, time_up = stop.signal is not None, self.out_of_time()
+        if self.world == 1:
+            return stop_now, time_up, bad_loss
+        flags = torch.cat([bad_loss.float().reshape(1),
+                           torch.tensor([float(stop_now), float(time_up)], device=self.device)])
+        agreed = distributed.all_reduce_sum(flags).tolist()
+        return agreed[1] > 0, agreed[2] > 0, flags[0] > 0
+
     def train_step(self, batch: dict[str, torch.Tensor], step: int, stop: StopFlag) -> _StepResult:
-        """One optimisation step, or none when the loss or a gradient is not finite (the weights never see it)."""
-        config, opt = self.config, self.opt
+        """One optimisation step; a non-finite loss or gradient skips it on the device (vqprior.step_guard): the
+        weights, optimizer state and EMA never see it. Reads nothing back from the device in one process."""
+        config, opt, scaler = self.config, self.opt, self.scaler
         if self.world > 1:
             # Ranks must draw different dropout masks, and a resumed run the masks of an uninterrupted one:
             # seed each step from (seed, step, rank) (one process keeps the saved RNG stream instead).
@@ -310,28 +323,21 @@ class TrainingRun:
         self.train_model.train()
         with autocast(self.device, config.precision):
             loss, metrics = self.task.loss(self.train_model, batch)
-        # One all-reduce per step agrees the non-finite check, the stop signal and the time limit across ranks
-        # (the limit is judged on the step time before this step, so this step still completes).
-        flags = distributed.all_reduce_sum(torch.tensor(
-            [float(not torch.isfinite(loss)), float(stop.signal is not None), float(self.out_of_time())],
-            device=self.device))
-        skip = bool(flags[0] > 0)
-        if skip:
-            self.bad_steps += 1
-            log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, self.bad_steps)
-        else:
-            self.bad_steps = 0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
-            skip = not bool(torch.isfinite(clip_and_measure(list(self.model.parameters()), config.grad_clip)))
-        if skip:
-            opt.zero_grad(set_to_none=True)
-        else:
-            opt.step()
-            self.ema.update(self.model, step)
+        stop_now, time_up, bad_loss = self.agree(stop, ~torch.isfinite(loss.detach()))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if scaler.is_enabled():
+            scaler.unscale_(opt)  # clipping and the guard see the true gradient
+        # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
+        norm = clip_and_measure(list(self.model.parameters()), config.grad_clip)
+        skip = bad_loss | ~torch.isfinite(norm)
+        step_unless(opt, skip)
+        if scaler.is_enabled():
+            scaler.update()  # backs the scale off after an overflow, grows it after a run of good steps
+        self.ema.update(self.model, step, applied=(~skip).float())
+        self.guard.record(skip, bad_loss if scaler.is_enabled() else skip)
         items = len(next(iter(batch.values()))) * self.world
-        return _StepResult(not skip, bool(flags[1] > 0), bool(flags[2] > 0), items, lr, metrics)
+        return _StepResult(stop_now, time_up, items, lr, metrics)
 
     def loop(self) -> tuple[str, int]:
         """Steps until --steps, a stop signal, the time limit or too many non-finite losses; (status, step)."""
@@ -346,18 +352,21 @@ class TrainingRun:
             for batch in ([] if self.out_of_time() else self.loader):
                 self.timer.start()
                 result = self.train_step(batch, step, stop)
-                took = self.timer.stop()
-                if not result.applied:
-                    self.skipped += 1
-                    if self.bad_steps >= config.max_bad_steps:
-                        return "diverged", step
                 step += 1
+                # Reading the device inside the timed region charges the queued work to the step time.
+                metrics = self.read_step(result) if self.reads_at(step) else None
+                took = self.timer.stop()
                 bar.update(1)
-                if result.applied:
-                    if throughput.add(result.items) and config.compile and self.main:
-                        log.info("torch.compile: first step (compilation included) took %.1f s", took)
+                first = throughput.add(result.items)
+                if metrics is not None:
+                    throughput.discount(self.new_skipped * result.items)  # items/s counts applied steps only
+                    if self.worst >= config.max_bad_steps:
+                        return "diverged", step
+                if first and config.compile and self.main:
+                    log.info("torch.compile: first step (compilation included) took %.1f s", took)
+                if metrics is not None and not self.last_skipped:  # a skipped step logs and saves nothing
                     if step % 10 == 0 or step == config.steps:
-                        self.log_train(step, result, throughput.rate(result.items, took), bar)
+                        self.log_train(step, result, metrics, throughput.rate(result.items, took), bar)
                     self.periodic(step)
                 if result.stop:
                     return "stopped", step
@@ -369,10 +378,11 @@ class TrainingRun:
     def finish(self, status: str, step: int) -> dict[str, Any]:
         """The final evaluation and grid (finished runs), the last checkpoint, and the run's summary."""
         checkpoint = self.out / CHECKPOINT_NAME
+        self.read_step(_StepResult(False, False, 0, 0.0, {}))  # the guard's final counts
         if status == "diverged":
             kept = (f"the last good checkpoint is kept in {checkpoint}" if checkpoint.exists()
                     else "no checkpoint had been written yet")
-            raise UserError(f"training stopped: {self.bad_steps} consecutive non-finite losses at step {step}; {kept}")
+            raise UserError(f"training stopped: {self.worst} consecutive non-finite losses by step {step}; {kept}")
         if status == "finished":
             self.evaluate(step, final=True)
             self.sample_grid(step)

@@ -245,9 +245,9 @@ class VQVAE(nn.Module):
                 "stats": [(o["inputs"], o["codes"]) for o in outs]}
 
     @torch.no_grad()
-    def update_codebooks(self, outputs: dict[str, Any]) -> list[int]:
+    def update_codebooks(self, outputs: dict[str, Any]) -> list[torch.Tensor]:
         """Apply the EMA codebook update for the batch ``forward`` returned ``outputs`` for; returns the number of
-        restarted dead codes per level."""
+        restarted dead codes per level (0-d tensors: reading one is a host sync)."""
         return [q.update_codebook(inputs, codes) for q, (inputs, codes) in zip(self.quantizers, outputs["stats"])]
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import math
 import torch
 
 from .config import DataConfig
-from .quantizer import counts_to_usage, measure_codes
+from .quantizer import code_perplexity, counts_to_usage
 from .vqvae import VQVAE, VQVAEConfig
 
 PIXEL_SCALE = 127.5  # model range [-1, 1] -> 0..255
@@ -39,14 +39,15 @@ class VQVAETask:
         _unwrap(model).init_codebooks(batch["image"])
 
     def loss(self, model, batch):
+        """The loss and the step's metrics as 0-d device tensors (read by the loop at logging steps only)."""
         out = model(batch["image"])
         _unwrap(model).update_codebooks(out)  # after the loss, under no_grad: forward never touches the codebooks
         vq = _unwrap(model)
-        recon_loss = float(out["recon_loss"].detach())
-        metrics = {"loss": float(out["loss"].detach()), "recon_loss": recon_loss, "mse": recon_loss * PIXEL_SCALE ** 2,
-                   "commitment": float(out["commitment"].detach())}
+        recon_loss = out["recon_loss"].detach()
+        metrics = {"loss": out["loss"].detach(), "recon_loss": recon_loss, "mse": recon_loss * PIXEL_SCALE ** 2,
+                   "commitment": out["commitment"].detach()}
         for name, codes in zip(vq.level_names, out["codes"]):
-            metrics[f"perplexity_{name}"] = measure_codes(codes, vq.config.codebook_size)["perplexity"]
+            metrics[f"perplexity_{name}"] = code_perplexity(codes, vq.config.codebook_size)
         return out["loss"], metrics
 
     @torch.no_grad()

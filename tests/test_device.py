@@ -1,0 +1,79 @@
+"""Device handling for GPUs, checked on the CPU with torch.cuda's queries replaced (issue 19, point 9): ``--device``
+strings checked before any work (cuda:N beyond the GPUs present is one ``Error:`` line), pinned DataLoader memory
+when training on CUDA, and cuDNN's autotuner on for training unless deterministic."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cli_support import run_cli
+from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
+from vqprior.data.datasets import load_image_dataset
+from vqprior.device import check_device, set_cudnn_benchmark
+from vqprior.errors import UserError
+from vqprior.pixel_task import PixelTask
+from vqprior.train import TrainingRun
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_device_strings_are_checked(two_gpus):
+    assert check_device("cpu") == torch.device("cpu")
+    assert check_device("cuda") == torch.device("cuda")
+    assert check_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="2 CUDA device.*cuda:0 to cuda:1"):
+        check_device("cuda:2")
+    for bad in ("cuda:x", "cuda:-1", "cpu:1", "meta", "mps", "tpu", "CUDA"):
+        with pytest.raises(UserError, match="unknown device"):
+            check_device(bad)
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="CUDA is not available"):
+        check_device("cuda:0")
+
+
+@pytest.mark.parametrize("command", [
+    ["train-pixels", "--dataset", "sample", "--steps", "1", "--quiet", "--out", "{tmp}/run"],
+    ["extract-codes", "--vqvae", "{tmp}/missing.pt", "--out", "{tmp}/codes.lmdb"],
+])
+def test_a_gpu_index_beyond_the_machine_is_one_error_line_before_any_work(command, two_gpus, tmp_path):
+    result = run_cli(*[a.format(tmp=tmp_path) for a in command], "--device", "cuda:5")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert errors == ["Error: device 'cuda:5' requested but this machine has 2 CUDA device(s): cuda:0 to cuda:1"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def loaders_for(device: str, tmp_path):
+    data = load_image_dataset("sample", "train", image_size=8, limit=8)
+    task = PixelTask(model_config_from_preset("tiny", height=8, width=8), DataConfig(image_size=8))
+    run = TrainingRun(task, TrainConfig(steps=1, batch_size=4), tmp_path, torch.device(device), progress=False,
+                      num_workers=0)
+    run.start_step = 0
+    run.build_loaders(data, data)
+    return run.loader, run.val_loader
+
+
+def test_batches_are_pinned_for_a_gpu_only(tmp_path):
+    assert all(loader.pin_memory for loader in loaders_for("cuda:0", tmp_path))  # built, not iterated: no GPU needed
+    assert not any(loader.pin_memory for loader in loaders_for("cpu", tmp_path))
+
+
+def test_training_turns_the_cudnn_autotuner_on_unless_deterministic(tmp_path):
+    from cli_support import train_pixel_run
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        train_pixel_run(tmp_path / "run", steps=1, limit=8)
+        assert torch.backends.cudnn.benchmark is True
+        set_cudnn_benchmark(deterministic=True)
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = saved
