@@ -16,7 +16,7 @@ from .common import guarded
 PIXELSNAIL_PRESET_FIELDS = ("filters", "blocks", "res_blocks", "kernel_size", "attention", "attn_heads",
                             "key_channels", "value_channels", "dropout", "mixtures", "embed_dim", "cond_channels",
                             "cond_layers")
-VQVAE_PRESET_FIELDS = ("codebook_size", "embed_dim", "hidden", "res_blocks", "res_channels", "bottom_stride",
+VQVAE_PRESET_FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_channels", "bottom_stride",
                        "top_stride", "decay", "commitment")
 
 
@@ -90,17 +90,23 @@ def info(checkpoint, as_json):
 @click.command("presets")
 @guarded
 def presets():
-    """List every architecture preset and the fields it sets (PixelSNAIL for train-pixels / train-prior, VQ-VAE
-    for train-vqvae). Every field can be overridden by the option of the same name in kebab-case."""
-    from vqprior.config import PRESETS, model_config_from_preset
-    from vqprior.vqvae import VQVAE_PRESETS, vqvae_config_from_preset
+    """List every architecture preset, its parameter count and the fields it sets (PixelSNAIL for train-pixels /
+    train-prior, VQ-VAE for train-vqvae). Every field can be overridden by the option of the same name in kebab-case.
+    Counts depend on the data (head, codebook, conditioning): each is given for the use the preset is named for."""
+    from vqprior.config import DEFAULT_PRESET_USE, PRESET_USES, PRESETS, model_config_from_preset
+    from vqprior.pixelsnail import count_parameters
+    from vqprior.vqvae import VQVAE, VQVAE_PRESETS, vqvae_config_from_preset
 
     lines = ["PixelSNAIL presets (train-pixels, train-prior --preset):"]
     for name in PRESETS:
-        config = model_config_from_preset(name, head="pixels").to_dict()
-        lines += [f"  {name}", _fields_text({k: config[k] for k in PIXELSNAIL_PRESET_FIELDS}, "    ")]
+        use, data = PRESET_USES.get(name, DEFAULT_PRESET_USE)
+        config = model_config_from_preset(name, **data)
+        lines += [f"  {name}: {count_parameters(config):,} parameters as a {use}",
+                  _fields_text({k: config.to_dict()[k] for k in PIXELSNAIL_PRESET_FIELDS}, "    ")]
     lines.append("VQ-VAE presets (train-vqvae --preset):")
     for name in VQVAE_PRESETS:
-        config = vqvae_config_from_preset(name).to_dict()
-        lines += [f"  {name}", _fields_text({k: config[k] for k in VQVAE_PRESET_FIELDS}, "    ")]
+        config = vqvae_config_from_preset(name)
+        count = sum(p.numel() for p in VQVAE(config).parameters())
+        lines += [f"  {name}: {count:,} parameters ({config.levels} level(s), RGB)",
+                  _fields_text({k: config.to_dict()[k] for k in VQVAE_PRESET_FIELDS}, "    ")]
     click.echo("\n".join(lines))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from vqprior.config import VQVAE_PRESETS
+
 from .common import check_dataset_options, device_option, guarded, refuse_unused, removes_new_folder_on_error
 from .options import data_options, train_config_from_options, train_options
 from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, refuse_on_resume,
@@ -16,7 +18,7 @@ FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_c
 @data_options
 @click.option("--levels", type=click.IntRange(1, 2), default=None, help="1, or 2 for a VQ-VAE-2 top/bottom hierarchy. [default: 1]")
 @click.option("--codebook-size", type=click.IntRange(2, 65536), default=None, help="Codes per codebook (default: preset).")
-@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
+@click.option("--preset", type=click.Choice(list(VQVAE_PRESETS)), default="small", show_default=True,
               help="VQ-VAE architecture preset.")
 @click.option("--embed-dim", type=click.IntRange(min=1), default=None,
               help="Width of each codebook vector (not train-prior's --embed-dim, the prior's input embedding).")
@@ -61,7 +63,8 @@ def train_vqvae(ctx, **kw):
         if start.init is not None:
             model_config = VQVAEConfig.from_dict(start.init["config"]["model"])
             refuse_with_init(arch_conflicts(ctx, kw, model_config), kw["init_from"])
-        levels = model_config.levels if start.init is not None else kw["levels"] or 1  # no preset sets levels
+        levels = (model_config.levels if start.init is not None
+                  else kw["levels"] or VQVAE_PRESETS[kw["preset"]].get("levels", 1))
         if levels == 1:
             refuse_unused(("top_stride",), "with one level (--levels 2 adds the top level it spaces)", ctx)
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],

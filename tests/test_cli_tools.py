@@ -76,12 +76,13 @@ def test_info_of_a_prior_shows_the_embedded_vqvae(pipeline):
 
 def test_presets_lists_every_field_of_every_preset():
     lines = check_ok(run_cli("presets")).output.splitlines()
-    blocks, title, name = {}, None, None
+    blocks, counts, title, name = {}, {}, None, None
     for line in lines:
         if not line.startswith(" "):
             title = line.split()[0]  # "PixelSNAIL" or "VQ-VAE"
         elif not line.startswith("    "):
-            name = line.strip()
+            name, rest = line.strip().split(": ", 1)  # "  name: 1,234 parameters ..."
+            counts[title, name] = int(rest.split()[0].replace(",", ""))
             blocks[title, name] = ""
         else:
             blocks[title, name] += " " + line.strip()
@@ -90,6 +91,15 @@ def test_presets_lists_every_field_of_every_preset():
         for name, fields in table.items():
             shown = dict(item.split("=") for item in blocks[title, name].replace(",", " ").split())
             assert all(shown[key] == str(value) for key, value in fields.items()), (name, shown)
+    # The counts (taken on the meta device) are those of real models built for the use each line names.
+    from vqprior.config import DEFAULT_PRESET_USE, PRESET_USES, model_config_from_preset
+    from vqprior.pixelsnail import PixelSNAIL
+    from vqprior.vqvae import VQVAE, vqvae_config_from_preset
+    for name in ("tiny", "small", "vqvae2-top", "vqvae2-bottom"):
+        model = PixelSNAIL(model_config_from_preset(name, **PRESET_USES.get(name, DEFAULT_PRESET_USE)[1]))
+        assert counts["PixelSNAIL", name] == sum(p.numel() for p in model.parameters())
+    assert counts["VQ-VAE", "vqvae2-256"] == sum(p.numel() for p in VQVAE(vqvae_config_from_preset(
+        "vqvae2-256")).parameters()) == 1_388_867  # rosinality's VQVAE() has exactly this many
 
 
 def test_version_names_torch_and_the_device():

@@ -170,3 +170,9 @@ class PixelSNAIL(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of ``PixelSNAIL(config)``, counted on the meta device (no memory, even for GPU-scale presets)."""
+    with torch.device("meta"):
+        return PixelSNAIL(config).num_parameters()
