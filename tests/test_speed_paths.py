@@ -53,6 +53,29 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("heads,key,value", [(1, 16, 32), (8, 32, 32), (2, 8, 16)])
+def test_attention_runs_on_the_fused_kernel(heads, key, value):
+    """Forward and backward run with SDPA restricted to the fused flash kernel (memory linear in positions), for
+    one head and for several heads whose query and value sizes are equal (no padding: the head view must still be
+    made contiguous, else SDPA falls back to the math kernel's L x L scores), with the same result as the math
+    kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vqprior.attention import CausalSelfAttention, background
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(4, 16, key, value, heads=heads)
+    raw, h, bg = torch.randn(2, 4, 6, 5), torch.randn(2, 16, 6, 5, requires_grad=True), background(6, 5)
+    results = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend):
+            out = attn(raw, h, bg)
+            grad, = torch.autograd.grad(out.square().sum(), h)
+        results.append((out, grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
+
+
 def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(tmp_path):
     class BadGradient(NaNTask):
         def loss(self, model, batch):
