@@ -11,16 +11,17 @@ Rows (theirs at their train scripts' defaults; ours at the matched presets, para
 * ``top`` / ``bottom``: a prior training step, batch ``--prior-batch``. Theirs: ``PixelSNAIL`` as
   train_pixelsnail.py builds it for ``--hier top`` / ``bottom``, cross-entropy, Adam. Ours: ``vqvae2-top`` (class-
   conditional, 10 classes) / ``vqvae2-bottom`` (conditioned on 32x32 top codes), ``-log_prob(...).mean()``, fused
-  Adam; ``bottom+ckpt`` adds ``--checkpoint-activations`` (each block recomputed in the backward pass).
+  Adam; ``bottom+ckpt`` adds ``--checkpoint-activations`` (each gated block and attention step recomputed in the
+  backward pass).
 * ``attn-<L>-<kernel>``: forward + backward of one of our CausalSelfAttention steps over L positions (256 filters,
   8 heads, 128 key/value channels, batch 1) with SDPA's fused ``flash`` CPU kernel or the ``math`` kernel (which
   builds the L x L score matrices): memory linear vs quadratic in L.
-* ``sample``: one 256x256 sample's codes (32x32 top, then 64x64 bottom), batch 1. Ours: ``vqprior.sample`` with
-  the cached sampler, timed whole. Theirs: sample.py's ``sample_model`` runs, per position (i, j), a full forward
-  pass over rows 0..i (``model(row[:, :i+1, :], condition=..., cache=cache)``, then softmax and multinomial). A
-  whole image takes hours on a CPU, so a few positions per level are timed at rows spread over the map, the cost
-  per position is fitted as a + b * i (least squares; it grows with the rows passed) and summed over every
-  position: an extrapolation, labelled so.
+* ``sample``: 256x256 samples' codes (32x32 top, then 64x64 bottom), batch ``--sample-batch`` (8, sample.py's
+  default), reported per image. Ours: ``vqprior.sample`` with the cached sampler, timed whole. Theirs: sample.py's
+  ``sample_model`` runs, per position (i, j), a full forward pass over rows 0..i (``model(row[:, :i+1, :],
+  condition=..., cache=cache)``), then softmax and multinomial. A whole image takes hours on a CPU, so a few
+  positions per level are timed at rows spread over the map, the cost per position is fitted as a + b * i (least
+  squares; it grows with the rows passed) and summed over every position: an extrapolation, labelled so.
 
 How each number is measured: s/step is the median over ``--steps`` timed steps after one warm-up step
 (``time.perf_counter``). Peak RSS is ``ru_maxrss`` of the subprocess after the timed steps. Per image: (peak RSS
@@ -194,7 +195,7 @@ def their_position_seconds(model, level: str, s: dict, rows: list[int], conditio
     import torch
 
     side = s["image"] // (8 if level == "top" else 4)
-    row, cache, out = torch.zeros(1, side, side, dtype=torch.int64), {}, []
+    row, cache, out = torch.zeros(condition_batch(condition, s), side, side, dtype=torch.int64), {}, []
     for i in [rows[0]] + rows:  # the first call warms up (and fills the condition cache, as sample.py's does)
         t = time.perf_counter()
         o, cache = model(row[:, : i + 1, :], condition=condition, cache=cache)
@@ -203,9 +204,14 @@ def their_position_seconds(model, level: str, s: dict, rows: list[int], conditio
     return out[1:]
 
 
-def sample_row(side: str, s: dict, fit_rows: int) -> dict:
+def condition_batch(condition, s: dict) -> int:
+    return s["batch"] if condition is None else condition.shape[0]
+
+
+def sample_row(side: str, s: dict, fit_rows: int, batch: int) -> dict:
     import torch
 
+    s = dict(s, batch=batch)
     torch.manual_seed(0)
     result = {}
     with torch.no_grad():
@@ -213,23 +219,24 @@ def sample_row(side: str, s: dict, fit_rows: int) -> dict:
             from vqprior import sample
             top_model, bottom_model = our_prior("top", s).eval(), our_prior("bottom", s).eval()
             t = time.perf_counter()
-            top = sample(top_model, 1, label=3, generator=torch.Generator().manual_seed(0))
-            result["top_s"] = time.perf_counter() - t
+            top = sample(top_model, batch, label=3, generator=torch.Generator().manual_seed(0))
+            result["top_s"] = (time.perf_counter() - t) / batch
             t = time.perf_counter()
-            sample(bottom_model, 1, condition=top, generator=torch.Generator().manual_seed(1))
-            result["bottom_s"] = time.perf_counter() - t
+            sample(bottom_model, batch, condition=top, generator=torch.Generator().manual_seed(1))
+            result["bottom_s"] = (time.perf_counter() - t) / batch
         else:
             for level in ("top", "bottom"):
                 model = their_prior(level, s).eval()
                 grid = s["image"] // (8 if level == "top" else 4)
                 rows = sorted({round(k * (grid - 1) / (fit_rows - 1)) for k in range(fit_rows)})
-                cond = codes(s, grid // 2, 1) if level == "bottom" else None
+                cond = codes(s, grid // 2, batch) if level == "bottom" else None
                 seconds = their_position_seconds(model, level, s, rows, cond)
                 n, mx, my = len(rows), statistics.mean(rows), statistics.mean(seconds)
                 b = sum((r - mx) * (y - my) for r, y in zip(rows, seconds)) / max(
                     1e-12, sum((r - mx) ** 2 for r in rows))
                 a = my - b * mx
-                result[f"{level}_s"] = grid * sum(a + b * i for i in range(grid))  # every position of every row
+                # every position of every row, per image
+                result[f"{level}_s"] = grid * sum(a + b * i for i in range(grid)) / batch
                 result[f"{level}_fit"] = dict(rows=rows, seconds=seconds, n=n)
     result["total_s"] = result["top_s"] + result["bottom_s"]
     return result
@@ -246,7 +253,7 @@ def worker(args) -> dict:
         _, length, kernel = row.split("-")
         return attention_row(int(length), kernel, args.steps)
     if row == "sample":
-        return sample_row(side, s, args.fit_rows)
+        return sample_row(side, s, args.fit_rows, args.sample_batch)
     batch = args.vq_batch if row == "vqvae" else args.prior_batch
     return train_row(side, row, s, batch, args.steps)
 
@@ -265,7 +272,8 @@ def machine() -> str:
 def run_worker(args, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--peer", args.peer, "--threads", str(args.threads),
            "--steps", str(args.steps), "--vq-batch", str(args.vq_batch), "--prior-batch", str(args.prior_batch),
-           "--fit-rows", str(args.fit_rows)] + (["--quick"] if args.quick else [])
+           "--fit-rows", str(args.fit_rows), "--sample-batch", str(args.sample_batch)]
+    cmd += ["--quick"] if args.quick else []
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -278,9 +286,10 @@ def main(args) -> None:
     print(f"# bench/peer_256.py on {machine()}; {args.threads} threads; "
           f"{'QUICK (tiny widths, 32x32 images)' if args.quick else '256x256 images'}")
     print(f"# command: python bench/peer_256.py {' '.join(sys.argv[1:])}")
-    print("| row | batch | theirs: params, images/s, peak RSS MB, MB/image | ours: params, images/s, peak RSS MB, "
-          "MB/image | speed ours/theirs | memory/image ours/theirs |")
-    print("|---|---|---|---|---|---|")
+    if set(rows) & {"vqvae", "top", "bottom", "bottom+ckpt"}:
+        print("| row | batch | theirs: params, images/s, peak RSS MB, MB/image | ours: params, images/s, peak RSS MB, "
+              "MB/image | speed ours/theirs | memory/image ours/theirs |")
+        print("|---|---|---|---|---|---|")
     theirs_by_row = {}
     for row in ("vqvae", "top", "bottom", "bottom+ckpt"):
         if row not in rows:
@@ -304,14 +313,15 @@ def main(args) -> None:
                       f"{r['per_image_mb']:.0f} |", flush=True)
     if "sample" in rows:
         ours, theirs = run_worker(args, "ours:sample"), run_worker(args, "theirs:sample")
-        print("\n| one sample's codes, batch 1 | top s | bottom s | total s |")
+        print(f"\n| seconds per image of a sample's codes, batch {args.sample_batch} | top | bottom | total |")
         print("|---|---|---|---|")
         print(f"| ours (cached sampler, timed whole) | {ours['top_s']:.1f} | {ours['bottom_s']:.1f} | "
               f"{ours['total_s']:.1f} |")
         print(f"| theirs (sample.py loop, EXTRAPOLATED from positions at rows {theirs['top_fit']['rows']} / "
               f"{theirs['bottom_fit']['rows']}) | {theirs['top_s']:.0f} | {theirs['bottom_s']:.0f} | "
               f"{theirs['total_s']:.0f} |")
-        print(f"| speed-up | | | {theirs['total_s'] / ours['total_s']:.0f}x |")
+        print(f"| speed-up ours/theirs | {theirs['top_s'] / ours['top_s']:.0f}x | "
+              f"{theirs['bottom_s'] / ours['bottom_s']:.0f}x | {theirs['total_s'] / ours['total_s']:.0f}x |")
         print(f"# their timed positions (s): top {[round(x, 3) for x in theirs['top_fit']['seconds']]}, "
               f"bottom {[round(x, 3) for x in theirs['bottom_fit']['seconds']]}")
 
@@ -326,6 +336,7 @@ if __name__ == "__main__":
     p.add_argument("--vq-batch", type=int, default=4)
     p.add_argument("--prior-batch", type=int, default=1)
     p.add_argument("--fit-rows", type=int, default=4, help="rows of theirs timed per level for the extrapolation")
+    p.add_argument("--sample-batch", type=int, default=8, help="samples drawn together (sample.py's default: 8)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.peer, "pixelsnail.py")):

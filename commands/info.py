@@ -1,7 +1,8 @@
-"""``vqprior info`` (what is inside a checkpoint) and ``vqprior presets`` (the fields of every architecture preset).
+"""``vqprior info`` (what is inside a checkpoint, a code cache or an image cache) and ``vqprior presets`` (the
+fields and parameter counts of every architecture preset).
 
-Both only read: ``info`` builds the model once to count its parameters, ``presets`` prints the preset tables of
-``vqprior.config`` and ``vqprior.vqvae``.
+Both only read: ``info`` builds a checkpoint's model once to count its parameters (caches: ``vqprior.data.
+cache_info``), ``presets`` prints the preset tables of ``vqprior.config``.
 """
 from __future__ import annotations
 
@@ -51,15 +52,50 @@ def describe_checkpoint(data: dict) -> dict:
     return facts
 
 
+def _cache_text(facts: dict) -> list[str]:
+    """The lines ``info`` prints for one cache (``vqprior.data.cache_info`` facts)."""
+    size = f"{facts['bytes'] / 2**20:,.1f} MiB in use, {facts['bytes_per_item'] / 1024:,.1f} KiB per item"
+    if facts["kind"] == "code cache":
+        levels = ", ".join(f"{lv['level']} {lv['shape'][0]}x{lv['shape'][1]} ({lv['codebook_size']} codes)"
+                           for lv in facts["levels"])
+        return [f"{facts['path']}: code cache, {facts['count']:,} code maps, complete",
+                f"levels: {levels}", f"classes: {facts['num_classes'] or 'none (unlabelled)'}",
+                f"source VQ-VAE sha256: {facts['vqvae_sha256']}", "built from:", _fields_text(facts["built_from"]),
+                f"format {facts['format_version']}; {size}"]
+    c, h, w = facts["shape"]
+    state = ("complete" if facts["complete"] else
+             f"UNFINISHED: {facts['written']:,} of {facts['count']:,} written; building it again resumes")
+    return [f"{facts['path']}: image cache, {facts['count']:,} images of {c}x{h}x{w} stored as {facts['encoding']}, "
+            f"{state}", f"classes: {facts['num_classes'] or 'none (unlabelled)'}", "built from:",
+            _fields_text(facts["built_from"]), f"format {facts['format_version']}; {size}"]
+
+
 @click.command("info")
 @click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the same facts as one JSON object.")
 @guarded
 def info(checkpoint, as_json):
     """Print what CKPT is: kind, step, parameter count, the architecture, training and data configs, the last
-    metrics and, for priors, the embedded VQ-VAE. Works on training checkpoints and exports alike."""
+    metrics and, for priors, the embedded VQ-VAE. Works on training checkpoints and exports alike.
+
+    CKPT may also be a cache folder: a code cache (extract-codes --out: count, level shapes, codebook sizes,
+    classes, the source VQ-VAE's sha256, what it was built from), an image cache environment or a --cache folder
+    of them (count, shape, encoding, classes, what it was built from, complete or how far an interrupted build got).
+    """
+    from pathlib import Path
+
     from vqprior.checkpoint import read_checkpoint
 
+    if Path(checkpoint).is_dir():
+        from vqprior.data.cache_info import describe_cache
+
+        caches = describe_cache(checkpoint)
+        if as_json:
+            click.echo(json.dumps(caches[0] if len(caches) == 1 and (Path(checkpoint) / "data.mdb").is_file()
+                                  else caches, indent=2, sort_keys=True))
+        else:
+            click.echo("\n".join(line for facts in caches for line in _cache_text(facts)))
+        return
     data = read_checkpoint(checkpoint, upcast=False)  # as stored: the file's weight dtype is one of the facts
     facts = describe_checkpoint(data)
     if as_json:

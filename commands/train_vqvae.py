@@ -5,7 +5,8 @@ import click
 
 from vqprior.config import VQVAE_PRESETS
 
-from .common import check_dataset_options, device_option, guarded, refuse_unused, removes_new_folder_on_error
+from .common import (check_dataset_options, device_option, guarded, refuse_unused, removes_new_folder_on_error,
+                     resolve_cache_encoding)
 from .options import data_options, train_config_from_options, train_options
 from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, refuse_on_resume,
                         refuse_with_init, resumed_data_config, start_run)
@@ -16,7 +17,8 @@ FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_c
 
 @click.command("train-vqvae")
 @data_options
-@click.option("--levels", type=click.IntRange(1, 2), default=None, help="1, or 2 for a VQ-VAE-2 top/bottom hierarchy. [default: 1]")
+@click.option("--levels", type=click.IntRange(1, 2), default=None,
+              help="1, or 2 for a VQ-VAE-2 top/bottom hierarchy. [default: 2 for --preset vqvae2-256, else 1]")
 @click.option("--codebook-size", type=click.IntRange(2, 65536), default=None, help="Codes per codebook (default: preset).")
 @click.option("--preset", type=click.Choice(list(VQVAE_PRESETS)), default="small", show_default=True,
               help="VQ-VAE architecture preset.")
@@ -67,8 +69,10 @@ def train_vqvae(ctx, **kw):
                   else kw["levels"] or VQVAE_PRESETS[kw["preset"]].get("levels", 1))
         if levels == 1:
             refuse_unused(("top_stride",), "with one level (--levels 2 adds the top level it spaces)", ctx)
+        encoding, quality = resolve_cache_encoding(kw, ctx=ctx)
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
-                                 cache=kw["cache"] or "", download=kw["download"], limit=kw["limit"])
+                                 cache=kw["cache"] or "", download=kw["download"], limit=kw["limit"],
+                                 cache_encoding=encoding, jpeg_quality=quality)
     announce(start, ctx, kw, ("preset", *FIELDS, *DATA_FIXED))
     train_set = load_split(data_config, "train")
     val_set = load_split(data_config, "test")

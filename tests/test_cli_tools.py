@@ -74,6 +74,22 @@ def test_info_of_a_prior_shows_the_embedded_vqvae(pipeline):
     assert re.search(r"^embedded VQ-VAE: [\d,]+ parameters, sha256 [0-9a-f]{64}$", text, re.MULTILINE)
 
 
+def test_info_describes_a_code_cache(pipeline):
+    from vqprior.checkpoint import file_sha256
+    from vqprior.data.codes import CodeDataset, read_code_metadata
+
+    codes = json.loads(check_ok(run_cli("info", str(pipeline.train_codes), "--json")).output)
+    meta = read_code_metadata(pipeline.train_codes)
+    assert codes["kind"] == "code cache" and codes["count"] == meta["count"] == len(CodeDataset(pipeline.train_codes))
+    assert codes["vqvae_sha256"] == file_sha256(pipeline.vqvae)
+    assert codes["built_from"]["split"] == "train" and codes["levels"][1]["level"] == "bottom"
+    assert [lv["shape"] for lv in codes["levels"]] == meta["shapes"]
+    assert [lv["codebook_size"] for lv in codes["levels"]] == meta["codebook_sizes"]
+    assert codes["vqvae_sha256"] == meta["vqvae_sha256"] and codes["num_classes"] == meta["num_classes"]
+    text = check_ok(run_cli("info", str(pipeline.train_codes))).output
+    assert f"source VQ-VAE sha256: {meta['vqvae_sha256']}" in text and "levels: top " in text
+
+
 def test_presets_lists_every_field_of_every_preset():
     lines = check_ok(run_cli("presets")).output.splitlines()
     blocks, counts, title, name = {}, {}, None, None

@@ -38,13 +38,21 @@ def test_dropout_keeps_its_rate_scale_and_independence(p, dtype):
     assert torch.equal(Dropout(p).eval()(x), x)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("kind", ["pixels", "bottom prior with classes"])
+def test_activation_checkpointing_gives_the_same_gradients(kind):
     def grads(recompute):
-        model = tiny_model(dropout=0.3, height=6, width=6).train()
+        g = torch.Generator().manual_seed(1)
+        if kind == "pixels":
+            model = tiny_model(dropout=0.3, height=6, width=6).train()
+            x, inputs = torch.randint(0, 256, (3, 3, 6, 6), dtype=torch.uint8, generator=g), {}
+        else:  # the class bias and the top-code condition also enter every recomputed block
+            model = tiny_model(dropout=0.3, height=6, width=6, head="codes", num_codes=5, num_classes=3,
+                               cond_num_codes=4, cond_height=3, cond_width=3).train()
+            x = torch.randint(0, 5, (3, 6, 6), generator=g)
+            inputs = dict(label=torch.tensor([0, 2, 1]), condition=torch.randint(0, 4, (3, 3, 3), generator=g))
         model.checkpoint_activations = recompute
-        x = torch.randint(0, 256, (3, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
         torch.manual_seed(5)  # the same dropout masks in both runs (checkpointing replays the RNG state)
-        model.log_prob(x).sum().backward()
+        model.log_prob(x, **inputs).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain, recomputed = grads(False), grads(True)

@@ -126,7 +126,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     # Speed/memory switches (vqprior.acceleration); they do not change the objective and may change on resume.
     compile: bool = False  # torch.compile the training model
-    checkpoint_activations: bool = False  # recompute each PixelSNAIL block in the backward pass
+    checkpoint_activations: bool = False  # recompute each gated block / attention step in the backward pass
     time_limit: float = 0.0  # minutes of step time (train_seconds, resumes included) after which the run ends; 0 = off
 
     def __post_init__(self):
@@ -162,6 +162,8 @@ class DataConfig:
     download: bool = False
     class_conditional: bool = False
     limit: int = 0  # train on the first N training images only (0 = all); a resumed run keeps it
+    cache_encoding: str = "raw"  # how the image cache stores images: raw, png (lossless) or jpeg (lossy)
+    jpeg_quality: int = 90  # the JPEG quality of a jpeg image cache
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
