@@ -39,6 +39,14 @@ from pathlib import Path
 import numpy as np
 
 
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def write_source(folder: Path, count: int, kind: str) -> None:
     from PIL import Image
 
@@ -112,7 +120,7 @@ def main(args) -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    print(f"# bench/image_cache.py on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+    print(f"# bench/image_cache.py on {machine()}, {os.cpu_count()} CPUs; "
           f"{args.count} images of 256x256; {args.threads} torch threads")
     print(f"# command: python bench/image_cache.py {' '.join(sys.argv[1:])}")
     print("| pictures | records | build images/s | KiB/image | read images/s, 0 workers | read images/s, 2 workers |")

@@ -48,7 +48,7 @@ def write_photos(root: Path) -> None:
             h, w = 20 + i % 5, 24 + i % 3
             base = np.linspace(40 + 120 * k, 200 - 120 * k, w)[None, :, None] + rng.normal(0, 20, (h, w, 3))
             Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(root / "photos" / name / f"{i}.jpg")
-    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "photo.jpg")
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / "photo.jpg")  # resized
 
 
 def test_readme_walkthrough_runs_at_reduced_size(tmp_path, monkeypatch):

@@ -37,7 +37,8 @@ def describe_image_cache(path: Path) -> dict[str, Any]:
     if meta is None:
         raise UserError(f"not a vqprior image cache (no metadata record): {path}")
     written = image_cache.count_written(path, meta)
-    used = _used_bytes(image_cache.open_reader(path))
+    with image_cache.begin_read(path):  # adopts a map grown by a build in another process
+        used = _used_bytes(image_cache.open_reader(path))
     count = int(meta["count"])
     return {"kind": "image cache", "path": str(path), "complete": complete, "count": count,
             "written": count if complete else written, "shape": list(meta["shape"]),
@@ -54,7 +55,7 @@ def _is_code_cache(path: Path) -> bool:
     if env is not None and pid == os.getpid():
         return True  # only code caches are opened through the codes module
     opened = os.path.abspath(path) in image_cache._READERS
-    with image_cache.open_reader(path).begin() as txn:
+    with image_cache.begin_read(path) as txn:
         raw = txn.get(codes.META_KEY)
     try:
         meta = json.loads(raw) if raw is not None else None

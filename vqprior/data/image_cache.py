@@ -108,6 +108,17 @@ def open_reader(path) -> lmdb.Environment:
         return entry[1]
 
 
+def begin_read(path, buffers: bool = False) -> lmdb.Transaction:
+    """A read transaction on this process's handle; when another process (a build) has grown the map beyond this
+    handle's size, adopt the new size (LMDB's MDB_MAP_RESIZED) and begin again."""
+    env = open_reader(path)
+    try:
+        return env.begin(buffers=buffers)
+    except lmdb.MapResizedError:
+        env.set_mapsize(0)
+        return env.begin(buffers=buffers)
+
+
 def _close_reader(path) -> None:
     with _READERS_LOCK:
         entry = _READERS.pop(os.path.abspath(path), None)
@@ -121,7 +132,7 @@ def read_cache_state(path) -> tuple[dict | None, bool]:
     if not (path / "data.mdb").is_file():
         return None, False
     try:
-        with open_reader(path).begin() as txn:
+        with begin_read(path) as txn:
             meta, complete = txn.get(META_KEY), txn.get(COMPLETE_KEY)
     except lmdb.Error:
         return None, False
@@ -144,7 +155,7 @@ def read_cache_metadata(path) -> dict | None:
 
 def count_written(path, meta: dict) -> int:
     """Images in the records 0..k-1 present in the environment (all of them once complete)."""
-    with open_reader(path).begin() as txn:
+    with begin_read(path) as txn:
         records = txn.stat()["entries"] - 1 - (txn.get(COMPLETE_KEY) is not None)  # minus meta and marker
     return min(int(meta["count"]), max(0, records) * int(meta["images_per_record"]))
 
@@ -165,7 +176,7 @@ class CachedImageDataset(ImageDataset):
 
     def read_array(self, index):
         record, position = divmod(index, self.meta["images_per_record"])
-        with open_reader(self.path).begin(buffers=True) as txn:
+        with begin_read(self.path, buffers=True) as txn:
             value = txn.get(_record_key(record))
             if value is None:
                 raise UserError(f"image cache {self.path} is missing record {record}; delete it to rebuild")
