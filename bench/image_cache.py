@@ -22,7 +22,8 @@ How each number is measured:
 
 Usage (run it on an idle machine):
     python bench/image_cache.py --count 1000                      # the table
-    python bench/image_cache.py --count 10000 --kinds mosaic --encodings jpeg --resume-test --interrupt-at 4000
+    python bench/image_cache.py --count 10000 --kinds mosaic --encodings jpeg
+    python bench/image_cache.py --count 10000 --kinds mosaic --encodings "" --resume-test --interrupt-at 4000
 """
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def resume_test(source: Path, cache: Path, quality: int, interrupt_at: int) -> N
         envs = list(cache.glob("*.lmdb")) if cache.exists() else []
         try:
             written = describe_cache(envs[0])[0]["written"] if envs else 0
-        except Exception:  # the environment is being created: look again
+        except Exception as e:  # the environment is being created: look again
+            print(f"(monitor: {type(e).__name__}: {str(e)[:100]})", file=sys.stderr)
             written = 0
         if written >= interrupt_at:
             proc.send_signal(signal.SIGINT)
@@ -130,7 +132,7 @@ def main(args) -> None:
             source = work / f"source-{kind}-{args.count}"
             if not source.is_dir():
                 write_source(source, args.count, kind)
-            for encoding in args.encodings.split(","):
+            for encoding in args.encodings.split(",") if args.encodings else []:
                 cache = work / f"cache-{kind}-{encoding}"
                 shutil.rmtree(cache, ignore_errors=True)
                 dataset, seconds = build(source, cache, encoding, args.jpeg_quality)
