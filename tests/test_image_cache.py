@@ -138,3 +138,26 @@ def test_info_describes_image_caches(tmp_path):
     facts = json.loads(check_ok(run_cli("info", str(tmp_path / "k" / "sample-test-16px-first10.lmdb"),
                                         "--json")).output)
     assert facts["kind"] == "image cache" and facts["count"] == 10 and facts["built_from"]["limit"] == 10
+
+
+def test_a_reader_follows_a_build_in_another_process(tmp_path):
+    """A handle opened on an unfinished cache keeps working while another process resumes the build past its map
+    (LMDB's MDB_MAP_RESIZED is adopted) and after another process rebuilds the cache (a new file is reopened), so
+    `info` can watch a build and a reader sees what is on disk."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "k.lmdb"
+    write = ("import sys; from vqprior.data.datasets import load_image_dataset; from vqprior.data.image_cache import "
+             "write_image_cache; write_image_cache(load_image_dataset('sample', 'train', image_size=64, "
+             "limit=int(sys.argv[2])), sys.argv[1])")
+    source = load_image_dataset("sample", "train", image_size=64, limit=2000)  # 12 KiB per image, 24 MiB in all
+    with pytest.raises(KeyboardInterrupt):
+        write_image_cache(Counting(source, fail_at=1100), path)
+    assert describe_cache(path)[0]["written"] == 1024  # this process now holds a handle on the first 12 MiB
+    subprocess.run([sys.executable, "-c", write, str(path), "2000"], check=True)  # resumes: the same file grows
+    facts = describe_cache(path)[0]
+    assert facts["complete"] and facts["written"] == 2000
+    assert torch.equal(CachedImageDataset(path)[1999]["image"], source[1999]["image"])
+    subprocess.run([sys.executable, "-c", write, str(path), "30"], check=True)  # another request: a new file
+    assert describe_cache(path)[0]["count"] == len(CachedImageDataset(path)) == 30

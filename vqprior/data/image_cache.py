@@ -90,22 +90,24 @@ def _record_key(record: int) -> bytes:
 
 # LMDB refuses to open one environment twice in a process, so every reader in a process shares one read-only
 # handle per path. Keyed by pid too: a handle inherited through fork must not be used in the child, and must be
-# closed there before the path can be opened again (closing the child's copy leaves the parent's intact).
-_READERS: dict[str, tuple[int, lmdb.Environment]] = {}
+# closed there before the path can be opened again (closing the child's copy leaves the parent's intact). The
+# data file's inode is kept as well: a cache rebuilt by another process is a new file, and the handle is reopened.
+_READERS: dict[str, tuple[int, int, lmdb.Environment]] = {}
 _READERS_LOCK = threading.Lock()
 
 
 def open_reader(path) -> lmdb.Environment:
     """This process's shared read-only handle on the environment at ``path``."""
     key = os.path.abspath(path)
+    inode = os.stat(os.path.join(key, "data.mdb")).st_ino
     with _READERS_LOCK:
         entry = _READERS.get(key)
-        if entry is None or entry[0] != os.getpid():
+        if entry is None or entry[:2] != (os.getpid(), inode):
             if entry is not None:
-                entry[1].close()
+                entry[2].close()
             env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False)
-            _READERS[key] = entry = (os.getpid(), env)
-        return entry[1]
+            _READERS[key] = entry = (os.getpid(), inode, env)
+        return entry[2]
 
 
 def begin_read(path, buffers: bool = False) -> lmdb.Transaction:
@@ -123,7 +125,7 @@ def _close_reader(path) -> None:
     with _READERS_LOCK:
         entry = _READERS.pop(os.path.abspath(path), None)
     if entry is not None:
-        entry[1].close()
+        entry[2].close()
 
 
 def read_cache_state(path) -> tuple[dict | None, bool]:
