@@ -22,8 +22,8 @@ How each number is measured:
 
 Usage (run it on an idle machine):
     python bench/image_cache.py --count 1000                      # the table
-    python bench/image_cache.py --count 10000 --kinds mosaic --encodings jpeg
-    python bench/image_cache.py --count 10000 --kinds mosaic --encodings "" --resume-test --interrupt-at 4000
+    python bench/image_cache.py --count 10000 --kinds mosaic --encodings jpeg --resume-test --interrupt-at 4000
+    python bench/image_cache.py --count 10000 --kinds mosaic --encodings "" --resume-test   # the resume test alone
 """
 from __future__ import annotations
 
