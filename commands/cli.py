@@ -51,7 +51,7 @@ def cli():
     Pixels:   train-pixels -> evaluate -> sample / complete
     Priors:   train-vqvae -> extract-codes -> train-prior -> sample -> decode
     Sharing:  export (a small fp16 inference copy of any checkpoint)
-    Looking:  info CKPT, presets, evaluate VQVAE.pt, receptive-field
+    Looking:  info CKPT or CACHE, presets, evaluate VQVAE.pt, receptive-field
     Coding:   compress / decompress (lossless files of -log2 p(x) bits)
     Curves:   plot (held-out and training metrics of run folders)
     """

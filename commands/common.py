@@ -187,6 +187,40 @@ def refuse_unused(names, why: str, ctx: click.Context | None = None) -> None:
         raise click.UsageError(f"{', '.join(used)} {'does' if len(used) == 1 else 'do'} nothing {why}")
 
 
+def cache_encoding_options(fn):
+    """--cache-encoding and --jpeg-quality: how an image cache (--cache) stores its images."""
+    fn = click.option("--jpeg-quality", type=click.IntRange(1, 100), default=None,
+                      help="JPEG quality of a --cache-encoding jpeg cache. [default: 90]")(fn)
+    return click.option("--cache-encoding", type=click.Choice(["raw", "png", "jpeg"]), default=None,
+                        help="How the --cache stores images: raw pixels, lossless PNG or lossy JPEG (decoded in the "
+                             "DataLoader workers). [default: raw, or the checkpoint's]")(fn)
+
+
+def resolve_cache_encoding(kw: dict, default: tuple[str, int] = ("raw", 90),
+                           ctx: click.Context | None = None) -> tuple[str, int]:
+    """(encoding, JPEG quality) of the image cache from the options, else ``default``; refuses them without --cache
+    and --jpeg-quality for another encoding."""
+    if not kw.get("cache"):
+        refuse_unused(("cache_encoding", "jpeg_quality"), "without --cache", ctx)
+    encoding = kw["cache_encoding"] or default[0]
+    if encoding != "jpeg":
+        refuse_unused(("jpeg_quality",), f"with --cache-encoding {encoding} (only JPEG has a quality)", ctx)
+    return encoding, int(kw["jpeg_quality"] or default[1])
+
+
+def load_checkpoint_split(data, dataset, data_dir, split: str, limit: int, cache, cache_encoding, jpeg_quality):
+    """A split of the images a checkpoint was trained on (its ``DataConfig`` ``data``), or of ``dataset`` /
+    ``data_dir`` when given, through the image cache ``cache`` (encoding: the options', else the checkpoint's)."""
+    from vqprior.data.datasets import load_image_dataset
+
+    options = dict(cache=cache, cache_encoding=cache_encoding, jpeg_quality=jpeg_quality)
+    encoding, quality = resolve_cache_encoding(options, (data.cache_encoding, data.jpeg_quality))
+    name = dataset or data.dataset
+    return load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
+                              or None, image_size=data.image_size, cache=cache, limit=limit,
+                              cache_encoding=encoding, jpeg_quality=quality)
+
+
 def check_dataset_options(dataset: str, ctx: click.Context | None = None) -> None:
     """Data options that do not apply to ``dataset`` are errors, not silently dropped."""
     if dataset == "sample":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .common import (apply_precision, check_dataset_options, deterministic_option, device_option, guarded,
-                     precision_option, refuse_unused, resolve_device)
+from .common import (apply_precision, cache_encoding_options, check_dataset_options, deterministic_option,
+                     device_option, guarded, load_checkpoint_split, precision_option, refuse_unused, resolve_device)
 from .options import DATASETS
 
 
@@ -26,13 +26,14 @@ from .options import DATASETS
               help="Class-conditional models: score given each item's own label (label, the default), or given "
                    "the null class (none: the unconditional p(x) of a model trained with --class-dropout, one pass).")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
+@cache_encoding_options
 @precision_option()
 @device_option
 @deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
-def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, marginal, class_, cache, precision,
-             device, quiet):
+def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, marginal, class_, cache, cache_encoding,
+             jpeg_quality, precision, device, quiet):
     """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights (the
     likelihood itself is float32 under --precision bf16); for a VQ-VAE, the reconstruction MSE (0..255 scale) and
     PSNR, and codebook usage and perplexity per level."""
@@ -60,14 +61,16 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
     if class_ == "none":
         null_label(model.config, "--class none")
     if kind == "prior":
-        refuse_unused(("dataset", "data_dir", "split", "cache"), "for a prior (it is scored on the --codes cache)")
+        refuse_unused(("dataset", "data_dir", "split", "cache", "cache_encoding", "jpeg_quality"),
+                      "for a prior (it is scored on the --codes cache)")
     else:
         check_dataset_options(dataset or data.dataset)
     if kind == "vqvae":
         if codes:
             raise click.UsageError("--codes is for priors; a VQ-VAE is evaluated on images (--dataset)")
         with autocast(device, precision):
-            _evaluate_vqvae(model, data, dataset, data_dir, split, limit, batch_size, cache, quiet)
+            ds = load_checkpoint_split(data, dataset, data_dir, split, limit, cache, cache_encoding, jpeg_quality)
+            _evaluate_vqvae(model, data, ds, f"{dataset or data.dataset} {split}", batch_size, quiet)
         return
     scored, labelled = (ClassMarginal(model), False) if marginal else (model, bool(model.config.num_classes))
     how = f" (marginal over {model.config.num_classes} classes, p(y) uniform)" if marginal else ""
@@ -76,11 +79,7 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
     if kind == "pixels":
         if codes:
             raise click.UsageError("--codes is for priors; this is a pixel model")
-        from vqprior.data.datasets import load_image_dataset
-
-        name = dataset or data.dataset
-        ds = load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
-                                or None, image_size=data.image_size, cache=cache, limit=limit)
+        ds = load_checkpoint_split(data, dataset, data_dir, split, limit, cache, cache_encoding, jpeg_quality)
         if (ds.channels, ds.height, ds.width) != (model.config.channels, model.config.height, model.config.width):
             raise click.ClickException(
                 f"dataset images are {ds.channels}x{ds.height}x{ds.width} but the model was trained on "
@@ -88,7 +87,7 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
         with autocast(device, precision):
             result = evaluate_nll(scored, DataLoader(ds, batch_size=batch_size), device, key="image",
                                   use_label=labelled, limit=limit, progress=not quiet)
-        unit, where = "bits/dim", f"{name} {split}"
+        unit, where = "bits/dim", f"{dataset or data.dataset} {split}"
     else:
         if not codes:
             raise click.UsageError("evaluating a prior needs --codes CODES.lmdb")
@@ -106,16 +105,12 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
                f"{result['nll_nats']:.1f} nats total")
 
 
-def _evaluate_vqvae(model, data, dataset, data_dir, split, limit, batch_size, cache, quiet) -> None:
+def _evaluate_vqvae(model, data, ds, what: str, batch_size, quiet) -> None:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from vqprior.data.datasets import load_image_dataset
     from vqprior.vqvae_task import VQVAETask
 
-    name = dataset or data.dataset
-    ds = load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
-                            or None, image_size=data.image_size, cache=cache, limit=limit)
     if ds.channels != model.config.channels:
         raise click.ClickException(f"dataset images have {ds.channels} channel(s) but the VQ-VAE was trained on "
                                    f"{model.config.channels}")
@@ -128,5 +123,5 @@ def _evaluate_vqvae(model, data, dataset, data_dir, split, limit, batch_size, ca
     m = VQVAETask(model.config, data).evaluate(model, loader)
     levels = "; ".join(f"{level}: usage {m[f'usage_{level}']:.1%}, perplexity {m[f'perplexity_{level}']:.1f} of "
                        f"{model.config.codebook_size}" for level in model.level_names)
-    click.echo(f"MSE {m['mse']:.2f} (0..255 scale), PSNR {m['psnr']:.2f} dB on {name} {split}: {len(ds)} images; "
+    click.echo(f"MSE {m['mse']:.2f} (0..255 scale), PSNR {m['psnr']:.2f} dB on {what}: {len(ds)} images; "
                f"{levels}")

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import (apply_precision, check_dataset_options, deterministic_option, device_option, guarded,
-                     removes_new_folder_on_error,
-                     resolve_device)
+from .common import (apply_precision, cache_encoding_options, check_dataset_options, deterministic_option,
+                     device_option, guarded, load_checkpoint_split, removes_new_folder_on_error, resolve_device)
 from .options import DATASETS
 
 
@@ -22,12 +21,14 @@ from .options import DATASETS
 @click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
               help="Encode only the first N images (0: all).")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
+@cache_encoding_options
 @device_option
 @deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
 @removes_new_folder_on_error("out", discard=lambda folder: True)  # a failed extraction is rebuilt from scratch
-def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_size, limit, cache, device, quiet):
+def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_size, limit, cache, cache_encoding,
+                  jpeg_quality, device, quiet):
     """Encode every image of a split into VQ-VAE codes (uint16 per level + label + source index per record).
 
     The cache is marked complete only at the very end: an interrupted run is never taken as finished, and
@@ -38,7 +39,6 @@ def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_si
     from vqprior.checkpoint import file_sha256, load_model, read_checkpoint
     from vqprior.config import DataConfig
     from vqprior.data.codes import extract_codes as extract
-    from vqprior.data.datasets import load_image_dataset
 
     device = resolve_device(device)
     apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU
@@ -46,8 +46,7 @@ def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_si
     model = load_model(vqvae_path, device, kind="vqvae")
     name = dataset or data.dataset
     check_dataset_options(name)
-    ds = load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
-                            or None, image_size=data.image_size, cache=cache, limit=limit)
+    ds = load_checkpoint_split(data, dataset, data_dir, split, limit, cache, cache_encoding, jpeg_quality)
     meta = extract(model, ds, out, file_sha256(vqvae_path), name, split, batch_size=batch_size, device=device,
                    overwrite=overwrite, progress=not quiet, vqvae_path=str(Path(vqvae_path).resolve()))
     shapes = " + ".join(f"{n} {h}x{w}" for n, (h, w) in zip(meta["level_names"], meta["shapes"]))

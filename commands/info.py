@@ -1,7 +1,8 @@
-"""``vqprior info`` (what is inside a checkpoint) and ``vqprior presets`` (the fields of every architecture preset).
+"""``vqprior info`` (what is inside a checkpoint, a code cache or an image cache) and ``vqprior presets`` (the
+fields and parameter counts of every architecture preset).
 
-Both only read: ``info`` builds the model once to count its parameters, ``presets`` prints the preset tables of
-``vqprior.config`` and ``vqprior.vqvae``.
+Both only read: ``info`` builds a checkpoint's model once to count its parameters (caches: ``vqprior.data.
+cache_info``), ``presets`` prints the preset tables of ``vqprior.config``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .common import guarded
 PIXELSNAIL_PRESET_FIELDS = ("filters", "blocks", "res_blocks", "kernel_size", "attention", "attn_heads",
                             "key_channels", "value_channels", "dropout", "mixtures", "embed_dim", "cond_channels",
                             "cond_layers")
-VQVAE_PRESET_FIELDS = ("codebook_size", "embed_dim", "hidden", "res_blocks", "res_channels", "bottom_stride",
+VQVAE_PRESET_FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_channels", "bottom_stride",
                        "top_stride", "decay", "commitment")
 
 
@@ -51,15 +52,50 @@ def describe_checkpoint(data: dict) -> dict:
     return facts
 
 
+def _cache_text(facts: dict) -> list[str]:
+    """The lines ``info`` prints for one cache (``vqprior.data.cache_info`` facts)."""
+    size = f"{facts['bytes'] / 2**20:,.1f} MiB in use, {facts['bytes_per_item'] / 1024:,.1f} KiB per item"
+    if facts["kind"] == "code cache":
+        levels = ", ".join(f"{lv['level']} {lv['shape'][0]}x{lv['shape'][1]} ({lv['codebook_size']} codes)"
+                           for lv in facts["levels"])
+        return [f"{facts['path']}: code cache, {facts['count']:,} code maps, complete",
+                f"levels: {levels}", f"classes: {facts['num_classes'] or 'none (unlabelled)'}",
+                f"source VQ-VAE sha256: {facts['vqvae_sha256']}", "built from:", _fields_text(facts["built_from"]),
+                f"format {facts['format_version']}; {size}"]
+    c, h, w = facts["shape"]
+    state = ("complete" if facts["complete"] else
+             f"UNFINISHED: {facts['written']:,} of {facts['count']:,} written; building it again resumes")
+    return [f"{facts['path']}: image cache, {facts['count']:,} images of {c}x{h}x{w} stored as {facts['encoding']}, "
+            f"{state}", f"classes: {facts['num_classes'] or 'none (unlabelled)'}", "built from:",
+            _fields_text(facts["built_from"]), f"format {facts['format_version']}; {size}"]
+
+
 @click.command("info")
 @click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the same facts as one JSON object.")
 @guarded
 def info(checkpoint, as_json):
     """Print what CKPT is: kind, step, parameter count, the architecture, training and data configs, the last
-    metrics and, for priors, the embedded VQ-VAE. Works on training checkpoints and exports alike."""
+    metrics and, for priors, the embedded VQ-VAE. Works on training checkpoints and exports alike.
+
+    CKPT may also be a cache folder: a code cache (extract-codes --out: count, level shapes, codebook sizes,
+    classes, the source VQ-VAE's sha256, what it was built from), an image cache environment or a --cache folder
+    of them (count, shape, encoding, classes, what it was built from, complete or how far an interrupted build got).
+    """
+    from pathlib import Path
+
     from vqprior.checkpoint import read_checkpoint
 
+    if Path(checkpoint).is_dir():
+        from vqprior.data.cache_info import describe_cache
+
+        caches = describe_cache(checkpoint)
+        if as_json:
+            click.echo(json.dumps(caches[0] if len(caches) == 1 and (Path(checkpoint) / "data.mdb").is_file()
+                                  else caches, indent=2, sort_keys=True))
+        else:
+            click.echo("\n".join(line for facts in caches for line in _cache_text(facts)))
+        return
     data = read_checkpoint(checkpoint, upcast=False)  # as stored: the file's weight dtype is one of the facts
     facts = describe_checkpoint(data)
     if as_json:
@@ -95,17 +131,23 @@ def info(checkpoint, as_json):
 @click.command("presets")
 @guarded
 def presets():
-    """List every architecture preset and the fields it sets (PixelSNAIL for train-pixels / train-prior, VQ-VAE
-    for train-vqvae). Every field can be overridden by the option of the same name in kebab-case."""
-    from vqprior.config import PRESETS, model_config_from_preset
-    from vqprior.vqvae import VQVAE_PRESETS, vqvae_config_from_preset
+    """List every architecture preset, its parameter count and the fields it sets (PixelSNAIL for train-pixels /
+    train-prior, VQ-VAE for train-vqvae). Every field can be overridden by the option of the same name in kebab-case.
+    Counts depend on the data (head, codebook, conditioning): each is given for the use the preset is named for."""
+    from vqprior.config import DEFAULT_PRESET_USE, PRESET_USES, PRESETS, model_config_from_preset
+    from vqprior.pixelsnail import count_parameters
+    from vqprior.vqvae import VQVAE, VQVAE_PRESETS, vqvae_config_from_preset
 
     lines = ["PixelSNAIL presets (train-pixels, train-prior --preset):"]
     for name in PRESETS:
-        config = model_config_from_preset(name, head="pixels").to_dict()
-        lines += [f"  {name}", _fields_text({k: config[k] for k in PIXELSNAIL_PRESET_FIELDS}, "    ")]
+        use, data = PRESET_USES.get(name, DEFAULT_PRESET_USE)
+        config = model_config_from_preset(name, **data)
+        lines += [f"  {name}: {count_parameters(config):,} parameters as a {use}",
+                  _fields_text({k: config.to_dict()[k] for k in PIXELSNAIL_PRESET_FIELDS}, "    ")]
     lines.append("VQ-VAE presets (train-vqvae --preset):")
     for name in VQVAE_PRESETS:
-        config = vqvae_config_from_preset(name).to_dict()
-        lines += [f"  {name}", _fields_text({k: config[k] for k in VQVAE_PRESET_FIELDS}, "    ")]
+        config = vqvae_config_from_preset(name)
+        count = sum(p.numel() for p in VQVAE(config).parameters())
+        lines += [f"  {name}: {count:,} parameters ({config.levels} level(s), RGB)",
+                  _fields_text({k: config.to_dict()[k] for k in VQVAE_PRESET_FIELDS}, "    ")]
     click.echo("\n".join(lines))

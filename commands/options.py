@@ -72,7 +72,8 @@ def train_options(fn=None, **defaults):
                           "first step's compile time is reported once."),
         click.option("--checkpoint-activations/--no-checkpoint-activations", "checkpoint_activations",
                      default=d.checkpoint_activations, show_default=True,
-                     help="Recompute each PixelSNAIL block in the backward pass: less memory, more time per step."),
+                     help="Recompute each gated block and attention step in the backward pass: less memory, more "
+                          "time per step."),
         click.option("--time-limit", type=click.FloatRange(min=0), default=d.time_limit, show_default=True,
                      metavar="MINUTES",
                      help="End the run (final evaluation, samples, checkpoint) once this many minutes of step time "
@@ -151,4 +152,6 @@ def data_options(fn):
     ]
     for opt in reversed(opts):
         fn = opt(fn)
-    return fn
+    from .common import cache_encoding_options
+
+    return cache_encoding_options(fn)

@@ -153,9 +153,14 @@ def null_class_start(ctx: click.Context, kw: dict, start: RunStart, model_config
 
 def resumed_data_config(ctx: click.Context, kw: dict, data_config):
     """The run's DataConfig with the options that may change on resume applied (the image cache, --download)."""
+    from .common import resolve_cache_encoding
+
     changes = {name: kw[name] or (False if name == "download" else "") for name in ("cache", "download")
                if explicit(ctx, name)}
-    return dataclasses.replace(data_config, **changes)
+    data_config = dataclasses.replace(data_config, **changes)
+    encoding, quality = resolve_cache_encoding(dict(kw, cache=data_config.cache),
+                                               (data_config.cache_encoding, data_config.jpeg_quality), ctx)
+    return dataclasses.replace(data_config, cache_encoding=encoding, jpeg_quality=quality)
 
 
 def data_conflicts(ctx: click.Context, kw: dict, data_config) -> list[str]:

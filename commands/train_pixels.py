@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import check_dataset_options, deterministic_option, device_option, guarded, removes_new_folder_on_error
+from .common import (check_dataset_options, deterministic_option, device_option, guarded, removes_new_folder_on_error,
+                     resolve_cache_encoding)
 from .options import (MODEL_FIELDS, class_dropout_option, data_options, model_options, train_config_from_options,
                       train_options)
 from .run_start import (DATA_FIXED, announce, architecture_conflicts, class_dropout_conflicts, data_conflicts,
@@ -45,6 +46,7 @@ def train_pixels(ctx, **kw):
                          + class_dropout_conflicts(ctx, kw, data_config), kw["out_dir"])
         data_config = resumed_data_config(ctx, kw, data_config)
     else:
+        encoding, quality = resolve_cache_encoding(kw, ctx=ctx)
         check_dataset_options(kw["dataset"], ctx)
         if start.init is not None:
             model_config = ModelConfig.from_dict(start.init["config"]["model"])
@@ -53,7 +55,8 @@ def train_pixels(ctx, **kw):
         model_config, init_weights = null_class_start(ctx, kw, start, model_config, conditional)
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"], class_conditional=conditional,
-                                 limit=kw["limit"], class_dropout=kw["class_dropout"])
+                                 limit=kw["limit"], class_dropout=kw["class_dropout"], cache_encoding=encoding,
+                                 jpeg_quality=quality)
     announce(start, ctx, kw, ARCHITECTURE + DATA_FIXED + ("class_dropout",))  # a resumed run keeps these
     train_set = load_split(data_config, "train")
     val_set = load_split(data_config, "test")
@@ -118,4 +121,5 @@ def load_split(data_config, split: str):
 
     return load_image_dataset(data_config.dataset, split, data_dir=data_config.data_dir or None,
                               image_size=data_config.image_size, cache=data_config.cache or None,
-                              download=data_config.download, limit=data_config.limit if split == "train" else 0)
+                              download=data_config.download, limit=data_config.limit if split == "train" else 0,
+                              cache_encoding=data_config.cache_encoding, jpeg_quality=data_config.jpeg_quality)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import click
 
+from vqprior.config import VQVAE_PRESETS
+
 from .common import (check_dataset_options, deterministic_option, device_option, guarded, refuse_unused,
-                     removes_new_folder_on_error)
+                     removes_new_folder_on_error, resolve_cache_encoding)
 from .options import data_options, train_config_from_options, train_options
 from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, refuse_on_resume,
                         refuse_with_init, resumed_data_config, start_run)
@@ -15,9 +17,10 @@ FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_c
 
 @click.command("train-vqvae")
 @data_options
-@click.option("--levels", type=click.IntRange(1, 2), default=None, help="1, or 2 for a VQ-VAE-2 top/bottom hierarchy. [default: 1]")
+@click.option("--levels", type=click.IntRange(1, 2), default=None,
+              help="1, or 2 for a VQ-VAE-2 top/bottom hierarchy. [default: 2 for --preset vqvae2-256, else 1]")
 @click.option("--codebook-size", type=click.IntRange(2, 65536), default=None, help="Codes per codebook (default: preset).")
-@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True,
+@click.option("--preset", type=click.Choice(list(VQVAE_PRESETS)), default="small", show_default=True,
               help="VQ-VAE architecture preset.")
 @click.option("--embed-dim", type=click.IntRange(min=1), default=None,
               help="Width of each codebook vector (not train-prior's --embed-dim, the prior's input embedding).")
@@ -63,11 +66,14 @@ def train_vqvae(ctx, **kw):
         if start.init is not None:
             model_config = VQVAEConfig.from_dict(start.init["config"]["model"])
             refuse_with_init(arch_conflicts(ctx, kw, model_config), kw["init_from"])
-        levels = model_config.levels if start.init is not None else kw["levels"] or 1  # no preset sets levels
+        levels = (model_config.levels if start.init is not None
+                  else kw["levels"] or VQVAE_PRESETS[kw["preset"]].get("levels", 1))
         if levels == 1:
             refuse_unused(("top_stride",), "with one level (--levels 2 adds the top level it spaces)", ctx)
+        encoding, quality = resolve_cache_encoding(kw, ctx=ctx)
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
-                                 cache=kw["cache"] or "", download=kw["download"], limit=kw["limit"])
+                                 cache=kw["cache"] or "", download=kw["download"], limit=kw["limit"],
+                                 cache_encoding=encoding, jpeg_quality=quality)
     announce(start, ctx, kw, ("preset", *FIELDS, *DATA_FIXED))
     train_set = load_split(data_config, "train")
     val_set = load_split(data_config, "test")

@@ -74,14 +74,31 @@ def test_info_of_a_prior_shows_the_embedded_vqvae(pipeline):
     assert re.search(r"^embedded VQ-VAE: [\d,]+ parameters, sha256 [0-9a-f]{64}$", text, re.MULTILINE)
 
 
+def test_info_describes_a_code_cache(pipeline):
+    from vqprior.checkpoint import file_sha256
+    from vqprior.data.codes import CodeDataset, read_code_metadata
+
+    codes = json.loads(check_ok(run_cli("info", str(pipeline.train_codes), "--json")).output)
+    meta = read_code_metadata(pipeline.train_codes)
+    assert codes["kind"] == "code cache" and codes["count"] == meta["count"] == len(CodeDataset(pipeline.train_codes))
+    assert codes["vqvae_sha256"] == file_sha256(pipeline.vqvae)
+    assert codes["built_from"]["split"] == "train" and codes["levels"][1]["level"] == "bottom"
+    assert [lv["shape"] for lv in codes["levels"]] == meta["shapes"]
+    assert [lv["codebook_size"] for lv in codes["levels"]] == meta["codebook_sizes"]
+    assert codes["vqvae_sha256"] == meta["vqvae_sha256"] and codes["num_classes"] == meta["num_classes"]
+    text = check_ok(run_cli("info", str(pipeline.train_codes))).output
+    assert f"source VQ-VAE sha256: {meta['vqvae_sha256']}" in text and "levels: top " in text
+
+
 def test_presets_lists_every_field_of_every_preset():
     lines = check_ok(run_cli("presets")).output.splitlines()
-    blocks, title, name = {}, None, None
+    blocks, counts, title, name = {}, {}, None, None
     for line in lines:
         if not line.startswith(" "):
             title = line.split()[0]  # "PixelSNAIL" or "VQ-VAE"
         elif not line.startswith("    "):
-            name = line.strip()
+            name, rest = line.strip().split(": ", 1)  # "  name: 1,234 parameters ..."
+            counts[title, name] = int(rest.split()[0].replace(",", ""))
             blocks[title, name] = ""
         else:
             blocks[title, name] += " " + line.strip()
@@ -90,6 +107,15 @@ def test_presets_lists_every_field_of_every_preset():
         for name, fields in table.items():
             shown = dict(item.split("=") for item in blocks[title, name].replace(",", " ").split())
             assert all(shown[key] == str(value) for key, value in fields.items()), (name, shown)
+    # The counts (taken on the meta device) are those of real models built for the use each line names.
+    from vqprior.config import DEFAULT_PRESET_USE, PRESET_USES, model_config_from_preset
+    from vqprior.pixelsnail import PixelSNAIL
+    from vqprior.vqvae import VQVAE, vqvae_config_from_preset
+    for name in ("tiny", "small", "vqvae2-top", "vqvae2-bottom"):
+        model = PixelSNAIL(model_config_from_preset(name, **PRESET_USES.get(name, DEFAULT_PRESET_USE)[1]))
+        assert counts["PixelSNAIL", name] == sum(p.numel() for p in model.parameters())
+    assert counts["VQ-VAE", "vqvae2-256"] == sum(p.numel() for p in VQVAE(vqvae_config_from_preset(
+        "vqvae2-256")).parameters()) == 1_388_867  # rosinality's VQVAE() has exactly this many
 
 
 def test_version_names_torch_and_the_device():

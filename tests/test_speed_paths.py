@@ -38,19 +38,50 @@ def test_dropout_keeps_its_rate_scale_and_independence(p, dtype):
     assert torch.equal(Dropout(p).eval()(x), x)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("kind", ["pixels", "bottom prior with classes"])
+def test_activation_checkpointing_gives_the_same_gradients(kind):
     def grads(recompute):
-        model = tiny_model(dropout=0.3, height=6, width=6).train()
+        g = torch.Generator().manual_seed(1)
+        if kind == "pixels":
+            model = tiny_model(dropout=0.3, height=6, width=6).train()
+            x, inputs = torch.randint(0, 256, (3, 3, 6, 6), dtype=torch.uint8, generator=g), {}
+        else:  # the class bias and the top-code condition also enter every recomputed block
+            model = tiny_model(dropout=0.3, height=6, width=6, head="codes", num_codes=5, num_classes=3,
+                               cond_num_codes=4, cond_height=3, cond_width=3).train()
+            x = torch.randint(0, 5, (3, 6, 6), generator=g)
+            inputs = dict(label=torch.tensor([0, 2, 1]), condition=torch.randint(0, 4, (3, 3, 3), generator=g))
         model.checkpoint_activations = recompute
-        x = torch.randint(0, 256, (3, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
         torch.manual_seed(5)  # the same dropout masks in both runs (checkpointing replays the RNG state)
-        model.log_prob(x).sum().backward()
+        model.log_prob(x, **inputs).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain, recomputed = grads(False), grads(True)
     assert plain.keys() == recomputed.keys() and plain
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("heads,key,value", [(1, 16, 32), (8, 32, 32), (2, 8, 16)])
+def test_attention_runs_on_the_fused_kernel(heads, key, value):
+    """Forward and backward run with SDPA restricted to the fused flash kernel (memory linear in positions), for
+    one head and for several heads whose query and value sizes are equal (no padding: the head view must still be
+    made contiguous, else SDPA falls back to the math kernel's L x L scores), with the same result as the math
+    kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vqprior.attention import CausalSelfAttention, background
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(4, 16, key, value, heads=heads)
+    raw, h, bg = torch.randn(2, 4, 6, 5), torch.randn(2, 16, 6, 5, requires_grad=True), background(6, 5)
+    results = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend):
+            out = attn(raw, h, bg)
+            grad, = torch.autograd.grad(out.square().sum(), h)
+        results.append((out, grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
 
 
 def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(tmp_path):

@@ -63,9 +63,12 @@ class CausalSelfAttention(nn.Module):
         if L > 1:
             # Query i >= 1 attends keys 0..i-1: queries 1..L-1 against keys/values 0..L-2 under a plain causal mask,
             # which PyTorch's fused CPU/GPU kernels support (and they skip the masked half). The fused CPU kernel
-            # also needs equal head sizes (zero-padding q and k leaves every score unchanged) and a contiguous v.
+            # also needs equal head sizes (zero-padding q and k leaves every score unchanged) and contiguous inputs:
+            # with several heads of equal q and v sizes the pad is empty and returns the strided head view, which
+            # would silently send SDPA to the math kernel (L x L scores) instead.
             pad = (0, max(0, v.shape[-1] - q.shape[-1]))
-            out[:, :, 1:] = F.scaled_dot_product_attention(F.pad(q[:, :, 1:], pad), F.pad(k[:, :, :-1], pad),
-                                                           v[:, :, :-1].contiguous(), is_causal=True, scale=scale)
+            out[:, :, 1:] = F.scaled_dot_product_attention(
+                F.pad(q[:, :, 1:], pad).contiguous(), F.pad(k[:, :, :-1], pad).contiguous(),
+                v[:, :, :-1].contiguous(), is_causal=True, scale=scale)
         out = out.transpose(1, 2).reshape(B, L, self.value_channels)
         return out.transpose(1, 2).reshape(B, self.value_channels, H, W)

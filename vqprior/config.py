@@ -134,7 +134,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     # Speed/memory switches (vqprior.acceleration); they do not change the objective and may change on resume.
     compile: bool = False  # torch.compile the training model
-    checkpoint_activations: bool = False  # recompute each PixelSNAIL block in the backward pass
+    checkpoint_activations: bool = False  # recompute each gated block / attention step in the backward pass
     time_limit: float = 0.0  # minutes of step time (train_seconds, resumes included) after which the run ends; 0 = off
 
     def __post_init__(self):
@@ -170,6 +170,8 @@ class DataConfig:
     download: bool = False
     class_conditional: bool = False
     limit: int = 0  # train on the first N training images only (0 = all); a resumed run keeps it
+    cache_encoding: str = "raw"  # how the image cache stores images: raw, png (lossless) or jpeg (lossy)
+    jpeg_quality: int = 90  # the JPEG quality of a jpeg image cache
     # Classifier-free guidance training (vqprior.guidance): each label is replaced by the null class with this
     # probability, so one network learns p(x | y) and p(x). A resumed run keeps it.
     class_dropout: float = 0.0
@@ -202,6 +204,52 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's ImageNet 32x32 model: 32 mixtures, no dropout.
     "paper-imagenet32": dict(filters=256, blocks=12, res_blocks=4, key_channels=16, value_channels=128, dropout=0.0,
                              mixtures=32),
+    # VQ-VAE-2 at 256x256 (docs/vqvae2-256.md): the priors of rosinality's vq-vae-2-pytorch at its defaults, with
+    # parameter counts matched (84.8M vs 84.9M top, 89.4M vs 89.8M bottom): 256 filters, 4 blocks of 4 gated blocks,
+    # 5x5 kernels, 8 attention heads over 128 key/value channels, dropout 0.1; the bottom prior's condition stack is
+    # 3 layers of 256 channels. Unlike the peer the bottom prior keeps attention: with down-right convolutions alone
+    # a position never sees the codes above and to its right, and SDPA's fused kernel keeps 4,096-position attention
+    # linear in memory. The code embedding is 256 wide where the peer feeds one-hot vectors (same role, fewer FLOPs).
+    "vqvae2-top": dict(filters=256, blocks=4, res_blocks=4, kernel_size=5, attn_heads=8, key_channels=128,
+                       value_channels=128, dropout=0.1, embed_dim=256),
+    "vqvae2-bottom": dict(filters=256, blocks=4, res_blocks=4, kernel_size=5, attn_heads=8, key_channels=128,
+                          value_channels=128, dropout=0.1, embed_dim=256, cond_channels=256, cond_layers=3),
+    # Near the paper's ImageNet 256x256 priors (Razavi et al. 2019, appendix: 20 layers of 512 channels, 5x5
+    # kernels, 8 heads, dropout 0.1, a 20-block condition stack): GPU-scale, 0.4-0.5 billion parameters.
+    "vqvae2-top-paper": dict(filters=512, blocks=4, res_blocks=5, kernel_size=5, attn_heads=8, key_channels=256,
+                             value_channels=256, dropout=0.1, embed_dim=256),
+    "vqvae2-bottom-paper": dict(filters=512, blocks=4, res_blocks=5, kernel_size=5, attn_heads=8, key_channels=256,
+                                value_channels=256, dropout=0.1, embed_dim=256, cond_channels=512, cond_layers=20),
+}
+
+# What `vqprior presets` counts each preset's parameters as (the data decide size, head and conditioning; these are
+# the uses a preset is named for). Presets not listed: a 32x32 RGB pixel model.
+PRESET_USES: dict[str, tuple[str, dict[str, Any]]] = {
+    name: (f"{level} prior over {size}x{size} codes of 512" + (", conditioned on 32x32 top codes"
+                                                               if level == "bottom" else ""),
+           dict(head="codes", num_codes=512, height=size, width=size,
+                **(dict(cond_num_codes=512, cond_height=32, cond_width=32) if level == "bottom" else {})))
+    for name, level, size in (("vqvae2-top", "top", 32), ("vqvae2-bottom", "bottom", 64),
+                              ("vqvae2-top-paper", "top", 32), ("vqvae2-bottom-paper", "bottom", 64))}
+DEFAULT_PRESET_USE = ("pixel model of 32x32 RGB images", dict(head="pixels", channels=3, height=32, width=32))
+
+
+# VQ-VAE architecture presets (vqprior.vqvae.VQVAEConfig fields; kept here so the CLI can list their names without
+# importing torch). Channels come from the data; levels from the command line unless the preset sets them.
+VQVAE_PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: 8x8 or 16x16 inputs, milliseconds per step.
+    "tiny": dict(codebook_size=16, embed_dim=8, hidden=16, res_blocks=1, res_channels=8, bottom_stride=2,
+                 top_stride=2),
+    # CPU-trainable on 32x32 in minutes: bottom codes 8x8 (stride 4), top codes 4x4 (stride 8).
+    "small": dict(codebook_size=256, embed_dim=32, hidden=64, res_blocks=2, res_channels=32, bottom_stride=4,
+                  top_stride=2),
+    # The VQ-VAE-2 paper's layout and widths (bottom stride 4, top stride 8), for a GPU.
+    "base": dict(codebook_size=512, embed_dim=64, hidden=128, res_blocks=2, res_channels=32, bottom_stride=4,
+                 top_stride=2),
+    # VQ-VAE-2 at 256x256 (docs/vqvae2-256.md): `base` with both levels, 64x64 bottom and 32x32 top codes; the same
+    # widths as rosinality's vq-vae-2-pytorch (1,388,867 parameters in both).
+    "vqvae2-256": dict(levels=2, codebook_size=512, embed_dim=64, hidden=128, res_blocks=2, res_channels=32,
+                       bottom_stride=4, top_stride=2),
 }
 
 
@@ -218,5 +266,6 @@ def model_config_from_preset(preset: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**values)
 
 
-__all__ = ["PRECISIONS", "ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "model_config_from_preset",
+__all__ = ["PRECISIONS", "ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "PRESET_USES",
+           "DEFAULT_PRESET_USE", "VQVAE_PRESETS", "model_config_from_preset",
            "replace", "field"]

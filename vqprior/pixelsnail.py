@@ -49,12 +49,22 @@ class PixelSNAILBlock(nn.Module):
         else:
             self.attn = self.out = None
 
-    def forward(self, h, raw, bg, label=None, cond=None):
+    def forward(self, h, raw, bg, label=None, cond=None, recompute: bool = False):
+        """``recompute``: keep only the input of each gated block and of the attention step for the backward pass
+        and recompute the rest there (activation checkpointing at the finest step that still pays: one gated
+        block's activations are alive at a time instead of a whole PixelSNAIL block's)."""
+        def run(fn, *args):
+            return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+
         for block in self.res:
-            h = block(h, label=label, cond=cond)
+            h = run(block, h, None, label, cond)
         if self.attn is not None:
-            h = self.out(h, aux=self.attn(raw, h, bg), label=label, cond=cond)
+            h = run(self.attend, h, raw, bg, label, cond)
         return h
+
+    def attend(self, h, raw, bg, label=None, cond=None):
+        """The attention step: causal attention over the block output, into a 1x1 gated block as auxiliary input."""
+        return self.out(h, aux=self.attn(raw, h, bg), label=label, cond=cond)
 
 
 class PixelSNAIL(nn.Module):
@@ -76,9 +86,9 @@ class PixelSNAIL(nn.Module):
         cond_channels = c.cond_channels if c.cond_num_codes else 0
         self.stem = CausalStem(raw_channels + 1, c.filters)  # +1: a channel of ones tells image from padding
         self.blocks = nn.ModuleList(PixelSNAILBlock(c, raw_channels, cond_channels) for _ in range(c.blocks))
-        # Training-time memory option (not architecture): recompute each block in the backward pass instead of
-        # keeping its activations. The RNG state is restored for the recomputation, so dropout masks and gradients
-        # are the same as without it.
+        # Training-time memory option (not architecture): recompute each gated block and attention step in the
+        # backward pass instead of keeping their activations. The RNG state is restored for the recomputation, so
+        # dropout masks and gradients are the same as without it.
         self.checkpoint_activations = False
 
     # ---- inputs -------------------------------------------------------------------------------------------------
@@ -146,10 +156,7 @@ class PixelSNAIL(nn.Module):
         h = self.stem(stem_in)
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            if recompute:
-                h = checkpoint(block, h, raw, bg, label, cond, use_reentrant=False)
-            else:
-                h = block(h, raw, bg, label, cond)
+            h = block(h, raw, bg, label, cond, recompute=recompute)
         return self.head(h)
 
     def forward(self, x: torch.Tensor, label=None, condition=None) -> torch.Tensor:
@@ -172,3 +179,9 @@ class PixelSNAIL(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of ``PixelSNAIL(config)``, counted on the meta device (no memory, even for GPU-scale presets)."""
+    with torch.device("meta"):
+        return PixelSNAIL(config).num_parameters()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, _strict_from_dict
+from .config import VQVAE_PRESETS, ConfigError, _strict_from_dict  # VQVAE_PRESETS re-exported
 from .distributions import uint8_to_unit, unit_to_uint8
 from .errors import UserError
 from .quantizer import VectorQuantizer
@@ -86,20 +86,6 @@ class VQVAEConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VQVAEConfig":
         return _strict_from_dict(cls, data)
-
-
-# Architecture presets; channels and levels come from the data and the command line.
-VQVAE_PRESETS: dict[str, dict[str, Any]] = {
-    # Tests: 8x8 or 16x16 inputs, milliseconds per step.
-    "tiny": dict(codebook_size=16, embed_dim=8, hidden=16, res_blocks=1, res_channels=8, bottom_stride=2,
-                 top_stride=2),
-    # CPU-trainable on 32x32 in minutes: bottom codes 8x8 (stride 4), top codes 4x4 (stride 8).
-    "small": dict(codebook_size=256, embed_dim=32, hidden=64, res_blocks=2, res_channels=32, bottom_stride=4,
-                  top_stride=2),
-    # The VQ-VAE-2 paper's layout and widths (bottom stride 4, top stride 8), for a GPU.
-    "base": dict(codebook_size=512, embed_dim=64, hidden=128, res_blocks=2, res_channels=32, bottom_stride=4,
-                 top_stride=2),
-}
 
 
 def vqvae_config_from_preset(name: str, **overrides: Any) -> VQVAEConfig:

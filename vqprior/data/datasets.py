@@ -360,12 +360,14 @@ def _explain_empty(folder: Path, split: str) -> None:
 
 def load_image_dataset(name: str, split: str, data_dir: str | os.PathLike | None = None, image_size: int = 0,
                        cache: str | os.PathLike | None = None, download: bool = False, limit: int = 0,
-                       progress: bool | None = None) -> ImageDataset:
+                       progress: bool | None = None, cache_encoding: str = "raw",
+                       jpeg_quality: int = 90) -> ImageDataset:
     """Load dataset ``name`` (one of ``DATASETS``), split ``train`` or ``test``, as an ``ImageDataset``.
 
     ``image_size`` > 0 resizes to image_size x image_size; ``limit`` > 0 keeps the first ``limit`` items;
     ``cache`` = a folder of LMDB image caches, reused when complete (built, with a progress bar when ``progress``,
-    default: stderr is a terminal, when not). ``data_dir`` is ignored for ``sample``.
+    default: stderr is a terminal, when not), storing images as ``cache_encoding`` (raw, png, jpeg at
+    ``jpeg_quality``). ``data_dir`` is ignored for ``sample``.
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -379,7 +381,7 @@ def load_image_dataset(name: str, split: str, data_dir: str | os.PathLike | None
 
         return load_cached_dataset(cache, name, split, data_dir, image_size, limit,
                                    lambda: _load_source(name, split, data_dir, image_size, download, limit),
-                                   progress=progress)
+                                   progress=progress, encoding=cache_encoding, jpeg_quality=jpeg_quality)
     return _load_source(name, split, data_dir, image_size, download, limit)
 
 
