@@ -16,14 +16,17 @@ from vqprior.sampling import sample
 
 def _inputs(dtype):
     torch.manual_seed(0)
-    x = torch.randn(4, 8, 16, 16, dtype=dtype) * 4
+    x = torch.randn(8, 16, 32, 32, dtype=dtype) * 4  # above vqprior.activation.SMALL: the exp-based path
     x.view(-1)[:6] = torch.tensor([0.0, -0.0, 1e-9, -1e-9, -30.0, 30.0], dtype=dtype)  # edges and saturation
     return x
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1.2e-7), (torch.float64, 1e-15)])
-def test_elu_matches_torch_in_values_and_gradients(dtype, tol):
+def test_elu_matches_torch_in_values_and_gradients(dtype, tol, monkeypatch):
+    import vqprior.activation
+
     x = _inputs(dtype)
+    assert x.numel() >= vqprior.activation.SMALL
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = elu(a), F.elu(b)
     grad = torch.randn_like(ya)
@@ -32,6 +35,7 @@ def test_elu_matches_torch_in_values_and_gradients(dtype, tol):
     assert ya.dtype == dtype
     assert (ya - yb).abs().max().item() <= tol
     assert (a.grad - b.grad).abs().max().item() <= 4 * tol * grad.abs().max().item()
+    monkeypatch.setattr(vqprior.activation, "SMALL", 0)  # gradcheck's small input, on the exp-based path too
     assert torch.autograd.gradcheck(elu, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
 
 
@@ -51,7 +55,11 @@ def test_elu_under_bf16_autocast_rounds_like_torch():
 
 
 def test_pixelsnail_never_calls_torch_elu(monkeypatch):
-    """Training forward/backward, evaluation and the cached sampler all go through vqprior.activation.elu."""
+    """Training forward/backward, evaluation and the cached sampler all go through vqprior.activation.elu (with its
+    small-tensor threshold off, so that every call takes the exp-based path)."""
+    import vqprior.activation
+
+    monkeypatch.setattr(vqprior.activation, "SMALL", 0)
     model = tiny_model(dtype=torch.float32)
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
 
@@ -92,6 +100,19 @@ def test_allocator_does_nothing_without_glibc(monkeypatch):
     assert allocator.retain_freed_memory() is False
 
 
+def test_small_tensors_take_torchs_single_kernel(monkeypatch):
+    """The cached sampler's one-position rows are dispatch-bound: below SMALL elements elu is F.elu itself."""
+    import vqprior.activation
+
+    calls = []
+    real = F.elu
+    monkeypatch.setattr(F, "elu", lambda x, *a, **k: calls.append(x.numel()) or real(x, *a, **k))
+    small, large = torch.randn(16, 64), torch.randn(vqprior.activation.SMALL)
+    assert torch.equal(elu(small), real(small))
+    elu(large)
+    assert calls == [16 * 64]
+
+
 def test_elu_off_the_cpu_is_torchs_fused_kernel(monkeypatch):
     """On any other device (a GPU; the meta device stands in for it here) F.elu is one fused kernel: use it."""
     calls = []
@@ -101,9 +122,11 @@ def test_elu_off_the_cpu_is_torchs_fused_kernel(monkeypatch):
     assert out.device.type == "meta" and calls == ["meta"]
 
 
-def test_elu_compiles_without_graph_breaks():
+def test_elu_compiles_without_graph_breaks(monkeypatch):
+    import vqprior.activation
     from torch._dynamo.testing import CompileCounter
 
+    monkeypatch.setattr(vqprior.activation, "SMALL", 0)
     counter = CompileCounter()
     x = torch.randn(4, 5, requires_grad=True)
     out = torch.compile(lambda t: elu(t) * 2, backend=counter, fullgraph=True)(x)
