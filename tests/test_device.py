@@ -9,7 +9,8 @@ import torch
 from cli_support import run_cli
 from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
 from vqprior.data.datasets import load_image_dataset
-from vqprior.device import check_device, set_cudnn_benchmark
+from vqprior.determinism import deterministic
+from vqprior.device import check_device
 from vqprior.errors import UserError
 from vqprior.pixel_task import PixelTask
 from vqprior.train import TrainingRun
@@ -73,7 +74,8 @@ def test_training_turns_the_cudnn_autotuner_on_unless_deterministic(tmp_path):
         torch.backends.cudnn.benchmark = False
         train_pixel_run(tmp_path / "run", steps=1, limit=8)
         assert torch.backends.cudnn.benchmark is True
-        set_cudnn_benchmark(deterministic=True)
-        assert torch.backends.cudnn.benchmark is False
+        with deterministic():
+            train_pixel_run(tmp_path / "run-deterministic", steps=1, limit=8)
+            assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = saved

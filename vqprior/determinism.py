@@ -34,6 +34,12 @@ def is_deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
 
 
+def autotune_convolutions() -> None:
+    """cuDNN's autotuner (the fastest convolution kernels for the shapes seen, picked by timing, so the last bits of
+    results may differ between runs) on for training, unless deterministic mode is on."""
+    torch.backends.cudnn.benchmark = not is_deterministic()
+
+
 @contextlib.contextmanager
 def deterministic():
     """Deterministic mode inside the block; the previous switches restored after it."""
@@ -47,4 +53,5 @@ def deterministic():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
-__all__ = ["CUBLAS_WORKSPACE_CONFIG", "deterministic", "is_deterministic", "set_deterministic"]
+__all__ = ["CUBLAS_WORKSPACE_CONFIG", "autotune_convolutions", "deterministic", "is_deterministic",
+           "set_deterministic"]

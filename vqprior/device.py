@@ -1,16 +1,12 @@
-"""Devices: the ``--device`` string checked before any work, and the cuDNN kernel choice (docs/gpu.md).
-
-``set_cudnn_benchmark(deterministic)`` is the one switch between cuDNN's autotuner (fastest convolution kernels for
-the shapes seen, picked by timing: the choice, and so the last bits of results, may differ between runs) and fixed
-kernel choices. Training calls it with ``deterministic=False``; a ``--deterministic`` option passes True.
-"""
+"""Devices: the ``--device`` string checked before any work, and pinned host memory for CUDA loaders (docs/gpu.md).
+cuDNN's autotuner is switched with deterministic mode, in ``vqprior.determinism``."""
 from __future__ import annotations
 
 import torch
 
 from .errors import UserError
 
-__all__ = ["check_device", "set_cudnn_benchmark", "pin_memory"]
+__all__ = ["check_device", "pin_memory"]
 
 
 def check_device(name: str | torch.device) -> torch.device:
@@ -34,11 +30,6 @@ def check_device(name: str | torch.device) -> torch.device:
         raise UserError(f"device {text!r} requested but this machine has {count} CUDA device(s): "
                         f"cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}")
     return device
-
-
-def set_cudnn_benchmark(deterministic: bool = False) -> None:
-    """cuDNN's autotuner on (fastest kernels for fixed shapes, as in training) unless ``deterministic``."""
-    torch.backends.cudnn.benchmark = not deterministic
 
 
 def pin_memory(device: torch.device) -> bool:

@@ -43,8 +43,8 @@ from .acceleration import StepTimer, Throughput, clip_and_measure, compile_model
 from .allocator import retain_freed_memory
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .determinism import is_deterministic
-from .device import pin_memory, set_cudnn_benchmark
+from .determinism import autotune_convolutions
+from .device import pin_memory
 from .errors import UserError
 from .images import make_grid, save_grid
 from .precision import apply_precision_policy, autocast, grad_scaler
@@ -69,7 +69,7 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     """
     device = torch.device(device)
     apply_precision_policy(config.precision, device)
-    set_cudnn_benchmark(deterministic=is_deterministic())  # autotuned cuDNN unless --deterministic
+    autotune_convolutions()  # cuDNN autotuned unless --deterministic
     retain_freed_memory()  # host memory freed by one step is reused by the next, not faulted in again
     run = TrainingRun(task, config, out_dir, device, progress=progress, num_workers=num_workers)
     # The order of these calls is the order in which they draw from the global RNG (model init, data-dependent
