@@ -126,25 +126,47 @@ def _sdpa_kernel(events) -> str:
     return "+".join(kernels) or "-"
 
 
+def _tree_has(module: str) -> bool:
+    """Whether the imported vqprior tree has ``vqprior/<module>.py``. Not an import attempt: with PYTHONPATH on an
+    older tree, the editable install's finder would supply a module that tree lacks from the working tree."""
+    import vqprior
+
+    return os.path.exists(os.path.join(os.path.dirname(vqprior.__file__), module + ".py"))
+
+
 def _loop_pieces(model):
-    """The optimizer, the non-finite gradient check and the EMA the imported tree's training loop uses."""
+    """``(optimizer, update)``: the optimizer and the post-backward update (non-finite check, optimizer step, EMA) the
+    imported tree's training loop uses; ``update(step)`` runs them after ``loss.backward()``."""
     import torch
 
     from vqprior.run_state import EMA
 
-    try:  # the working tree: fused Adam, one fused gradient norm
+    ema = EMA(model, 0.9995)
+    if _tree_has("acceleration"):
         from vqprior.acceleration import clip_and_measure, make_optimizer
-
-        optimizer = make_optimizer(model, 1e-3, (0.95, 0.9995))
-
-        def grads_finite():
-            return bool(torch.isfinite(clip_and_measure(list(model.parameters()), 0.0)))
-    except ImportError:  # an older tree: plain Adam, one isfinite per parameter (as its loop did)
+    else:  # an older tree: plain Adam, one isfinite per parameter read on the host (as its loop did)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.9995))
 
-        def grads_finite():
-            return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    return optimizer, grads_finite, EMA(model, 0.9995)
+        def update(step):
+            if all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+                optimizer.step()
+                ema.update(model, step)
+        return optimizer, update
+    optimizer = make_optimizer(model, 1e-3, (0.95, 0.9995))
+    if not _tree_has("step_guard"):  # c62c274's loop: fused Adam, one fused gradient norm read on the host
+        def update(step):
+            if bool(torch.isfinite(clip_and_measure(list(model.parameters()), 0.0))):
+                optimizer.step()
+                ema.update(model, step)
+        return optimizer, update
+
+    from vqprior.step_guard import step_unless
+
+    def update(step):  # the working tree: the skip decided on the device, no host sync
+        skip = ~torch.isfinite(clip_and_measure(list(model.parameters()), 0.0))
+        step_unless(optimizer, skip)
+        ema.update(model, step, applied=(~skip).float())
+    return optimizer, update
 
 
 def measure_training_step(spec: dict) -> dict:
@@ -163,18 +185,16 @@ def measure_training_step(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     base_rss = _peak_rss_mib()
     torch.manual_seed(0)
-    try:  # as the tree's training loop does before its first step (vqprior.allocator, where the tree has it)
+    if _tree_has("allocator"):  # as the tree's training loop does before its first step
         from vqprior.allocator import retain_freed_memory
         retain_freed_memory()
-    except ImportError:
-        pass
     preset = spec["preset"].removesuffix(NO_ATTENTION)
     overrides = dict(attention=False) if spec["preset"].endswith(NO_ATTENTION) else {}
     model = PixelSNAIL(model_config_from_preset(preset, height=SIZE, width=SIZE, **overrides)).train()
     if spec["variant"] == "checkpoint":
         model.checkpoint_activations = True
     forward = torch.compile(model) if spec["variant"] == "compile" else model
-    optimizer, grads_finite, ema = _loop_pieces(model)
+    optimizer, update = _loop_pieces(model)
     x = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
     counter = [0]
 
@@ -191,9 +211,7 @@ def measure_training_step(spec: dict) -> dict:
 
     def step():
         forward_backward()
-        if grads_finite():
-            optimizer.step()
-            ema.update(model, counter[0])
+        update(counter[0])
         counter[0] += 1
 
     warm = []
