@@ -51,6 +51,7 @@ def test_each_prior_is_conditioned_on_the_level_directly_above(levels_pipeline):
         assert [arch["cond_height"], arch["cond_width"]] == (SHAPES[above] if above else [0, 0])
         assert arch["cond_num_codes"] == (16 if above else 0)
         assert [lv["level"] for lv in facts["vqvae"]["levels"]] == NAMES
+        assert (p.priors[name].parent / "samples_step2.png").exists()  # its grid, decoded with the other levels
     # The bottom prior reads the middle codes: its likelihood of the test bottoms changes with them.
     bottom = load_model(p.priors["bottom"])
     top, middle, bot = cache_codes(p.test_codes)
@@ -63,7 +64,9 @@ def test_each_prior_is_conditioned_on_the_level_directly_above(levels_pipeline):
 def test_sample_then_decode_gives_the_same_images(levels_pipeline, tmp_path):
     p = levels_pipeline
     check_ok(run_cli("sample", p.priors["top"], *lower(p), "--num", 4, "--out", tmp_path / "s.png", "--save-codes",
-                     tmp_path / "c.npz", "--save-array", tmp_path / "a.npy", "--quiet", *CPU))
+                     tmp_path / "c.npz", "--save-array", tmp_path / "a.npy", "--animate", tmp_path / "a.gif",
+                     "--quiet", *CPU))
+    assert Image.open(tmp_path / "a.gif").n_frames > 3  # frames from every level's filling in
     with np.load(tmp_path / "c.npz") as codes:
         assert sorted(codes.files) == sorted(NAMES)
         assert [list(codes[n].shape[1:]) for n in NAMES] == [SHAPES[n] for n in NAMES]
