@@ -34,7 +34,8 @@ from .sample import guidance_checks, guidance_option, load_lower_priors
 @deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
-def complete(checkpoint, image_path, keep_rows, bottom, middle, num, out, seed, temperature, top_k, top_p, label, guidance,
+def complete(checkpoint, image_path, keep_rows, bottom, middle, num, out, seed, temperature, top_k, top_p, label,
+             guidance,
              method, scale, compile_step, device, precision, quiet):
     """Complete the image: keep its first --keep-rows rows exactly and sample the rest, --num times.
 
@@ -78,9 +79,9 @@ def complete(checkpoint, image_path, keep_rows, bottom, middle, num, out, seed, 
         encoded = encode_prefix(vq, image, keep_rows)  # the prior conditions on these codes, not on the pixels
         start, prefix = encoded.starts, [code.expand(num, -1, -1) for code in encoded.codes]
     guidance_checks(guidance, model, bottom_model, middle_models)
-    result = generate(model, num, bottom=bottom_model, middle=middle_models, method=method, generator=generator, temperature=temperature,
-                      top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start, precision=precision,
-                      progress=False if quiet else None, compile=compile_step, guidance=guidance)
+    result = generate(model, num, bottom=bottom_model, middle=middle_models, method=method, generator=generator,
+                      temperature=temperature, top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start,
+                      precision=precision, progress=False if quiet else None, compile=compile_step, guidance=guidance)
     original = image.unsqueeze(0).to(result.images.device)
     if original.shape[1] != result.images.shape[1]:
         original = original.expand(-1, result.images.shape[1], -1, -1)

@@ -26,9 +26,10 @@ def guidance_checks(guidance: float, model, bottom_model, middle_models=()) -> N
     unguided = [name for name, p in lower if p.config.num_classes and not p.config.null_class]
     if guidance and unguided:
         priors = " and ".join(f"the {name} prior" for name in unguided)
-        click.echo(f"--guidance {guidance:g} guides {' and '.join(guided_levels(model, bottom_model, middle_models))} "
-                   f"only: {priors} {'has' if len(unguided) == 1 else 'have'} no null class and "
-                   f"{'is' if len(unguided) == 1 else 'are'} sampled given the class, unguided.", err=True)
+        guided = " and ".join(guided_levels(model, bottom_model, middle_models))
+        one = len(unguided) == 1
+        click.echo(f"--guidance {guidance:g} guides {guided} only: {priors} {'has' if one else 'have'} no null class "
+                   f"and {'is' if one else 'are'} sampled given the class, unguided.", err=True)
 
 
 def load_lower_priors(bottom, middle, device) -> tuple:
@@ -91,7 +92,8 @@ def sampling_options(fn):
 @click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
 @removes_new_folder_on_error("out_dir", discard=lambda folder: True)  # a failed command leaves no --out-dir
-def sample(checkpoint, bottom, middle, num, out, seed, temperature, top_k, top_p, label, guidance, method, nrow, batch_size,
+def sample(checkpoint, bottom, middle, num, out, seed, temperature, top_k, top_p, label, guidance, method, nrow,
+           batch_size,
            scale, out_dir, overwrite, class_rows, save_codes, save_array, animate, compile_step, device, precision,
            quiet):
     """Sample from CKPT (a pixel model or a code prior): an image grid (--out), one PNG per sample (--out-dir),
@@ -133,10 +135,10 @@ def sample(checkpoint, bottom, middle, num, out, seed, temperature, top_k, top_p
         nrow = _class_rows_nrow(model, num, label, nrow)
     generator = torch.Generator(device=device).manual_seed(seed)
     guidance_checks(guidance, model, bottom_model, middle_models)
-    result = generate(model, num, bottom=bottom_model, middle=middle_models, method=method, generator=generator, temperature=temperature,
-                      top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size,
-                      precision=precision, progress=False if quiet else None, compile=compile_step,
-                      guidance=guidance)
+    result = generate(model, num, bottom=bottom_model, middle=middle_models, method=method, generator=generator,
+                      temperature=temperature, top_k=top_k, top_p=top_p, label=label, animate=bool(animate),
+                      batch_size=batch_size, precision=precision, progress=False if quiet else None,
+                      compile=compile_step, guidance=guidance)
     written = []
     if out:
         # Samples cycle through the classes (sample i has class i % classes); --class-rows groups them by class.

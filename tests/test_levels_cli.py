@@ -180,3 +180,24 @@ def test_four_levels_extract_every_level(tmp_path):
     meta = CodeDataset(tmp_path / "c.lmdb").metadata
     assert meta["level_names"] == ["top", "middle1", "middle2", "bottom"]
     assert meta["shapes"] == [[1, 1], [2, 2], [4, 4], [8, 8]]
+
+
+def test_guidance_names_the_unguided_levels(capsys):
+    """--guidance guides every prior of the hierarchy that has a null class; the others are named on stderr."""
+    from types import SimpleNamespace
+
+    from vqprior.commands.sample import guidance_checks
+    from vqprior.generate import guided_levels
+
+    def prior(level, null_class):
+        config = SimpleNamespace(num_classes=10, null_class=null_class)
+        return SimpleNamespace(prior_info={"level": level, "levels": 3}, config=config)
+
+    top, middle, bottom = prior("top", True), prior("middle", False), prior("bottom", True)
+    assert guided_levels(top, bottom, [middle]) == ["the top prior", "the bottom prior"]
+    guidance_checks(2.0, top, bottom, [middle])
+    assert capsys.readouterr().err.strip() == ("--guidance 2 guides the top prior and the bottom prior only: the "
+                                               "middle prior has no null class and is sampled given the class, "
+                                               "unguided.")
+    guidance_checks(2.0, top, bottom, [prior("middle", True)])
+    assert capsys.readouterr().err == ""

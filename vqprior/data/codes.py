@@ -179,8 +179,8 @@ class CodeDataset(Dataset):
     int64}``, one entry per level named as in ``level_names``.
 
     ``level`` (a level name or None) only checks the cache has that level and selects ``codebook_size``; every
-    level is returned, since a lower level's prior needs the codes of the level above as its condition. The LMDB environment is opened
-    lazily in each process (it cannot be pickled to spawned DataLoader workers).
+    level is returned, since a lower level's prior needs the codes of the level above as its condition. The LMDB
+    environment is opened lazily in each process (it cannot be pickled to spawned DataLoader workers).
     """
 
     def __init__(self, path: str | os.PathLike, level: str | None = None):
