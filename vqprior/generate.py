@@ -130,10 +130,11 @@ def _generate(model, num: int, *, bottom=None, middle=(), method: str = "cached"
     codes: list[torch.Tensor] = []
     frames: list[torch.Tensor] = []
     for i, prior in enumerate(chain):
-        blanks = [torch.zeros(num, h, w, dtype=torch.long, device=device) for h, w in shapes[i + 1:]]
-        rec = _FrameRecorder(shapes[i][0] * shapes[i][1],
-                             lambda c, above=tuple(codes), below=blanks: vq.decode([*above, c, *below])
-                             ) if animate else None
+        rec = None
+        if animate:  # frames: the levels sampled so far, this one filling in, zeros below
+            below = [torch.zeros(num, h, w, dtype=torch.long, device=device) for h, w in shapes[i + 1:]]
+            rec = _FrameRecorder(shapes[i][0] * shapes[i][1],
+                                 lambda c, above=tuple(codes), below=below: vq.decode([*above, c, *below]))
         if i:  # a lower prior: given the class only when it has classes, guided only when it has a null class too
             level_labels = _labels(prior, num, label, device) if prior.config.num_classes else None
             code_kw["guidance"] = guidance if prior.config.null_class else 0.0  # see guided_levels
