@@ -1,5 +1,6 @@
 """VQ-VAE hierarchies of any number of levels: level names, code shapes, the top-down conditioning of each level's
-encoder, the decoder seeing every level, and that 1- and 2-level models are exactly what they were before."""
+encoder, the decoder seeing every level, that 1- and 2-level models are exactly what they were before, and the
+prior configs a code cache gives each level (conditioned on the level directly above)."""
 import pytest
 import torch
 
@@ -127,3 +128,29 @@ def test_one_and_two_level_models_are_unchanged(levels):
     out = vq(x)
     assert all(torch.equal(a, b) for a, b in zip(out["codes"], codes))
     assert torch.equal(out["recon"], recon)
+
+
+def _meta(levels, shapes, sizes):
+    return {"levels": levels, "level_names": list(level_names(levels)), "shapes": shapes, "codebook_sizes": sizes,
+            "num_classes": 0}
+
+
+def test_prior_configs_condition_on_the_level_directly_above():
+    from vqprior.config import model_config_from_preset
+    from vqprior.errors import UserError
+    from vqprior.prior_task import check_prior_against_cache, prior_model_config
+
+    meta3 = _meta(3, [[2, 2], [4, 4], [8, 8]], [5, 6, 7])
+    base = model_config_from_preset("tiny", head="codes", num_codes=2)
+    configs = {name: prior_model_config(base, meta3, name) for name in level_names(3)}
+    got = {name: (c.num_codes, c.height, c.cond_num_codes, c.cond_height, c.cond_width)
+           for name, c in configs.items()}
+    assert got == {"top": (5, 2, 0, 0, 0), "middle": (6, 4, 5, 2, 2), "bottom": (7, 8, 6, 4, 4)}
+    for name, c in configs.items():
+        check_prior_against_cache(c, meta3, name)
+    # The bottom prior of a 2-level VQ-VAE with the same bottom map reads 2x2 top codes, not the 4x4 middle ones.
+    meta2 = _meta(2, [[2, 2], [8, 8]], [5, 7])
+    with pytest.raises(UserError, match="middle-code condition"):
+        check_prior_against_cache(prior_model_config(base, meta2, "bottom"), meta3, "bottom")
+    with pytest.raises(UserError, match="no middle level"):
+        prior_model_config(base, meta2, "middle")
