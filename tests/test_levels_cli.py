@@ -201,3 +201,18 @@ def test_guidance_names_the_unguided_levels(capsys):
                                                "unguided.")
     guidance_checks(2.0, top, bottom, [prior("middle", True)])
     assert capsys.readouterr().err == ""
+
+
+def test_a_middle_prior_run_resumes_and_keeps_its_level(levels_pipeline, tmp_path):
+    import shutil
+
+    p = levels_pipeline
+    run = tmp_path / "middle"
+    shutil.copytree(p.priors["middle"].parent, run)
+    refused = run_cli("train-prior", "--codes", p.train_codes, "--out", run, "--resume", "--level", "bottom",
+                      "--quiet")
+    assert refused.exit_code != 0 and "--level bottom (was middle)" in refused.output
+    check_ok(run_cli("train-prior", "--codes", p.train_codes, "--out", run, "--resume", "--steps", 3, "--quiet",
+                     *CPU))
+    facts = json.loads(check_ok(run_cli("info", run / "latest.pt", "--json")).output)
+    assert facts["step"] == 3 and facts["prior"]["level"] == "middle"
