@@ -89,6 +89,9 @@ def resolve_device(name: str):
 
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA when available), cpu, cuda or cuda:N.")
+middle_option = click.option(
+    "--middle", type=click.Path(), multiple=True,
+    help="Prior of a middle level of a 3+-level VQ-VAE (repeat once per middle level, in any order).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # vqprior.config.PRECISIONS, spelled out so --help stays fast
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 
 from .common import (apply_precision, check_compile_sampler, check_outputs, compile_sampler_option,
-                     deterministic_option, device_option, guarded, precision_option, refuse_unused, resolve_device)
-from .sample import guidance_checks, guidance_option
+                     deterministic_option, device_option, guarded, middle_option, precision_option, refuse_unused,
+                     resolve_device)
+from .sample import guidance_checks, guidance_option, load_lower_priors
 
 
 @click.command("complete")
@@ -13,7 +14,8 @@ from .sample import guidance_checks, guidance_option
 @click.option("--image", "image_path", type=click.Path(), required=True, help="The image to complete (any format).")
 @click.option("--keep-rows", type=click.IntRange(min=0), required=True,
               help="Image rows to keep (raster prefix); the rest is sampled.")
-@click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level VQ-VAE.")
+@click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level (or deeper) VQ-VAE.")
+@middle_option
 @click.option("--num", type=click.IntRange(min=1), default=8, show_default=True, help="Completions to draw.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Image grid: original, masked input, then the completions (format from the suffix).")
@@ -32,7 +34,8 @@ from .sample import guidance_checks, guidance_option
 @deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
-def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperature, top_k, top_p, label, guidance,
+def complete(checkpoint, image_path, keep_rows, bottom, middle, num, out, seed, temperature, top_k, top_p, label,
+             guidance,
              method, scale, compile_step, device, precision, quiet):
     """Complete the image: keep its first --keep-rows rows exactly and sample the rest, --num times.
 
@@ -55,7 +58,7 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
     if model.config.head == "pixels":
         refuse_unused(("top_k", "top_p"), "for a pixel model (they filter the code distributions of priors)")
-    bottom_model = load_model(bottom, device, kind="prior") if bottom else None
+    bottom_model, middle_models = load_lower_priors(bottom, middle, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     c = model.config
     if c.head == "pixels":
@@ -68,17 +71,17 @@ def complete(checkpoint, image_path, keep_rows, bottom, num, out, seed, temperat
         vq = getattr(model, "vqvae", None)
         if vq is None:
             raise UserError("this prior checkpoint carries no VQ-VAE to encode the image with")
-        stride = vq.config.total_stride if vq.config.levels == 2 else vq.config.bottom_stride
+        stride = vq.config.total_stride  # the top prior's map: 1 level, bottom_stride; N levels, the coarsest
         H, W = c.height * stride, c.width * stride
         image = load_image(image_path, vq.config.channels, (H, W)).to(device)
         if keep_rows > H:
             raise UserError(f"--keep-rows must be at most the image height {H}, got {keep_rows}")
         encoded = encode_prefix(vq, image, keep_rows)  # the prior conditions on these codes, not on the pixels
         start, prefix = encoded.starts, [code.expand(num, -1, -1) for code in encoded.codes]
-    guidance_checks(guidance, model, bottom_model)
-    result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
-                      top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start, precision=precision,
-                      progress=False if quiet else None, compile=compile_step, guidance=guidance)
+    guidance_checks(guidance, model, bottom_model, middle_models)
+    result = generate(model, num, bottom=bottom_model, middle=middle_models, method=method, generator=generator,
+                      temperature=temperature, top_k=top_k, top_p=top_p, label=label, prefix=prefix, start=start,
+                      precision=precision, progress=False if quiet else None, compile=compile_step, guidance=guidance)
     original = image.unsqueeze(0).to(result.images.device)
     if original.shape[1] != result.images.shape[1]:
         original = original.expand(-1, result.images.shape[1], -1, -1)

@@ -10,17 +10,19 @@ from pathlib import Path
 
 import click
 
-from .common import apply_precision, check_outputs, device_option, guarded, resolve_device
+from .common import apply_precision, check_outputs, device_option, guarded, middle_option, resolve_device
 
 
-def _load(checkpoint, bottom, device):
+def _load(checkpoint, bottom, device, middle=()):
     from vqprior.checkpoint import load_model
-    from vqprior.generate import prior_level, vqvae_levels
+    from vqprior.generate import prior_chain, prior_level, vqvae_levels
 
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
     if model.config.head == "pixels":
         if bottom:
             raise click.UsageError("--bottom applies to code priors, not to pixel models")
+        if middle:
+            raise click.UsageError("--middle applies to code priors, not to pixel models")
         return model, [model]
     if prior_level(model) == "bottom":
         raise click.UsageError("this is a bottom prior: give the top prior as CKPT and this one with --bottom")
@@ -31,13 +33,17 @@ def _load(checkpoint, bottom, device):
             raise click.UsageError("the --bottom checkpoint is not a bottom prior")
         if getattr(priors[1], "vqvae_sha256", "") != getattr(model, "vqvae_sha256", ""):
             raise click.ClickException("the top and bottom priors were trained on codes of different VQ-VAEs")
+    if middle or vqvae_levels(model) >= 3:  # one prior per level, each checked against the hierarchy
+        return model, prior_chain(model, priors[1] if bottom else None,
+                                  [load_model(path, device, kind="prior") for path in middle])
     if vqvae_levels(model) == 2 and not bottom:
         raise click.UsageError("this top prior belongs to a 2-level VQ-VAE: pass its bottom prior with --bottom")
     return model, priors
 
 
 def _read_codes(path: Path, priors, channels: int):
-    """(code maps [top(, bottom)], the source images or None) from an LMDB cache, .npy/.npz codes or images."""
+    """(code maps [top(, middle...)(, bottom)], the source images or None) from an LMDB cache, .npy/.npz codes or
+    images."""
     import numpy as np
     import torch
 
@@ -92,12 +98,13 @@ def _image_pixels(priors, codes) -> int | None:
 @click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.argument("input_path", metavar="INPUT", type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The compressed file to write.")
-@click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level VQ-VAE.")
+@click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level (or deeper) VQ-VAE.")
+@middle_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Items coded together in one cached pass (decoding uses the same, from the file).")
 @device_option
 @guarded
-def compress(checkpoint, input_path, out, bottom, batch_size, device):
+def compress(checkpoint, input_path, out, bottom, middle, batch_size, device):
     """Compress INPUT losslessly with CKPT's exact conditionals.
 
     \b
@@ -112,7 +119,7 @@ def compress(checkpoint, input_path, out, bottom, batch_size, device):
     device = resolve_device(device)
     apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU
     check_outputs(out)
-    model, priors = _load(checkpoint, bottom, device)
+    model, priors = _load(checkpoint, bottom, device, middle)
     path = Path(input_path)
     if model.config.head == "pixels":
         images, names = read_images(path, model.config.channels)
@@ -140,10 +147,11 @@ def compress(checkpoint, input_path, out, bottom, batch_size, device):
 @click.option("--out", type=click.Path(), required=True,
               help="Pixels: a .png (one image), a .npy or a folder. Codes: .npy/.npz codes, or a .png / folder "
                    "of the images the VQ-VAE decodes.")
-@click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level VQ-VAE.")
+@click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level (or deeper) VQ-VAE.")
+@middle_option
 @device_option
 @guarded
-def decompress(checkpoint, file, out, bottom, device):
+def decompress(checkpoint, file, out, bottom, middle, device):
     """Decompress FILE (from `vqprior compress`) with the same CKPT; refused with another model, a damaged
     file, or when the decoded data do not match the stored checksum."""
     from vqprior.compress import decompress_codes, decompress_images
@@ -155,7 +163,7 @@ def decompress(checkpoint, file, out, bottom, device):
     device = resolve_device(device)
     apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU
     check_image_output(out)
-    model, priors = _load(checkpoint, bottom, device)
+    model, priors = _load(checkpoint, bottom, device, middle)
     path = Path(file)
     if not path.is_file():
         raise UserError(f"compressed file not found: {path}" if not path.exists() else f"not a file: {path}")
@@ -170,7 +178,9 @@ def decompress(checkpoint, file, out, bottom, device):
     codes = decompress_codes(priors, data, where=str(path))
     if suffix in (".npy", ".npz"):
         if (suffix == ".npy") != (len(codes) == 1):
-            raise click.UsageError("one code level is written as .npy, two levels as .npz (arrays top and bottom)")
+            raise click.UsageError("one code level is written as .npy, two levels as .npz (arrays top and bottom)"
+                                   if len(codes) <= 2 else
+                                   f"{len(codes)} code levels are written as .npz (one array per level)")
         save_codes_file(out, codes)
         click.echo(f"decompressed {codes[0].shape[0]} code map(s) to {out}")
         return

@@ -1,4 +1,5 @@
-"""``vqprior decode``: decode saved code maps (.npy / .npz from ``sample --save-codes``) with a VQ-VAE."""
+"""``vqprior decode``: decode saved code maps (.npy / .npz from ``sample --save-codes``) with a VQ-VAE of any
+number of levels."""
 from __future__ import annotations
 
 import click
@@ -18,7 +19,8 @@ from .common import apply_precision, check_outputs, device_option, guarded, reso
 @device_option
 @guarded
 def decode(paths, vqvae_path, out, nrow, scale, device):
-    """Decode CODES (int (N, H, W) .npy for one level; .npz with top/bottom for two) into an image grid:
+    """Decode CODES (int (N, H, W) .npy for one level; .npz with top/bottom for two, top/middle/bottom for three,
+    one array per level for more) into an image grid:
     `vqprior decode --vqvae VQVAE.pt CODES --out grid.png`.
 
     --vqvae may name a VQ-VAE checkpoint or a prior checkpoint (its embedded VQ-VAE is used)."""

@@ -93,10 +93,15 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
             raise click.UsageError("evaluating a prior needs --codes CODES.lmdb")
         from vqprior.data.codes import CodeDataset, check_codebook
 
+        from vqprior.levels import level_above, prior_levels
+
         level = model.prior_info.get("level", "top")
         ds = CodeDataset(codes)
         check_codebook(ds.metadata, model.config.num_codes, level)
-        cond = "top" if level == "bottom" else None
+        cond = level_above(ds.level_names, level)  # the bottom prior of 2 levels: the top codes
+        if cond is not None and prior_levels(model.prior_info, level) != ds.levels:
+            raise click.ClickException(f"this {level} prior belongs to a {prior_levels(model.prior_info, level)}-"
+                                       f"level VQ-VAE but {codes} holds {ds.levels} levels")
         with autocast(device, precision):
             result = evaluate_nll(scored, DataLoader(ds, batch_size=batch_size), device, key=level,
                                   condition_key=cond, use_label=labelled, limit=limit, progress=not quiet)

@@ -42,14 +42,25 @@ def describe_checkpoint(data: dict) -> dict:
              "vqprior_version": data.get("vqprior_version", ""), "format_version": data["format_version"],
              "architecture": config.get("model", {}), "training": config.get("train", {}),
              "data": config.get("data", {}), "metrics": dict(data.get("metrics", {}))}
+    if data["kind"] == "vqvae":
+        facts["levels"] = _levels(model)
     if data["kind"] == "prior":
         facts["prior"] = config.get("prior", {})
         vq = getattr(model, "vqvae", None)
         facts["vqvae"] = None if vq is None else {
             "sha256": data["vqvae"].get("sha256", ""), "parameters": sum(p.numel() for p in vq.parameters()),
             "architecture": data["vqvae"]["config"].get("model", {}),
-            "data": data["vqvae"]["config"].get("data", {})}
+            "data": data["vqvae"]["config"].get("data", {}), "levels": _levels(vq)}
     return facts
+
+
+def _levels(vq) -> list[dict]:
+    """A VQ-VAE's levels, coarsest first: name and image pixels per code (per side)."""
+    return [{"level": name, "stride": stride} for name, stride in zip(vq.level_names, vq.config.level_strides())]
+
+
+def _levels_text(levels: list[dict]) -> str:
+    return ", ".join(f"{lv['level']} (1 code per {lv['stride']}x{lv['stride']} pixels)" for lv in levels)
 
 
 def _cache_text(facts: dict) -> list[str]:
@@ -110,6 +121,8 @@ def info(checkpoint, as_json):
         null = ("with a null class (p(x) too: sample --guidance, evaluate --class none)"
                 if facts["architecture"].get("null_class") else "without a null class (no --guidance)")
         lines.append(f"class-conditional over {classes} classes, {null}")
+    if "levels" in facts:
+        lines.append(f"levels, coarsest first: {_levels_text(facts['levels'])}")
     sections = [("architecture", facts["architecture"]), ("training", facts["training"]), ("data", facts["data"])]
     if "prior" in facts:
         sections.append(("prior", facts["prior"]))
@@ -123,6 +136,7 @@ def info(checkpoint, as_json):
             lines.append("embedded VQ-VAE: none")
         else:
             lines += [f"embedded VQ-VAE: {vq['parameters']:,} parameters, sha256 {vq['sha256']}",
+                      f"  levels, coarsest first: {_levels_text(vq['levels'])}",
                       "  architecture:", _fields_text(vq["architecture"], "    "),
                       "  data:", _fields_text(vq["data"], "    ")]
     click.echo("\n".join(lines))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import (apply_precision, check_compile_sampler, check_outputs, compile_sampler_option,
-                     deterministic_option, device_option, guarded, precision_option, refuse_unused,
+                     deterministic_option, device_option, guarded, middle_option, precision_option, refuse_unused,
                      removes_new_folder_on_error, resolve_device)
 
 
@@ -14,17 +14,30 @@ guidance_option = click.option(
          "normalised at every position; 0: off. See docs/guidance.md.")
 
 
-def guidance_checks(guidance: float, model, bottom_model) -> None:
-    """--guidance needs a model with a null class (one line before sampling); say on stderr when it guides only the
-    top prior of a pair (the bottom prior has no null class)."""
-    from vqprior.generate import guided_levels
+def guidance_checks(guidance: float, model, bottom_model, middle_models=()) -> None:
+    """--guidance needs a model with a null class (one line before sampling); say on stderr when it guides only
+    some priors of a hierarchy (a lower prior has classes but no null class)."""
+    from vqprior.generate import guided_levels, prior_level
     from vqprior.null_class import null_label
 
     if guidance:
         null_label(model.config, f"--guidance {guidance:g}")
-    if guidance and bottom_model is not None and bottom_model.config.num_classes and not bottom_model.config.null_class:
-        click.echo(f"--guidance {guidance:g} guides {' and '.join(guided_levels(model, bottom_model))} only: the "
-                   f"bottom prior has no null class and is sampled given the class, unguided.", err=True)
+    lower = [(prior_level(p), p) for p in middle_models] + ([("bottom", bottom_model)] if bottom_model else [])
+    unguided = [name for name, p in lower if p.config.num_classes and not p.config.null_class]
+    if guidance and unguided:
+        priors = " and ".join(f"the {name} prior" for name in unguided)
+        guided = " and ".join(guided_levels(model, bottom_model, middle_models))
+        one = len(unguided) == 1
+        click.echo(f"--guidance {guidance:g} guides {guided} only: {priors} {'has' if one else 'have'} no null class "
+                   f"and {'is' if one else 'are'} sampled given the class, unguided.", err=True)
+
+
+def load_lower_priors(bottom, middle, device) -> tuple:
+    """(the --bottom prior or None, the --middle priors) loaded for sampling."""
+    from vqprior.checkpoint import load_model
+
+    return (load_model(bottom, device, kind="prior") if bottom else None,
+            [load_model(path, device, kind="prior") for path in middle])
 
 
 def sampling_options(fn):
@@ -56,7 +69,8 @@ def sampling_options(fn):
 
 @click.command("sample")
 @click.argument("checkpoint", metavar="CKPT", type=click.Path())
-@click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level VQ-VAE.")
+@click.option("--bottom", type=click.Path(), default=None, help="Bottom prior of a 2-level (or deeper) VQ-VAE.")
+@middle_option
 @sampling_options
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Folder to write one PNG per sample into (0000.png, 0001.png, ...); created if missing.")
@@ -65,7 +79,7 @@ def sampling_options(fn):
               help="Class-conditional models: lay the --out grid out with one row per class (--num a multiple of "
                    "the number of classes).")
 @click.option("--save-codes", type=click.Path(dir_okay=False), default=None,
-              help="Priors: write the sampled codes (.npy; .npz with top/bottom for 2 levels).")
+              help="Priors: write the sampled codes (.npy; .npz with an array per level, top/bottom for 2 levels).")
 @click.option("--save-array", type=click.Path(dir_okay=False), default=None,
               help="Write the sampled images as a uint8 (N, C, H, W) .npy array.")
 @click.option("--animate", type=click.Path(dir_okay=False), default=None,
@@ -78,7 +92,8 @@ def sampling_options(fn):
 @click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
 @removes_new_folder_on_error("out_dir", discard=lambda folder: True)  # a failed command leaves no --out-dir
-def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label, guidance, method, nrow, batch_size,
+def sample(checkpoint, bottom, middle, num, out, seed, temperature, top_k, top_p, label, guidance, method, nrow,
+           batch_size,
            scale, out_dir, overwrite, class_rows, save_codes, save_array, animate, compile_step, device, precision,
            quiet):
     """Sample from CKPT (a pixel model or a code prior): an image grid (--out), one PNG per sample (--out-dir),
@@ -110,7 +125,7 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     if out_dir:
         check_image_folder(out_dir, overwrite)
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
-    bottom_model = load_model(bottom, device, kind="prior") if bottom else None
+    bottom_model, middle_models = load_lower_priors(bottom, middle, device)
     if model.config.head == "pixels":
         if save_codes:
             raise click.UsageError("--save-codes applies to code priors; use --save-array for pixel models")
@@ -119,11 +134,11 @@ def sample(checkpoint, bottom, num, out, seed, temperature, top_k, top_p, label,
     if class_rows:
         nrow = _class_rows_nrow(model, num, label, nrow)
     generator = torch.Generator(device=device).manual_seed(seed)
-    guidance_checks(guidance, model, bottom_model)
-    result = generate(model, num, bottom=bottom_model, method=method, generator=generator, temperature=temperature,
-                      top_k=top_k, top_p=top_p, label=label, animate=bool(animate), batch_size=batch_size,
-                      precision=precision, progress=False if quiet else None, compile=compile_step,
-                      guidance=guidance)
+    guidance_checks(guidance, model, bottom_model, middle_models)
+    result = generate(model, num, bottom=bottom_model, middle=middle_models, method=method, generator=generator,
+                      temperature=temperature, top_k=top_k, top_p=top_p, label=label, animate=bool(animate),
+                      batch_size=batch_size, precision=precision, progress=False if quiet else None,
+                      compile=compile_step, guidance=guidance)
     written = []
     if out:
         # Samples cycle through the classes (sample i has class i % classes); --class-rows groups them by class.

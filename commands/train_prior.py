@@ -1,7 +1,10 @@
-"""``vqprior train-prior``: train a PixelSNAIL code prior on an LMDB code cache (top, or bottom given top)."""
+"""``vqprior train-prior``: train a PixelSNAIL code prior on an LMDB code cache (top, or a lower level given the
+level directly above it)."""
 from __future__ import annotations
 
 import click
+
+from vqprior.levels import MAX_LEVELS, level_names
 
 from .common import deterministic_option, device_option, guarded, refuse_unused, removes_new_folder_on_error
 from .options import MODEL_FIELDS, class_dropout_option, model_options, train_config_from_options, train_options
@@ -9,13 +12,16 @@ from .run_start import (announce, architecture_conflicts, class_dropout_conflict
                         refuse_on_resume, refuse_with_init, same_path, start_run)
 
 PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *MODEL_FIELDS)  # with --preset: the architecture
+LEVELS = ["top", *dict.fromkeys(n for k in range(3, MAX_LEVELS + 1) for n in level_names(k)[1:-1]), "bottom"]
 
 
 @click.command("train-prior")
 @click.option("--codes", type=click.Path(), required=True, help="Training code cache (extract-codes --split train).")
 @click.option("--val-codes", type=click.Path(), default=None, help="Held-out code cache for bits/code.")
-@click.option("--level", type=click.Choice(["top", "bottom"]), default="top", show_default=True,
-              help="Which code map to model; a bottom prior is conditioned on the top codes.")
+@click.option("--level", type=click.Choice(LEVELS), default="top", show_default=True, metavar="LEVEL",
+              help="Which code map to model: top or bottom; with 3 levels also middle, with N > 3 middle1 .. "
+                   "middle{N-2} (`vqprior info CODES` lists them). Every level but the top one is conditioned on "
+                   "the level directly above it (a 2-level bottom prior on the top codes).")
 @click.option("--class-conditional", is_flag=True, help="Condition on the source images' class labels.")
 @class_dropout_option
 @click.option("--vqvae", "vqvae_path", type=click.Path(), default=None,
@@ -24,9 +30,9 @@ PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *MODEL_FIELDS)  # w
               help="Width of the learned embedding of a code index, the prior's input (not train-vqvae's "
                    "--embed-dim, the codebook vector width).")
 @click.option("--cond-channels", type=click.IntRange(min=1), default=None,
-              help="Bottom priors: width of the top-code condition stack.")
+              help="Bottom (and middle) priors: width of the condition stack over the codes of the level above.")
 @click.option("--cond-layers", type=click.IntRange(min=0), default=None,
-              help="Bottom priors: residual 3x3 conv layers in the condition stack.")
+              help="Bottom (and middle) priors: residual 3x3 conv layers in the condition stack.")
 @model_options
 @train_options
 @device_option
@@ -67,7 +73,7 @@ def train_prior(ctx, **kw):
         refuse_unused(("mixtures",), "for a code prior (the logistic mixture is the pixel head's)", ctx)
         if level == "top":
             refuse_unused(("cond_channels", "cond_layers"), "for a top prior (only a bottom prior has a "
-                                                            "condition stack)", ctx)
+                                                            "condition stack)", ctx)  # (or a middle prior)
         vq_path = kw["vqvae_path"] or meta.get("vqvae_path")
         if not vq_path or not Path(vq_path).exists():
             raise UserError("the VQ-VAE checkpoint of this code cache was not found; pass it with --vqvae")
@@ -138,8 +144,8 @@ def vqvae_conflicts(ctx, kw, payload) -> list[str]:
 
 
 def check_init_codes(model_config, meta, level: str, path) -> None:
-    """An --init-from prior must model the cache's level: codebook size, code map shape, top-code condition and
-    classes."""
+    """An --init-from prior must model the cache's level: codebook size, code map shape, the condition on the level
+    above and classes."""
     from vqprior.errors import UserError
     from vqprior.prior_task import check_prior_against_cache
 

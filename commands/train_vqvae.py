@@ -1,9 +1,11 @@
-"""``vqprior train-vqvae``: train a 1- or 2-level VQ-VAE (EMA codebooks, commitment loss, dead-code restarts)."""
+"""``vqprior train-vqvae``: train a VQ-VAE of 1, 2 or more levels (EMA codebooks, commitment loss, dead-code
+restarts)."""
 from __future__ import annotations
 
 import click
 
 from vqprior.config import VQVAE_PRESETS
+from vqprior.levels import MAX_LEVELS
 
 from .common import (check_dataset_options, deterministic_option, device_option, guarded, refuse_unused,
                      removes_new_folder_on_error, resolve_cache_encoding)
@@ -17,8 +19,10 @@ FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_c
 
 @click.command("train-vqvae")
 @data_options
-@click.option("--levels", type=click.IntRange(1, 2), default=None,
-              help="1, or 2 for a VQ-VAE-2 top/bottom hierarchy. [default: 2 for --preset vqvae2-256, else 1]")
+@click.option("--levels", type=click.IntRange(1, MAX_LEVELS), default=None,
+              help="1; 2 for a VQ-VAE-2 top/bottom hierarchy; 3 adds a middle level (top, middle, bottom), N > 3 "
+                   "middle1 .. middle{N-2}, each level --top-stride coarser than the one below. [default: 2 for "
+                   "--preset vqvae2-256, else 1]")
 @click.option("--codebook-size", type=click.IntRange(2, 65536), default=None, help="Codes per codebook (default: preset).")
 @click.option("--preset", type=click.Choice(list(VQVAE_PRESETS)), default="small", show_default=True,
               help="VQ-VAE architecture preset.")
@@ -30,7 +34,9 @@ FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_c
                    "commands).")
 @click.option("--res-channels", type=click.IntRange(min=1), default=None, help="Residual block bottleneck width.")
 @click.option("--bottom-stride", type=int, default=None, help="Image pixels per bottom code, per side (power of 2).")
-@click.option("--top-stride", type=int, default=None, help="Bottom codes per top code, per side (power of 2).")
+@click.option("--top-stride", type=int, default=None,
+              help="Codes of a level per code of the level above, per side (power of 2); 2 levels: bottom codes per "
+                   "top code.")
 @click.option("--decay", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Codebook EMA decay. [default: 0.99]")
 @click.option("--commitment", type=click.FloatRange(min=0), default=None, help="Commitment cost. [default: 0.25]")

@@ -83,3 +83,38 @@ def build_prior_pipeline(root: Path, steps: int = 4, train_items: int = 64, test
     p.results["train-prior-bottom"] = check_ok(run_cli(
         "train-prior", *codes, "--level", "bottom", *train, "--out", p.bottom.parent))
     return p
+
+
+@dataclass
+class LevelsPipeline:
+    """A 3-level VQ-VAE (16x16 images: top 2x2, middle 4x4, bottom 8x8 codes, 16 codes each), its train/test code
+    caches and a prior per level (the top one class-conditional), with the result of every command."""
+    vqvae: Path
+    train_codes: Path
+    test_codes: Path
+    priors: dict[str, Path]  # level name -> prior checkpoint
+    results: dict[str, Result] = field(default_factory=dict)
+
+
+def build_levels_pipeline(root: Path, levels: int = 3, steps: int = 2, train_items: int = 32,
+                          test_items: int = 8) -> LevelsPipeline:
+    """train-vqvae --levels N -> extract-codes train/test -> train-prior --level L for every level."""
+    from vqprior.levels import level_names
+
+    names = level_names(levels)
+    p = LevelsPipeline(root / "vq" / "latest.pt", root / "train.lmdb", root / "test.lmdb",
+                       {name: root / name / "latest.pt" for name in names})
+    train = ["--steps", steps, *TINY_TRAIN]
+    p.results["train-vqvae"] = check_ok(run_cli(
+        "train-vqvae", "--dataset", "sample", "--image-size", "16", "--levels", levels, "--limit", train_items,
+        *train, "--out", p.vqvae.parent))
+    for split, out, n in (("train", p.train_codes, train_items), ("test", p.test_codes, test_items)):
+        p.results[f"extract-{split}"] = check_ok(run_cli(
+            "extract-codes", "--vqvae", p.vqvae, "--split", split, "--limit", n, "--out", out, "--quiet",
+            "--device", "cpu"))
+    for name in names:
+        flags = ["--class-conditional"] if name == "top" else []
+        p.results[f"train-prior-{name}"] = check_ok(run_cli(
+            "train-prior", "--codes", p.train_codes, "--val-codes", p.test_codes, "--level", name, *flags, *train,
+            "--out", p.priors[name].parent))
+    return p

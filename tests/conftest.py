@@ -56,3 +56,11 @@ def bad_input_artefacts(tmp_path_factory):
     from bad_inputs import build_artefacts
 
     return build_artefacts(tmp_path_factory.mktemp("artefacts"))
+
+
+@pytest.fixture(scope="session")
+def levels_pipeline(tmp_path_factory):
+    """A tiny 3-level VQ-VAE pipeline (tests/cli_support.py ``build_levels_pipeline``), built once."""
+    from cli_support import build_levels_pipeline
+
+    return build_levels_pipeline(tmp_path_factory.mktemp("levels"))

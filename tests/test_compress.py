@@ -196,6 +196,30 @@ def test_codes_round_trip_bit_exact_and_size_is_minus_log2_p(levels, n, chunk):
     assert payload_bits <= 1.01 * bits + 64 and payload_bits >= 0.99 * bits - 64
 
 
+def test_three_levels_round_trip_and_each_prior_is_coded_given_the_level_above():
+    """top 2x3, middle 4x6 given the top, bottom 8x12 given the middle: exact, and the size is -log2 p of that
+    chain (not of one where every prior sees the top codes)."""
+    top, middle = code_priors()
+    bottom = tiny_model(3, torch.float32, head="codes", num_codes=4, height=8, width=12, cond_num_codes=5,
+                        cond_height=4, cond_width=6)
+    priors = [top, middle, bottom]
+    codes = codes_for(priors, 3)
+    data, stats = compress_codes(priors, codes, chunk=2)
+    back = decompress_codes(priors, data)
+    assert len(back) == 3 and all(torch.equal(a, b) for a, b in zip(back, codes))
+    with torch.no_grad():
+        scores = torch.stack([sum(p.log_prob(c, condition=codes[i - 1] if i else None,
+                                             label=torch.full((3,), y) if p.config.num_classes else None)
+                                  .double().flatten(1).sum(1) for i, (p, c) in enumerate(zip(priors, codes)))
+                              for y in range(3)], 1)
+    bits = float(-scores.max(1).values.sum()) / math.log(2) + 3 * math.log2(3)
+    assert stats["model_bits"] == pytest.approx(bits, rel=1e-6)
+    payload_bits = 8 * (len(data) - stats["header_bytes"])
+    assert payload_bits <= 1.01 * bits + 64 and payload_bits >= 0.99 * bits - 64
+    with pytest.raises(CompressedFileError, match="3 prior"):
+        decompress_codes([top, middle], data)
+
+
 # ---- refusals --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -180,7 +180,7 @@ def test_config_is_strict_and_round_trips():
         VQVAEConfig.from_dict({**c.to_dict(), "typo": 1})
     with pytest.raises(ConfigError, match="preset"):
         vqvae_config_from_preset("huge")
-    for bad in (dict(levels=3), dict(codebook_size=70000), dict(bottom_stride=3), dict(decay=1.0),
+    for bad in (dict(levels=0), dict(levels=9), dict(codebook_size=70000), dict(bottom_stride=3), dict(decay=1.0),
                 dict(channels=2)):
         with pytest.raises(ConfigError):
             vqvae_config_from_preset("tiny", **bad)

@@ -1,5 +1,6 @@
-"""From a checkpoint to pictures: sample pixels, or sample code maps (top, then bottom conditioned on it) and decode
-them with the prior's embedded VQ-VAE; optionally record animation frames. Used by ``vqprior sample``/``complete``.
+"""From a checkpoint to pictures: sample pixels, or sample code maps (top, then each level below given the one
+above) and decode them with the prior's embedded VQ-VAE; optionally record animation frames. Used by ``vqprior
+sample``/``complete``.
 """
 from __future__ import annotations
 
@@ -9,18 +10,19 @@ import torch
 
 from .errors import UserError
 from .images import make_grid
+from .levels import level_names
 from .precision import apply_precision_policy, autocast
 
 
 @dataclass
 class Generated:
     images: torch.Tensor  # uint8 (N, C, H, W)
-    codes: list[torch.Tensor] = field(default_factory=list)  # int64 code maps, [top, bottom] or [codes]
+    codes: list[torch.Tensor] = field(default_factory=list)  # int64 code maps, coarsest first, or [codes]
     frames: list[torch.Tensor] = field(default_factory=list)  # uint8 (3, H', W') grids for an animation
 
 
 def prior_level(model) -> str:
-    """'top' (or the single level), or 'bottom' (conditioned on top codes)."""
+    """'top' (or the single level), 'middle...' or 'bottom' (conditioned on the codes of the level above)."""
     return getattr(model, "prior_info", {}).get("level", "top")
 
 
@@ -76,16 +78,18 @@ def generate(model, num: int, *, precision: str = "fp32", progress: bool | None 
         return result
 
 
-def _generate(model, num: int, *, bottom=None, method: str = "cached", generator: torch.Generator | None = None,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, label: int | None = None,
-             animate: bool = False, prefix: list[torch.Tensor] | torch.Tensor | None = None,
-             start: int | list[int] = 0, batch_size: int | None = None, guidance: float = 0.0, bar=None,
-             compile: bool | dict = False) -> Generated:
-    """Sample ``num`` images from a pixel model or a (top) prior, with ``bottom`` the bottom prior of a 2-level
-    VQ-VAE. ``prefix``/``start`` complete a known raster prefix: pixels, an image batch and a position; priors, a
-    list of code maps [top(, bottom)] and a list of start positions, one per level. ``guidance`` (W, see
-    ``vqprior.guidance``) guides the model sampled and, when it has a null class too, the bottom prior. ``bar`` (tqdm)
-    counts the sampled positions. ``compile``: see ``vqprior.sampling.sample`` (each prior's step is compiled once)."""
+def _generate(model, num: int, *, bottom=None, middle=(), method: str = "cached",
+              generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+              label: int | None = None, animate: bool = False, prefix: list[torch.Tensor] | torch.Tensor | None = None,
+              start: int | list[int] = 0, batch_size: int | None = None, guidance: float = 0.0, bar=None,
+              compile: bool | dict = False) -> Generated:
+    """Sample ``num`` images from a pixel model or a (top) prior, with ``bottom`` the bottom prior of a 2+-level
+    VQ-VAE and ``middle`` the priors of its middle levels (3+ levels; any order, matched by the level each records).
+    Each level is sampled given the one above. ``prefix``/``start`` complete a known raster prefix: pixels, an image
+    batch and a position; priors, a list of code maps (coarsest first) and a list of start positions, one per
+    level. ``guidance`` (W, see ``vqprior.guidance``) guides the model sampled and every lower prior that has a null
+    class too. ``bar`` (tqdm) counts the sampled positions. ``compile``: see ``vqprior.sampling.sample`` (each
+    prior's step is compiled once)."""
     from .sampling import sample
 
     if num < 1:
@@ -105,6 +109,8 @@ def _generate(model, num: int, *, bottom=None, method: str = "cached", generator
     if model.config.head == "pixels":
         if bottom is not None:
             raise UserError("--bottom applies to code priors, not to pixel models")
+        if middle:
+            raise UserError("--middle applies to code priors, not to pixel models")
         rec = _FrameRecorder(model.config.height * model.config.width, lambda x: x) if animate else None
         expect(model.config.height, model.config.width, start)
         images = sample(model, num, label=labels, on_step=_on_step(rec, tick), prefix=prefix, start=start, **kwargs)
@@ -113,56 +119,82 @@ def _generate(model, num: int, *, bottom=None, method: str = "cached", generator
     vq = getattr(model, "vqvae", None)
     if vq is None:
         raise UserError("this prior checkpoint carries no VQ-VAE to decode with")
-    if prior_level(model) == "bottom":
+    chain = prior_chain(model, bottom, middle)
+    code_kw = dict(kwargs, top_k=top_k, top_p=top_p)
+    prefixes = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix]
+    prefixes += [None] * (len(chain) - len(prefixes))
+    starts = list(start) if isinstance(start, (list, tuple)) else [start]
+    starts = [starts[0]] + [starts[i] if prefixes[i] is not None else 0 for i in range(1, len(chain))]
+    shapes = [(p.config.height, p.config.width) for p in chain]
+    expect(*(v for (h, w), first in zip(shapes, starts) for v in (h, w, first)))
+    codes: list[torch.Tensor] = []
+    frames: list[torch.Tensor] = []
+    for i, prior in enumerate(chain):
+        rec = None
+        if animate:  # frames: the levels sampled so far, this one filling in, zeros below
+            below = [torch.zeros(num, h, w, dtype=torch.long, device=device) for h, w in shapes[i + 1:]]
+            rec = _FrameRecorder(shapes[i][0] * shapes[i][1],
+                                 lambda c, above=tuple(codes), below=below: vq.decode([*above, c, *below]))
+        if i:  # a lower prior: given the class only when it has classes, guided only when it has a null class too
+            level_labels = _labels(prior, num, label, device) if prior.config.num_classes else None
+            code_kw["guidance"] = guidance if prior.config.null_class else 0.0  # see guided_levels
+        else:
+            level_labels = labels
+        codes.append(sample(prior, num, label=level_labels, condition=codes[-1] if i else None,
+                            on_step=_on_step(rec, tick), prefix=prefixes[i], start=starts[i], **code_kw))
+        if rec:
+            frames += rec.frames
+    return Generated(vq.decode(codes), codes, frames)
+
+
+def prior_chain(model, bottom=None, middle=()) -> list:
+    """[top prior, middle priors coarsest first, bottom prior] after checking they form the hierarchy of the top
+    prior's VQ-VAE: each level's prior present once, all trained on codes of the same VQ-VAE. One-line UserErrors
+    naming the option to fix (--bottom, --middle)."""
+    level = prior_level(model)
+    if level == "bottom":
         raise UserError("this is a bottom prior: sample the top prior and pass this one with --bottom")
+    if level != "top":
+        raise UserError(f"this is a {level} prior: give the top prior as CKPT and this one with --middle")
     levels = vqvae_levels(model)
-    if levels == 2 and bottom is None:
-        raise UserError("this top prior belongs to a 2-level VQ-VAE: pass its bottom prior with --bottom")
+    names = level_names(levels)
+    if levels >= 2 and bottom is None:
+        raise UserError(f"this top prior belongs to a {levels}-level VQ-VAE: pass its bottom prior with --bottom")
     if levels == 1 and bottom is not None:
         raise UserError("--bottom given, but this prior's VQ-VAE has a single level")
+    if middle and levels < 3:
+        raise UserError(f"--middle given, but this prior's VQ-VAE has {levels} level(s) "
+                        f"({', '.join(names)}): no middle level")
     if bottom is not None:
         if prior_level(bottom) != "bottom":
             raise UserError("the --bottom checkpoint is not a bottom prior")
         if getattr(bottom, "vqvae_sha256", "") != getattr(model, "vqvae_sha256", ""):
             raise UserError("the top and bottom priors were trained on codes of different VQ-VAEs")
-    code_kw = dict(kwargs, top_k=top_k, top_p=top_p)
-    top_prefix = prefix[0] if isinstance(prefix, (list, tuple)) else prefix
-    starts = list(start) if isinstance(start, (list, tuple)) else [start, 0]
-    frames: list[torch.Tensor] = []
-    if levels == 1:
-        rec = _FrameRecorder(model.config.height * model.config.width, lambda c: vq.decode([c])) if animate else None
-        expect(model.config.height, model.config.width, starts[0])
-        codes = sample(model, num, label=labels, on_step=_on_step(rec, tick), prefix=top_prefix, start=starts[0],
-                       **code_kw)
-        return Generated(vq.decode([codes]), [codes], rec.frames if rec else [])
-
-    bottom_shape = (bottom.config.height, bottom.config.width)
-    blank_bottom = torch.zeros(num, *bottom_shape, dtype=torch.long, device=device)
-    rec = _FrameRecorder(model.config.height * model.config.width,
-                         lambda c: vq.decode([c, blank_bottom])) if animate else None
-    bottom_prefix = prefix[1] if isinstance(prefix, (list, tuple)) and len(prefix) > 1 else None
-    bottom_start = starts[1] if bottom_prefix is not None else 0
-    expect(model.config.height, model.config.width, starts[0], *bottom_shape, bottom_start)
-    top = sample(model, num, label=labels, on_step=_on_step(rec, tick), prefix=top_prefix, start=starts[0],
-                 **code_kw)
-    if rec:
-        frames += rec.frames
-    rec = _FrameRecorder(bottom_shape[0] * bottom_shape[1], lambda c: vq.decode([top, c])) if animate else None
-    bottom_labels = _labels(bottom, num, label, device) if bottom.config.num_classes else None
-    code_kw["guidance"] = guidance if bottom.config.null_class else 0.0  # see guided_levels
-    bot = sample(bottom, num, label=bottom_labels, condition=top, on_step=_on_step(rec, tick), prefix=bottom_prefix,
-                 start=bottom_start, **code_kw)
-    if rec:
-        frames += rec.frames
-    return Generated(vq.decode([top, bot]), [top, bot], frames)
+    by_level = {}
+    for prior in middle:
+        name = prior_level(prior)
+        if name not in names[1:-1]:
+            raise UserError(f"a --middle checkpoint is a {name} prior, not one of this {levels}-level VQ-VAE's "
+                            f"middle levels ({', '.join(names[1:-1])})")
+        if name in by_level:
+            raise UserError(f"--middle names two {name} priors")
+        if getattr(prior, "vqvae_sha256", "") != getattr(model, "vqvae_sha256", ""):
+            raise UserError(f"the top and {name} priors were trained on codes of different VQ-VAEs")
+        by_level[name] = prior
+    missing = [name for name in names[1:-1] if name not in by_level]
+    if missing:
+        raise UserError(f"this top prior belongs to a {levels}-level VQ-VAE: pass its {', '.join(missing)} "
+                        f"prior(s) with --middle")
+    return [model, *(by_level[name] for name in names[1:-1]), *([bottom] if bottom is not None else [])]
 
 
-def guided_levels(model, bottom=None) -> list[str]:
-    """The models ``--guidance`` guides: the one sampled (it must have a null class), and the bottom prior when it has
-    one too (a bottom prior without one is sampled unguided, given the class as before)."""
+def guided_levels(model, bottom=None, middle=()) -> list[str]:
+    """The models ``--guidance`` guides: the one sampled (it must have a null class), and each lower prior that has
+    one too (a lower prior without one is sampled unguided, given the class as before)."""
     if bottom is None:
         return ["the model"]
-    return ["the top prior"] + (["the bottom prior"] if bottom.config.null_class else [])
+    lower = [(prior_level(p), p) for p in middle] + [("bottom", bottom)]
+    return ["the top prior"] + [f"the {name} prior" for name, p in lower if p.config.null_class]
 
 
 @dataclass
@@ -181,8 +213,7 @@ def encode_prefix(vq, image: torch.Tensor, keep_rows: int, grey: int = 128) -> P
     down to the image rows every level keeps (the coarsest level's kept rows), grey below: rows of the original
     the prior never sees (or sees only through the codes' lossy reconstruction) are not shown as if it did."""
     codes = vq.encode(image.unsqueeze(0))
-    c = vq.config
-    strides = [c.total_stride, c.bottom_stride] if c.levels == 2 else [c.bottom_stride]
+    strides = vq.config.level_strides()
     starts = [(keep_rows // s) * code.shape[-1] for s, code in zip(strides, codes)]
     kept = min((keep_rows // s) * s for s in strides)
     conditioned = vq.decode(codes).clone()

@@ -115,7 +115,8 @@ class PixelSNAIL(nn.Module):
                 raise ValueError(f"label outside [0, {c.num_classes - 1}]{null}")
         if c.cond_num_codes:
             if condition is None:
-                raise ValueError("this is a bottom prior conditioned on top codes: pass the top codes")
+                raise ValueError("this is a bottom (or middle) prior conditioned on top codes (the codes of the level "
+                                 "above): pass them")
             if condition.dim() != 3 or tuple(condition.shape[1:]) != (c.cond_height, c.cond_width):
                 raise ValueError(f"top codes must have shape (B, {c.cond_height}, {c.cond_width}), "
                                  f"got {tuple(condition.shape)}")

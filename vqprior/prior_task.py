@@ -1,5 +1,6 @@
 """The code-prior task for the generic trainer (``vqprior.train``): a categorical PixelSNAIL over one level of a
-VQ-VAE code cache (the top level, or the bottom level conditioned on the top codes), in nats / bits per code.
+VQ-VAE code cache (the top level, or a lower level conditioned on the codes of the level directly above it: the
+bottom level on the top codes of a 2-level VQ-VAE, on the middle codes of a 3-level one), in nats / bits per code.
 
 It also owns the glue between a prior and its VQ-VAE: the VQ-VAE payload a prior checkpoint embeds
 (``load_vqvae_payload``), the prior config derived from a code cache (``prior_model_config``) and the checks that
@@ -20,11 +21,12 @@ from .data.codes import check_codebook, read_code_metadata
 from .errors import UserError
 from .evaluate import evaluate_nll
 from .layers import data_dependent_init
+from .levels import level_above, level_names
 from .null_class import drop_labels
 from .pixelsnail import PixelSNAIL
 from .vqvae import VQVAE, VQVAEConfig
 
-LEVELS = ("top", "bottom")
+LEVELS = ("top", "bottom")  # the levels of 1- and 2-level VQ-VAEs; 3+ add middle levels (``vqprior.levels``)
 
 
 def load_vqvae_payload(path: str | os.PathLike) -> dict[str, Any]:
@@ -55,19 +57,28 @@ def build_vqvae(payload: dict[str, Any]) -> VQVAE:
     return model.eval()
 
 
+def cache_condition(cache_meta: dict[str, Any], level: str) -> dict[str, int]:
+    """The ModelConfig condition fields of a prior of the cache's ``level``: codebook size and shape of the level
+    directly above it (zeros for the top level)."""
+    names = list(cache_meta["level_names"])
+    above = level_above(names, level)
+    if above is None:
+        return dict(cond_num_codes=0, cond_height=0, cond_width=0)
+    j = names.index(above)
+    return dict(cond_num_codes=int(cache_meta["codebook_sizes"][j]), cond_height=int(cache_meta["shapes"][j][0]),
+                cond_width=int(cache_meta["shapes"][j][1]))
+
+
 def prior_model_config(base: ModelConfig, cache_meta: dict[str, Any], level: str,
                        class_conditional: bool = False) -> ModelConfig:
     """``base`` (e.g. a preset) with everything the code cache decides: codes head, codebook size, grid size, the
-    top-code condition of a bottom prior and the number of classes."""
+    condition on the level above (all but the top level) and the number of classes."""
     if level not in cache_meta["level_names"]:
         raise UserError(f"the code cache has no {level} level (it has {cache_meta['levels']} level(s): "
                         f"{', '.join(cache_meta['level_names'])})")
     i = list(cache_meta["level_names"]).index(level)
     (h, w), num_codes = cache_meta["shapes"][i], int(cache_meta["codebook_sizes"][i])
-    cond = dict(cond_num_codes=0, cond_height=0, cond_width=0)
-    if level == "bottom":
-        cond = dict(cond_num_codes=int(cache_meta["codebook_sizes"][0]), cond_height=int(cache_meta["shapes"][0][0]),
-                    cond_width=int(cache_meta["shapes"][0][1]))
+    cond = cache_condition(cache_meta, level)
     num_classes = int(cache_meta.get("num_classes", 0)) if class_conditional else 0
     if class_conditional and num_classes < 1:
         raise UserError("the code cache has no class labels, so the prior cannot be class-conditional")
@@ -83,9 +94,10 @@ def check_prior_against_cache(config: ModelConfig, cache_meta: dict[str, Any], l
     if [config.height, config.width] != list(cache_meta["shapes"][i]):
         raise UserError(f"the prior models {config.height}x{config.width} code maps but the cache's {level} level "
                         f"is {cache_meta['shapes'][i][0]}x{cache_meta['shapes'][i][1]}")
-    if level == "bottom" and (config.cond_num_codes != int(cache_meta["codebook_sizes"][0])
-                              or [config.cond_height, config.cond_width] != list(cache_meta["shapes"][0])):
-        raise UserError("the bottom prior's top-code condition does not match the cache's top level")
+    above = level_above(list(cache_meta["level_names"]), level)
+    cond = cache_condition(cache_meta, level)
+    if above is not None and [config.cond_num_codes, config.cond_height, config.cond_width] != list(cond.values()):
+        raise UserError(f"the {level} prior's {above}-code condition does not match the cache's {above} level")
     if vqvae_sha256 and cache_meta.get("vqvae_sha256") and cache_meta["vqvae_sha256"] != vqvae_sha256:
         raise UserError(f"the code cache was extracted with a different VQ-VAE (sha256 "
                         f"{cache_meta['vqvae_sha256'][:12]}..., given {vqvae_sha256[:12]}...)")
@@ -97,18 +109,16 @@ def codes_to_images(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
 
 
 class PriorTask:
-    """Train-loop task for a categorical ``PixelSNAIL`` over code-cache batches {"top", "bottom", "label", ...}."""
+    """Train-loop task for a categorical ``PixelSNAIL`` over code-cache batches {"top", ..., "bottom", "label", ...}."""
 
     kind = "prior"
 
     def __init__(self, model_config: ModelConfig, data_config: DataConfig, level: str,
                  vqvae_payload: dict[str, Any] | None = None):
-        if level not in LEVELS:
-            raise UserError(f"level must be top or bottom, got {level!r}")
+        if level not in LEVELS and not level.startswith("middle"):
+            raise UserError(f"level must be top, middle(N) or bottom, got {level!r}")
         if model_config.head != "codes":
             raise UserError("a code prior needs a model config with head='codes'")
-        if level == "bottom" and not model_config.cond_num_codes:
-            raise UserError("a bottom prior must be conditioned on the top codes (cond_num_codes > 0)")
         self.model_config, self.data_config, self.level = model_config, data_config, level
         self.vqvae_payload = vqvae_payload
         self._vqvae: VQVAE | None = None
@@ -121,12 +131,20 @@ class PriorTask:
             self.levels = vqvae_config(vqvae_payload["config"]).levels
         else:
             self.levels = 2 if level == "bottom" else 1
+        self.level_names = level_names(self.levels)
+        if level not in self.level_names:
+            raise UserError(f"a {self.levels}-level VQ-VAE has no {level} level (it has "
+                            f"{', '.join(self.level_names)})")
+        self.condition_level = level_above(self.level_names, level)  # None for the top level
+        if self.condition_level and not model_config.cond_num_codes:
+            raise UserError(f"a {level} prior must be conditioned on the {self.condition_level} codes "
+                            f"(cond_num_codes > 0)")
 
     # ---- batches ----------------------------------------------------------------------------------------------------
     def _inputs(self, batch):
         """(codes to model, condition or None, label or None) of a batch."""
         x = batch[self.level]
-        condition = batch["top"] if self.level == "bottom" else None
+        condition = batch[self.condition_level] if self.condition_level else None
         label = batch["label"] if self.model_config.num_classes else None
         return x, condition, label
 
@@ -148,7 +166,7 @@ class PriorTask:
     def evaluate(self, model, loader) -> dict[str, float]:
         device = next(model.parameters()).device
         result = evaluate_nll(model, loader, device, key=self.level,
-                              condition_key="top" if self.level == "bottom" else None,
+                              condition_key=self.condition_level,
                               use_label=bool(self.model_config.num_classes))
         return {"bits_per_code": result["bits_per_value"]}
 
@@ -162,7 +180,8 @@ class PriorTask:
 
     @torch.no_grad()
     def grid(self, model, batch, generator) -> torch.Tensor:
-        """Samples of this level decoded through the VQ-VAE, one per batch item (its label / top codes)."""
+        """Samples of this level decoded through the VQ-VAE, one per batch item (its label / codes of the level
+        above)."""
         from .sampling import sample
 
         x, condition, label = self._inputs(batch)
@@ -170,14 +189,11 @@ class PriorTask:
         vq = self.vqvae(codes.device)
         if vq is None:
             return codes_to_images(codes, self.model_config.num_codes)
-        if self.levels == 1:
-            return vq.decode([codes])
-        if self.level == "bottom":
-            return vq.decode([batch["top"], codes])  # sampled bottoms under the real tops they were conditioned on
-        # A top prior of a 2-level VQ-VAE has no bottoms of its own: pair the sampled tops with the batch's real
-        # bottoms. This shows what the top codes control (global layout, colour); it is not a full sample, which
-        # needs the bottom prior too (``vqprior sample`` with both priors).
-        return vq.decode([codes, batch["bottom"]])
+        # The sampled level under (or over) the batch's real codes of every other level: a bottom prior's samples
+        # under the real codes they were conditioned on; a top prior's sampled tops with the real lower levels,
+        # which shows what the top codes control (global layout, colour). Not a full sample, which needs every
+        # level's prior (``vqprior sample`` with all of them).
+        return vq.decode([codes if name == self.level else batch[name] for name in self.level_names])
 
     def config_dicts(self) -> dict:
         return {"model": self.model_config.to_dict(), "data": self.data_config.to_dict(),

@@ -57,7 +57,8 @@ def _check_inputs(model, num, shape, label, condition, prefix, start, device):
         raise SamplingError("this model is not conditioned on a code map: do not pass condition codes")
     if c.cond_num_codes:
         if condition is None:
-            raise SamplingError("this is a bottom prior: pass the top codes as condition")
+            raise SamplingError("this is a bottom (or middle) prior: pass the top codes (the codes of the level "
+                                "above) as condition")
         condition = _check_codes(condition, "condition (top) codes", (num, c.cond_height, c.cond_width),
                                  c.cond_num_codes, device)
     positions = shape[-2] * shape[-1]

@@ -1,8 +1,9 @@
-"""VQ-VAE (van den Oord et al., 2017) with one level or a VQ-VAE-2 style top/bottom hierarchy (Razavi et al., 2019).
+"""VQ-VAE (van den Oord et al., 2017) with one level or a VQ-VAE-2 style hierarchy (Razavi et al., 2019) of two or
+more levels: top/bottom, or top, middle(s), bottom (names in ``vqprior.levels``).
 
 This module owns the VQ-VAE: its config and presets and the encoder/decoder; the EMA vector quantizer is in
 ``vqprior.quantizer``. Public use:
-``encode(uint8 images) -> [codes per level]`` ordered [top, bottom] (one element for one level),
+``encode(uint8 images) -> [codes per level]`` ordered coarsest first ([top, bottom]; one element for one level),
 ``decode(codes) -> uint8 images``, ``code_shapes(H, W)``. Images are scaled to [-1, 1] internally.
 
 The codebooks are buffers updated by exponential moving averages (decay 0.99) of the encoder outputs assigned to
@@ -24,9 +25,10 @@ from torch import nn
 from .config import VQVAE_PRESETS, ConfigError, _strict_from_dict  # VQVAE_PRESETS re-exported
 from .distributions import uint8_to_unit, unit_to_uint8
 from .errors import UserError
+from .levels import MAX_LEVELS, level_names
 from .quantizer import VectorQuantizer
 
-LEVEL_NAMES = {1: ("top",), 2: ("top", "bottom")}
+LEVEL_NAMES = {n: level_names(n) for n in range(1, MAX_LEVELS + 1)}  # {1: ("top",), 2: ("top", "bottom"), ...}
 
 
 class VQVAEInputError(UserError, ValueError):
@@ -35,18 +37,21 @@ class VQVAEInputError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class VQVAEConfig:
-    """VQ-VAE architecture. The bottom (or only) level sits at ``bottom_stride``; the top level of a 2-level model
-    sits ``top_stride`` times coarser. Both levels use ``codebook_size`` codes (stored as uint16, so <= 65536)."""
+    """VQ-VAE architecture. The bottom (or only) level sits at ``bottom_stride``; each level above it sits
+    ``top_stride`` times coarser than the one below (2 levels: the top at ``bottom_stride * top_stride``; 3 levels:
+    middle and top at 2 and 4 times the bottom's, as the VQ-VAE-2 paper's FFHQ-1024 model: 128x128, 64x64 and
+    32x32 codes at ``bottom_stride`` 8, ``top_stride`` 2). Every level uses ``codebook_size`` codes (stored as
+    uint16, so <= 65536)."""
 
     channels: int = 3  # image channels, 1 or 3
-    levels: int = 1  # 1, or 2 for the VQ-VAE-2 top/bottom hierarchy
+    levels: int = 1  # 1; 2 for the VQ-VAE-2 top/bottom hierarchy; 3+ adds middle levels
     codebook_size: int = 512
     embed_dim: int = 64  # code vector width
     hidden: int = 128  # encoder/decoder channels
     res_blocks: int = 2
     res_channels: int = 32
     bottom_stride: int = 4  # image pixels per bottom code, per side (a power of 2)
-    top_stride: int = 2  # bottom codes per top code, per side (a power of 2; 2 levels only)
+    top_stride: int = 2  # codes of a level per code of the level above, per side (a power of 2; 2+ levels only)
     decay: float = 0.99  # EMA decay of the codebook statistics
     commitment: float = 0.25  # weight of the commitment loss
     dead_code_threshold: float = 1.0  # restart codes whose EMA assignment count falls below this (0 disables)
@@ -54,8 +59,8 @@ class VQVAEConfig:
     def __post_init__(self):
         if self.channels not in (1, 3):
             raise ConfigError(f"VQ-VAE channels must be 1 or 3, got {self.channels}")
-        if self.levels not in (1, 2):
-            raise ConfigError(f"levels must be 1 or 2, got {self.levels}")
+        if self.levels not in range(1, MAX_LEVELS + 1):
+            raise ConfigError(f"levels must be an integer in [1, {MAX_LEVELS}], got {self.levels}")
         if not 2 <= self.codebook_size <= 65536:
             raise ConfigError(f"codebook-size must be in [2, 65536] (codes are stored as uint16), "
                               f"got {self.codebook_size}")
@@ -78,7 +83,11 @@ class VQVAEConfig:
     @property
     def total_stride(self) -> int:
         """Image pixels per code of the coarsest level, per side."""
-        return self.bottom_stride * (self.top_stride if self.levels == 2 else 1)
+        return self.bottom_stride * self.top_stride ** (self.levels - 1)
+
+    def level_strides(self) -> list[int]:
+        """Image pixels per code, per side, of each level, coarsest first."""
+        return [self.bottom_stride * self.top_stride ** (self.levels - 1 - i) for i in range(self.levels)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,38 +160,55 @@ def make_upsampler(channels: int, stride: int) -> nn.Sequential:
 
 
 class VQVAE(nn.Module):
-    """One-level VQ-VAE, or the VQ-VAE-2 hierarchy: the top codes are decoded back to the bottom grid and joined
-    to the bottom encoder features before the bottom codes are chosen; the decoder sees both levels."""
+    """One-level VQ-VAE, or the VQ-VAE-2 hierarchy. Encoding is bottom-up then top-down: the encoder stacks run from
+    the image up to the top level's grid; the top codes are chosen first, and each level below joins its encoder
+    features with the level above's code vectors decoded to its grid before its codes are chosen. The decoder sees
+    every level, each upsampled to the bottom grid.
+
+    Module names: ``encoder`` (image -> bottom grid), ``pre_quant`` (the bottom level's), ``decoder``; the top level
+    of a hierarchy ``encoder_top``, ``pre_quant_top``, ``decoder_top`` (its vectors to the next level's grid),
+    ``upsample_top`` (to the bottom grid); the middle levels of 3+ the same in ``encoder_middle`` etc., lists ordered
+    coarsest first. Levels <= 2 build exactly the modules (and parameter order) of the first two-level version, so
+    their checkpoints and optimizer states load unchanged."""
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = c = config
         block = dict(res_blocks=c.res_blocks, res_channels=c.res_channels)
         self.encoder = make_encoder(c.channels, c.hidden, stride=c.bottom_stride, **block)
-        if c.levels == 2:
+        if c.levels >= 2:
             self.encoder_top = make_encoder(c.hidden, c.hidden, stride=c.top_stride, **block)
             self.pre_quant_top = nn.Conv2d(c.hidden, c.embed_dim, 1)
             self.decoder_top = make_decoder(c.embed_dim, c.embed_dim, c.hidden, stride=c.top_stride, **block)
-            self.upsample_top = make_upsampler(c.embed_dim, c.top_stride)
-        self.pre_quant = nn.Conv2d(c.hidden + (c.embed_dim if c.levels == 2 else 0), c.embed_dim, 1)
-        self.quantizers = nn.ModuleList(  # ordered like the codes: [top, bottom]
+            self.upsample_top = make_upsampler(c.embed_dim, c.top_stride ** (c.levels - 1))
+        if c.levels >= 3:  # middle levels: features from the level below, codes conditioned on the level above
+            middles = range(c.levels - 2)  # coarsest first; middle i sits top_stride ** (levels - 2 - i) above bottom
+            self.encoder_middle = nn.ModuleList(make_encoder(c.hidden, c.hidden, stride=c.top_stride, **block)
+                                                for _ in middles)
+            self.pre_quant_middle = nn.ModuleList(nn.Conv2d(c.hidden + c.embed_dim, c.embed_dim, 1) for _ in middles)
+            self.decoder_middle = nn.ModuleList(make_decoder(c.embed_dim, c.embed_dim, c.hidden, stride=c.top_stride,
+                                                             **block) for _ in middles)
+            self.upsample_middle = nn.ModuleList(make_upsampler(c.embed_dim, c.top_stride ** (c.levels - 2 - i))
+                                                 for i in middles)
+        self.pre_quant = nn.Conv2d(c.hidden + (c.embed_dim if c.levels >= 2 else 0), c.embed_dim, 1)
+        self.quantizers = nn.ModuleList(  # ordered like the codes: [top, ..., bottom]
             VectorQuantizer(c.codebook_size, c.embed_dim, c.decay, c.commitment, c.dead_code_threshold)
             for _ in range(c.levels))
         self.decoder = make_decoder(c.embed_dim * c.levels, c.channels, c.hidden, stride=c.bottom_stride, **block)
 
     @property
     def level_names(self) -> tuple[str, ...]:
-        """("top",) for one level, ("top", "bottom") for two: the order of ``encode``'s output."""
+        """("top",) for one level, ("top", "bottom") for two, ("top", "middle", "bottom") for three, ...: the order
+        of ``encode``'s output (``vqprior.levels``)."""
         return LEVEL_NAMES[self.config.levels]
 
     def code_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """Code map shapes [(h, w) per level], ordered [top, bottom], for ``height`` x ``width`` images."""
-        c, s = self.config, self.config.total_stride
+        """Code map shapes [(h, w) per level], coarsest first, for ``height`` x ``width`` images."""
+        s = self.config.total_stride
         if height % s or width % s or height < s or width < s:
             raise VQVAEInputError(f"image size {height}x{width} is not a multiple of the VQ-VAE's total stride {s}; "
                                   f"resize the images (e.g. --image-size {max(s, -(-max(height, width) // s) * s)})")
-        bottom = (height // c.bottom_stride, width // c.bottom_stride)
-        return [bottom] if c.levels == 1 else [(height // s, width // s), bottom]
+        return [(height // stride, width // stride) for stride in self.config.level_strides()]
 
     # ---- internals ------------------------------------------------------------------------------------------------
     def _to_unit(self, images: torch.Tensor) -> torch.Tensor:
@@ -194,32 +220,46 @@ class VQVAE(nn.Module):
         images = images.to(weight.device)
         return uint8_to_unit(images, weight.dtype) if images.dtype == torch.uint8 else images.to(weight.dtype)
 
+    def _level_modules(self, i: int) -> dict[str, nn.Module]:
+        """Level i's (0 = top) encoder (from the level below's features), pre-quantization conv, decoder to the
+        level below's grid and upsampler to the bottom grid; the bottom level has only ``pre_quant``."""
+        last = self.config.levels - 1
+        if i == last:
+            return {"pre_quant": self.pre_quant}
+        if i == 0:
+            return {"encoder": self.encoder_top, "pre_quant": self.pre_quant_top, "decoder": self.decoder_top,
+                    "upsample": self.upsample_top}
+        return {"encoder": self.encoder_middle[i - 1], "pre_quant": self.pre_quant_middle[i - 1],
+                "decoder": self.decoder_middle[i - 1], "upsample": self.upsample_middle[i - 1]}
+
     def _quantize(self, x: torch.Tensor, init_codebooks: bool = False) -> list[dict[str, torch.Tensor]]:
         """Encoder and quantizers for [-1, 1] images; with ``init_codebooks`` each codebook is first set from its
-        level's encoder outputs (the top one first, since the bottom encoder input depends on the top codes)."""
-        h = self.encoder(x)
+        level's encoder outputs (the top one first, since each level's encoder input depends on the codes above)."""
+        levels = self.config.levels
+        features = [self.encoder(x)]  # bottom-up: bottom grid first
+        for i in range(levels - 2, -1, -1):
+            features.append(self._level_modules(i)["encoder"](features[-1]))
+        features.reverse()  # coarsest first, like the codes
         outs = []
-        if self.config.levels == 2:
-            z_top = self.pre_quant_top(self.encoder_top(h))
+        for i in range(levels):  # top-down: each level sees the code vectors of the level above
+            h = features[i]
+            if i:
+                h = torch.cat([h, self._level_modules(i - 1)["decoder"](outs[-1]["quantized"])], 1)
+            z = self._level_modules(i)["pre_quant"](h)
             if init_codebooks:
-                self.quantizers[0].init_codebook(z_top)
-            outs.append(self.quantizers[0](z_top))
-            h = torch.cat([h, self.decoder_top(outs[0]["quantized"])], 1)
-        z = self.pre_quant(h)
-        if init_codebooks:
-            self.quantizers[-1].init_codebook(z)
-        outs.append(self.quantizers[-1](z))
+                self.quantizers[i].init_codebook(z)
+            outs.append(self.quantizers[i](z))
         return outs
 
     def _decode_vectors(self, vectors: list[torch.Tensor]) -> torch.Tensor:
-        """Code vectors per level [top, bottom] -> reconstruction in [-1, 1] model range (unclamped)."""
-        q = torch.cat([self.upsample_top(vectors[0]), vectors[1]], 1) if self.config.levels == 2 else vectors[0]
-        return self.decoder(q)
+        """Code vectors per level (coarsest first) -> reconstruction in [-1, 1] model range (unclamped)."""
+        upsampled = [self._level_modules(i)["upsample"](v) for i, v in enumerate(vectors[:-1])]
+        return self.decoder(torch.cat([*upsampled, vectors[-1]], 1) if upsampled else vectors[-1])
 
     # ---- public -----------------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict[str, Any]:
         """Reconstruct a batch (uint8, or float already in [-1, 1]). Returns ``recon`` (model range), ``target``,
-        ``loss`` = ``recon_loss`` (MSE in model range) + ``commitment``, ``codes`` [top, bottom] and ``stats`` for
+        ``loss`` = ``recon_loss`` (MSE in model range) + ``commitment``, ``codes`` (coarsest first) and ``stats`` for
         ``update_codebooks``. Never changes the codebooks."""
         x = self._to_unit(images)
         outs = self._quantize(x)
@@ -243,7 +283,7 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """uint8 images (B, C, H, W) -> int64 codes [(B, h, w) per level], ordered [top, bottom]."""
+        """uint8 images (B, C, H, W) -> int64 codes [(B, h, w) per level], coarsest first ([top, bottom])."""
         return [o["codes"] for o in self._quantize(self._to_unit(images))]
 
     @torch.no_grad()
@@ -254,7 +294,7 @@ class VQVAE(nn.Module):
 
     def check_codes(self, codes: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
         """Raise VQVAEInputError (one line) unless ``codes`` fit this VQ-VAE: one int map per level, in range,
-        with the top map ``top_stride`` times coarser than the bottom one."""
+        each map ``top_stride`` times coarser than the one below it."""
         c = self.config
         if isinstance(codes, torch.Tensor) or len(codes) != c.levels:
             raise VQVAEInputError(f"this VQ-VAE has {c.levels} level(s): pass a list of {c.levels} code map(s) "
@@ -266,16 +306,17 @@ class VQVAE(nn.Module):
             if level.numel() and (int(level.min()) < 0 or int(level.max()) >= c.codebook_size):
                 raise VQVAEInputError(f"{name} codes outside the codebook: values must be in "
                                       f"[0, {c.codebook_size - 1}], got [{int(level.min())}, {int(level.max())}]")
-        if c.levels == 2:
-            top, bottom = codes
-            expected = (top.shape[0], top.shape[1] * c.top_stride, top.shape[2] * c.top_stride)
-            if tuple(bottom.shape) != expected:
-                raise VQVAEInputError(f"bottom codes must have shape {expected} for top codes of shape "
-                                      f"{tuple(top.shape)}, got {tuple(bottom.shape)}")
+        for i in range(1, c.levels):
+            above, below = codes[i - 1], codes[i]
+            expected = (above.shape[0], above.shape[1] * c.top_stride, above.shape[2] * c.top_stride)
+            if tuple(below.shape) != expected:
+                raise VQVAEInputError(f"{self.level_names[i]} codes must have shape {expected} for "
+                                      f"{self.level_names[i - 1]} codes of shape {tuple(above.shape)}, "
+                                      f"got {tuple(below.shape)}")
 
     @torch.no_grad()
     def decode(self, codes: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """int codes [(B, h, w) per level], ordered [top, bottom] -> uint8 images (B, C, H, W)."""
+        """int codes [(B, h, w) per level], coarsest first ([top, bottom]) -> uint8 images (B, C, H, W)."""
         self.check_codes(codes)
         device = self.pre_quant.weight.device
         vectors = [q.lookup(level.to(device).long()) for q, level in zip(self.quantizers, codes)]

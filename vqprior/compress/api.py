@@ -1,7 +1,8 @@
 """Lossless compression with a tractable-likelihood model: images with a pixel model, VQ-VAE code maps with priors.
 
 ``compress_images(model, images)`` -> (file bytes, stats); ``decompress_images(model, data)`` -> (images, names);
-``compress_codes([top(, bottom)], codes)`` / ``decompress_codes([top(, bottom)], data)`` likewise for code maps.
+``compress_codes([top(, middle...)(, bottom)], codes)`` / ``decompress_codes(priors, data)`` likewise for code maps
+(one prior per level, coarsest first, each conditioned on the level above).
 A file takes about -log2 p(x) bits under the model (``stats["model_bits"]``) plus a fixed header of ~130 bytes.
 
 Class-conditional models: the encoder gives each item the label under which the model codes it in the fewest bits
@@ -15,6 +16,7 @@ import torch
 
 from . import container
 from .coding import Decoder, Encoder, code_codes, code_labels, code_pixels, deterministic_coding
+from ..levels import MAX_LEVELS, level_names
 from .container import CompressedFileError, Header
 
 DEFAULT_CHUNK = 64
@@ -32,14 +34,15 @@ def _check_chunk(chunk) -> int:
 
 @torch.no_grad()
 def _log_probs(models, arrays, label=None, batch: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """(N,) total log-likelihood in nats of the items under the chain of models (a bottom prior sees the top),
+    """(N,) total log-likelihood in nats of the items under the chain of models (each prior below the top sees the
+    level above),
     by full forward passes over ``batch`` items at a time."""
     n, out = arrays[0].shape[0], []
     for start in range(0, n, batch):
         part, total = slice(start, min(n, start + batch)), 0.0
         for i, (model, x) in enumerate(zip(models, arrays)):
             device = _device(model)
-            cond = arrays[0][part].to(device) if i == 1 else None
+            cond = arrays[i - 1][part].to(device) if i else None
             lab = label[part].to(device) if model.config.num_classes else None
             log_prob = model.log_prob(x[part].to(device), condition=cond, label=lab)
             total = total + log_prob.double().flatten(1).sum(1).cpu()
@@ -50,7 +53,9 @@ def _log_probs(models, arrays, label=None, batch: int = DEFAULT_CHUNK) -> torch.
 def _num_classes(models) -> int:
     classes = {m.config.num_classes for m in models if m.config.num_classes}
     if len(classes) > 1:
-        raise CompressedFileError(f"the top and bottom priors have different numbers of classes: {sorted(classes)}")
+        raise CompressedFileError(f"the top and bottom priors have different numbers of classes: {sorted(classes)}"
+                                  if len(models) == 2 else
+                                  f"the priors have different numbers of classes: {sorted(classes)}")
     return classes.pop() if classes else 0
 
 
@@ -102,11 +107,11 @@ def _decode(models, kind: str, data: bytes, where: str, decode_chunk) -> tuple[H
         raise CompressedFileError(f"{where} holds {h.kind}: decompress it with {other}")
     if len(h.model_sha256) != len(models):
         raise CompressedFileError(f"{where} was coded with {len(h.model_sha256)} prior(s), {len(models)} given "
-                                  f"(a 2-level file needs the top prior and --bottom)")
+                                  f"(a 2-level file needs the top prior and --bottom; 3+ levels --middle too)")
     for level, (model, sha) in enumerate(zip(models, h.model_sha256)):
         mine = container.model_sha256(model)
         if mine != sha:
-            what = "the model" if kind == "pixels" else ("the top prior", "the bottom prior")[level]
+            what = "the model" if kind == "pixels" else f"the {level_names(len(models))[level]} prior"
             raise CompressedFileError(f"{where} was compressed with another model: {what} has sha256 "
                                       f"{mine.hex()[:12]}..., the file needs {sha.hex()[:12]}...")
     for level, (model, shape) in enumerate(zip(models, h.shapes)):
@@ -174,22 +179,27 @@ def decompress_images(model, data: bytes, where: str = "the file") -> tuple[torc
 
 def _check_priors(priors) -> list:
     priors = list(priors)
-    if not 1 <= len(priors) <= 2 or any(p.config.head != "codes" for p in priors):
-        raise CompressedFileError("code maps are coded with one prior, or a top prior and a bottom prior")
+    if not 1 <= len(priors) <= MAX_LEVELS or any(p.config.head != "codes" for p in priors):
+        raise CompressedFileError("code maps are coded with one prior, or a top prior and a bottom prior (and "
+                                  "the middle priors between them)")
     if len(priors) == 2 and not priors[1].config.cond_num_codes:
         raise CompressedFileError("the second prior must be a bottom prior (conditioned on the top codes)")
+    for name, prior in zip(level_names(len(priors))[1:], priors[1:]):
+        if not prior.config.cond_num_codes:
+            raise CompressedFileError(f"the {name} prior must be conditioned on the codes of the level above")
     if priors[0].config.cond_num_codes:
         raise CompressedFileError("the first prior must be a top prior, not a bottom prior")
     return priors
 
 
 def compress_codes(priors, codes: list[torch.Tensor], chunk: int = DEFAULT_CHUNK) -> tuple[bytes, dict]:
-    """int code maps [top(, bottom)], each (N, h, w), with the priors [top(, bottom given top)] -> (bytes, stats)."""
+    """int code maps [top(, middle...)(, bottom)], each (N, h, w), with the priors [top, each lower level given the
+    one above] -> (bytes, stats)."""
     priors = _check_priors(priors)
     if len(codes) != len(priors):
         raise CompressedFileError(f"{len(priors)} prior(s) need {len(priors)} code map level(s), got {len(codes)}")
     codes = [torch.as_tensor(c).cpu() for c in codes]
-    for name, prior, c in zip(("top", "bottom"), priors, codes):
+    for name, prior, c in zip(level_names(len(priors)), priors, codes):
         cfg = prior.config
         if c.dim() != 3 or c.dtype.is_floating_point or c.dtype == torch.bool:
             raise CompressedFileError(f"{name} codes must be an integer array (N, h, w), got {c.dtype} "
@@ -202,25 +212,27 @@ def compress_codes(priors, codes: list[torch.Tensor], chunk: int = DEFAULT_CHUNK
                                       f"[0, {cfg.num_codes - 1}], got [{int(c.min())}, {int(c.max())}]")
     if len(codes) == 2 and codes[0].shape[0] != codes[1].shape[0]:
         raise CompressedFileError("top and bottom code maps differ in number")
+    if len({c.shape[0] for c in codes}) > 1:
+        raise CompressedFileError("the levels' code maps differ in number")
     codes = [c.long() for c in codes]
 
     def code_chunk(side, arrays, label):
         for i, prior in enumerate(priors):
             lab = label if prior.config.num_classes else None
-            code_codes(prior, side, tuple(arrays[i].shape), arrays[i], lab, arrays[0] if i else None)
+            code_codes(prior, side, tuple(arrays[i].shape), arrays[i], lab, arrays[i - 1] if i else None)
 
     return _encode(priors, "codes", codes, chunk, None, code_chunk)
 
 
 def decompress_codes(priors, data: bytes, where: str = "the file") -> list[torch.Tensor]:
-    """The inverse of ``compress_codes``: the int64 code maps [top(, bottom)]."""
+    """The inverse of ``compress_codes``: the int64 code maps [top(, middle...)(, bottom)]."""
     priors = _check_priors(priors)
 
     def decode_chunk(side, b, shapes, label):
         out = []
         for i, prior in enumerate(priors):
             lab = label if prior.config.num_classes else None
-            out.append(code_codes(prior, side, (b, *shapes[i][:2]), None, lab, out[0] if i else None))
+            out.append(code_codes(prior, side, (b, *shapes[i][:2]), None, lab, out[i - 1] if i else None))
         return out
 
     return _decode(priors, "codes", data, where, decode_chunk)[1]

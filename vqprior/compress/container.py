@@ -4,11 +4,11 @@ Layout, little-endian::
 
     magic        4s   b"VQPZ"
     version      u8   FORMAT_VERSION
-    kind         u8   1 = pixels (uint8 images), 2 = codes (VQ-VAE code maps, top first)
+    kind         u8   1 = pixels (uint8 images), 2 = codes (VQ-VAE code maps, coarsest (top) first)
     count        u32  items (images or code maps) N
     chunk        u32  items coded together (the cached sampler's batch; the decoder must use the same)
     num_classes  u16  > 0: each item's class label is coded first in its chunk (uniformly over the classes)
-    levels       u8   1 for pixels and 1-level priors, 2 for top + bottom
+    levels       u8   1 for pixels and 1-level priors, 2 for top + bottom, N for a hierarchy of N levels
     per level:   32s  sha256 of the model (``model_sha256``: config and weights), then u16 x 3: pixels (C, H, W),
                       codes (h, w, 0)
     env          u8 length + ASCII: what computed the probabilities (``environment``), "torch V cpu CAPABILITY
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..levels import MAX_LEVELS
 
 MAGIC = b"VQPZ"
 FORMAT_VERSION = 1
@@ -204,7 +205,7 @@ def unpack(data: bytes, where: str = "the file") -> Header:
     r = _Reader(data[:-4])
     try:
         _, _, kind, count, chunk, num_classes, levels = r.unpack(_FIXED)
-        if kind not in KINDS or levels not in (1, 2) or chunk < 1:
+        if kind not in KINDS or not 1 <= levels <= MAX_LEVELS or chunk < 1:
             raise CompressedFileError(f"{where} has an invalid header")
         per_level = [r.unpack(_LEVEL) for _ in range(levels)]
         env = r.take(r.take(1)[0]).decode("ascii", "replace")

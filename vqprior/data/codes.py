@@ -5,12 +5,13 @@ Format (version 1). An LMDB environment folder (``data.mdb`` + ``lock.mdb``), on
 
 - ``b"__meta__"``: UTF-8 JSON object::
 
-      {"format": "vqprior-codes", "format_version": 1, "levels": 1 | 2, "level_names": ["top"(, "bottom")],
+      {"format": "vqprior-codes", "format_version": 1, "levels": N, "level_names": ["top", ..., "bottom"],
        "shapes": [[h, w], ...], "codebook_sizes": [K, ...], "dataset": str, "split": str, "vqvae_sha256": str,
        "count": N, "image_shape": [C, H, W], "num_classes": int, "record_header": "<qq", "code_dtype": "<u2",
        "vqvae_path": str}   (vqvae_path: where the VQ-VAE checkpoint was at extraction, a hint; the sha256 decides)
 
-  ``shapes`` and ``codebook_sizes`` are per level, ordered like ``level_names`` (top first).
+  ``shapes`` and ``codebook_sizes`` are per level, ordered like ``level_names`` (top first): ["top"] for one
+  level, ["top", "bottom"] for two, ["top", "middle", "bottom"] for three (``vqprior.levels``).
 - ``b"%08d" % i`` for i in 0..N-1: one record per item: a 16-byte little-endian header ``struct.pack("<qq",
   label, source_index)`` (label -1 when the dataset has none; ``source_index`` is the item's index in the source
   split), then the codes of every level in ``level_names`` order, each ``h * w`` little-endian uint16 values in
@@ -174,11 +175,12 @@ def read_code_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class CodeDataset(Dataset):
-    """Items ``{"top": int64 (h, w), "bottom": int64 (h, w) (2 levels only), "label": int64, "index": int64}``.
+    """Items ``{"top": int64 (h, w), ("middle": ..., )"bottom": int64 (h, w) (2+ levels), "label": int64, "index":
+    int64}``, one entry per level named as in ``level_names``.
 
-    ``level`` ("top" | "bottom" | None) only checks the cache has that level and selects ``codebook_size``; every
-    level is returned, since a bottom prior needs the top codes as its condition. The LMDB environment is opened
-    lazily in each process (it cannot be pickled to spawned DataLoader workers).
+    ``level`` (a level name or None) only checks the cache has that level and selects ``codebook_size``; every
+    level is returned, since a lower level's prior needs the codes of the level above as its condition. The LMDB
+    environment is opened lazily in each process (it cannot be pickled to spawned DataLoader workers).
     """
 
     def __init__(self, path: str | os.PathLike, level: str | None = None):
