@@ -23,7 +23,8 @@ FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_c
               help="1; 2 for a VQ-VAE-2 top/bottom hierarchy; 3 adds a middle level (top, middle, bottom), N > 3 "
                    "middle1 .. middle{N-2}, each level --top-stride coarser than the one below. [default: 2 for "
                    "--preset vqvae2-256, else 1]")
-@click.option("--codebook-size", type=click.IntRange(2, 65536), default=None, help="Codes per codebook (default: preset).")
+@click.option("--codebook-size", type=click.IntRange(2, 65536), default=None,
+              help="Codes per codebook (default: preset).")
 @click.option("--preset", type=click.Choice(list(VQVAE_PRESETS)), default="small", show_default=True,
               help="VQ-VAE architecture preset.")
 @click.option("--embed-dim", type=click.IntRange(min=1), default=None,
