@@ -1,4 +1,5 @@
-"""Host memory allocation that keeps freed memory for the next step instead of faulting it in again.
+"""Host memory allocation: keep freed memory for the next step instead of faulting it in again, or (for training
+with activation checkpointing) give it back at once.
 
 Why: a training step on the CPU allocates and frees the same large activation tensors every step. glibc's malloc
 serves blocks above ``M_MMAP_THRESHOLD`` (128 KiB at start, raised dynamically) with fresh ``mmap`` and gives the
@@ -19,10 +20,11 @@ environment settings, or a preloaded allocator (tcmalloc, jemalloc), take preced
 speed): a fixed mmap threshold of 1 MiB, so every activation-sized block is mapped when allocated and unmapped when
 freed, and glibc's default trim threshold and top pad. The process's resident memory then follows its live
 tensors. Kept in the heap instead, blocks freed in the middle of it stay resident (glibc can only give back the top):
-the 89M-parameter bottom prior of docs/vqvae2-256.md, checkpointed, peaked at 438 MB more resident memory per image
-of the batch with glibc's defaults, 205 MB with the 1 MiB threshold, for the same tensors. The price is the page
-faults ``retain_freed_memory`` avoids, small next to a step of a model that needs the option. Calling one after the
-other switches (``train`` does, after the CLI's ``retain_freed_memory``); blocks already in the heap stay there.
+the checkpointed 89M-parameter bottom prior of docs/vqvae2-256.md, before its other memory savings, peaked 438 MB
+higher per image of the batch with glibc's defaults and 205 MB higher with a 1 MiB threshold, for the same tensors.
+The price is the page faults ``retain_freed_memory`` avoids, small next to a step of a model that needs the option.
+Calling one after the other switches (``train`` does, after the CLI's ``retain_freed_memory``); blocks already in
+the heap stay there.
 """
 from __future__ import annotations
 
