@@ -24,7 +24,10 @@ Rows (theirs at their train scripts' defaults; ours at the matched presets, para
   squares; it grows with the rows passed) and summed over every position: an extrapolation, labelled so.
 
 How each number is measured: s/step is the median over ``--steps`` timed steps after one warm-up step
-(``time.perf_counter``). Peak RSS is ``ru_maxrss`` of the subprocess after the timed steps. Per image: (peak RSS
+(``time.perf_counter``). Peak RSS is ``ru_maxrss`` of the subprocess after the timed steps; our training rows set
+glibc's allocator as ``vqprior train`` does (``vqprior.allocator.configure_for_training``: freed memory kept, or
+given back at once with checkpointing), the peer's rows run with glibc's defaults as its scripts do, or with ours
+under checkpointing (``--peer-allocator lean``). Per image: (peak RSS
 minus the RSS after building the model, minus 3 x the parameter bytes for the gradients and Adam's two moments)
 / batch, i.e. activations and workspace per image.
 
@@ -106,7 +109,7 @@ def timed(step, steps: int) -> float:
     return statistics.median(times)
 
 
-def train_row(side: str, row: str, s: dict, batch: int, steps: int) -> dict:
+def train_row(side: str, row: str, s: dict, batch: int, steps: int, peer_allocator: str = "default") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -150,6 +153,12 @@ def train_row(side: str, row: str, s: dict, batch: int, steps: int) -> dict:
                     return -model.log_prob(target, label=label).mean()
                 return -model.log_prob(target, condition=top).mean()
     model.train()
+    if side == "ours":  # host memory settings as `vqprior train` makes them (vqprior.allocator)
+        from vqprior.allocator import configure_for_training
+        configure_for_training(row == "bottom+ckpt")
+    elif peer_allocator == "lean":
+        from vqprior.allocator import return_freed_memory
+        return_freed_memory()
     params = sum(p.numel() for p in model.parameters())
     built = rss_mb()
     if side == "ours":
@@ -255,7 +264,7 @@ def worker(args) -> dict:
     if row == "sample":
         return sample_row(side, s, args.fit_rows, args.sample_batch)
     batch = args.vq_batch if row == "vqvae" else args.prior_batch
-    return train_row(side, row, s, batch, args.steps)
+    return train_row(side, row, s, batch, args.steps, args.peer_allocator)
 
 
 # ---- the table ----------------------------------------------------------------------------------------------------
@@ -272,7 +281,8 @@ def machine() -> str:
 def run_worker(args, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--peer", args.peer, "--threads", str(args.threads),
            "--steps", str(args.steps), "--vq-batch", str(args.vq_batch), "--prior-batch", str(args.prior_batch),
-           "--fit-rows", str(args.fit_rows), "--sample-batch", str(args.sample_batch)]
+           "--fit-rows", str(args.fit_rows), "--sample-batch", str(args.sample_batch),
+           "--peer-allocator", args.peer_allocator]
     cmd += ["--quick"] if args.quick else []
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -286,6 +296,9 @@ def main(args) -> None:
     print(f"# bench/peer_256.py on {machine()}; {args.threads} threads; "
           f"{'QUICK (tiny widths, 32x32 images)' if args.quick else '256x256 images'}")
     print(f"# command: python bench/peer_256.py {' '.join(sys.argv[1:])}")
+    print("# host memory (glibc): ours as `vqprior train` sets it (freed memory kept for the next step; given back at "
+          "once with --checkpoint-activations), theirs " + ("with glibc's defaults" if args.peer_allocator == "default"
+                                                             else "given back at once like ours with checkpointing"))
     if set(rows) & {"vqvae", "top", "bottom", "bottom+ckpt"}:
         print("| row | batch | theirs: params, images/s, peak RSS MB, MB/image | ours: params, images/s, peak RSS MB, "
               "MB/image | speed ours/theirs | memory/image ours/theirs |")
@@ -337,6 +350,9 @@ if __name__ == "__main__":
     p.add_argument("--prior-batch", type=int, default=1)
     p.add_argument("--fit-rows", type=int, default=4, help="rows of theirs timed per level for the extrapolation")
     p.add_argument("--sample-batch", type=int, default=8, help="samples drawn together (sample.py's default: 8)")
+    p.add_argument("--peer-allocator", choices=("default", "lean"), default="default",
+                   help="host memory settings of the peer's rows: glibc's defaults (as its scripts run) or the ones "
+                        "ours trains with under --checkpoint-activations (vqprior.allocator.return_freed_memory)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.peer, "pixelsnail.py")):

@@ -72,8 +72,9 @@ def train_options(fn=None, **defaults):
                           "first step's compile time is reported once."),
         click.option("--checkpoint-activations/--no-checkpoint-activations", "checkpoint_activations",
                      default=d.checkpoint_activations, show_default=True,
-                     help="Recompute each gated block and attention step in the backward pass: less memory, more "
-                          "time per step."),
+                     help="Recompute each gated block and attention step (its parts one at a time), the stem and "
+                          "the condition stack in the backward pass, and give freed host memory back at once: less "
+                          "memory, more time per step."),
         click.option("--time-limit", type=click.FloatRange(min=0), default=d.time_limit, show_default=True,
                      metavar="MINUTES",
                      help="End the run (final evaluation, samples, checkpoint) once this many minutes of step time "

@@ -49,10 +49,14 @@ class CausalSelfAttention(nn.Module):
         return self.q_proj(self.q_block(torch.cat([h, bg.expand(h.shape[0], -1, -1, -1)], 1)))
 
     def forward(self, raw: torch.Tensor, h: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = h.shape
-        L, n = H * W, self.heads
         k, v = self.keys_values(raw, h, bg)
-        q = self.queries(h, bg)
+        return self.attend(self.queries(h, bg), k, v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, value, H, W): each position's causal softmax attention over the positions before it, from (B, key,
+        H, W) queries and keys and (B, value, H, W) values."""
+        B, _, H, W = q.shape
+        L, n = H * W, self.heads
 
         def to_heads(t):  # (B, C, H, W) -> (B, heads, L, C / heads)
             return t.flatten(2).transpose(1, 2).reshape(B, L, n, -1).transpose(1, 2)

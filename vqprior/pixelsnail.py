@@ -34,6 +34,12 @@ class ConditionStack(nn.Module):
         return F.interpolate(x, size=size, mode="nearest")
 
 
+def _run(recompute: bool, fn, *args):
+    """``fn(*args)``, checkpointed when ``recompute``: only its inputs are kept for the backward pass, where it runs
+    again (with the RNG state it first ran with, so dropout masks and gradients are the same)."""
+    return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+
+
 class PixelSNAILBlock(nn.Module):
     """``res_blocks`` causal gated residual blocks, then (optionally) one attention step."""
 
@@ -53,18 +59,22 @@ class PixelSNAILBlock(nn.Module):
         """``recompute``: keep only the input of each gated block and of the attention step for the backward pass
         and recompute the rest there (activation checkpointing at the finest step that still pays: one gated
         block's activations are alive at a time instead of a whole PixelSNAIL block's)."""
-        def run(fn, *args):
-            return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
-
         for block in self.res:
-            h = run(block, h, None, label, cond)
+            h = _run(recompute, block, h, None, label, cond)
         if self.attn is not None:
-            h = run(self.attend, h, raw, bg, label, cond)
+            h = _run(recompute, self.attend, h, raw, bg, label, cond, recompute)
         return h
 
-    def attend(self, h, raw, bg, label=None, cond=None):
-        """The attention step: causal attention over the block output, into a 1x1 gated block as auxiliary input."""
-        return self.out(h, aux=self.attn(raw, h, bg), label=label, cond=cond)
+    def attend(self, h, raw, bg, label=None, cond=None, recompute: bool = False):
+        """The attention step: causal attention over the block output, into a 1x1 gated block as auxiliary input.
+
+        With ``recompute`` (inside the block's own checkpoint) its four parts are checkpointed again: recomputing
+        the whole step at once held all of them (the 514-channel key/value block, the query block, the attention
+        and the output block: 150 MB per 64x64 map at 256 filters, the largest recomputed unit by far); nested,
+        one part is recomputed at a time, for one more forward pass of the attention step."""
+        k, v = _run(recompute, self.attn.keys_values, raw, h, bg)
+        q = _run(recompute, self.attn.queries, h, bg)
+        return _run(recompute, self.out, h, _run(recompute, self.attn.attend, q, k, v), label, cond)
 
 
 class PixelSNAIL(nn.Module):
@@ -138,24 +148,35 @@ class PixelSNAIL(nn.Module):
             return None
         return self.condition(condition, size)
 
+    def memory_format(self) -> torch.memory_format:
+        """Speed: wide models run with channels-last (NHWC) activations. oneDNN's 2x2 convolution from 256 to 512
+        channels takes 149 ms forward+backward in NHWC against 342 ms in NCHW on CPU (batch 8, 32x32), and a
+        paper-cifar10 fp32 step 39.5 s against 45.8 s; at 64 filters the layout copies around attention cost more
+        than the convolutions gain (0.55 vs 0.49 s per `small` step), so narrow models stay NCHW. Every op of the
+        forward pass keeps the layout it is given; only the summation order inside the convolutions differs."""
+        return torch.channels_last if self.config.filters >= 128 else torch.contiguous_format
+
+    def stem_features(self, raw: torch.Tensor) -> torch.Tensor:
+        """The stem's output (B, filters, H, W) from the raw map, with a channel of ones that tells image from the
+        stem's zero padding."""
+        B, _, H, W = raw.shape
+        stem_in = torch.cat([raw, raw.new_ones(B, 1, H, W)], 1)
+        return self.stem(stem_in.contiguous(memory_format=self.memory_format()))
+
     # ---- forward ------------------------------------------------------------------------------------------------
     def forward_raw(self, raw: torch.Tensor, label=None, condition=None) -> torch.Tensor:
         """Head parameters (B, P, H, W) from the raw input map (see ``embed_input``)."""
         B, _, H, W = raw.shape
-        # Speed: wide models run with channels-last (NHWC) activations. oneDNN's 2x2 convolution from 256 to 512
-        # channels takes 149 ms forward+backward in NHWC against 342 ms in NCHW on CPU (batch 8, 32x32), and a
-        # paper-cifar10 fp32 step 39.5 s against 45.8 s; at 64 filters the layout copies around attention cost more
-        # than the convolutions gain (0.55 vs 0.49 s per `small` step), so narrow models stay NCHW. Every op below
-        # keeps the layout it is given; only the summation order inside the convolutions differs.
-        nhwc = torch.channels_last if self.config.filters >= 128 else torch.contiguous_format
+        nhwc = self.memory_format()
         raw = raw.contiguous(memory_format=nhwc)
-        stem_in = torch.cat([raw, raw.new_ones(B, 1, H, W)], 1).contiguous(memory_format=nhwc)
-        cond = self.condition_features(condition, (H, W))
+        # With checkpointing the stem and the condition stack are recomputed too: their inputs (the raw map, the
+        # top codes) are kept anyway, their padded copies (8 MB per 64x64 map at 256 filters) need not be.
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        cond = _run(recompute, self.condition_features, condition, (H, W)) if self.condition is not None else None
         if cond is not None:
             cond = cond.contiguous(memory_format=nhwc)
         bg = background(H, W, raw.device, raw.dtype).expand(B, -1, -1, -1).contiguous(memory_format=nhwc)
-        h = self.stem(stem_in)
-        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        h = _run(recompute, self.stem_features, raw)
         for block in self.blocks:
             h = block(h, raw, bg, label, cond, recompute=recompute)
         return self.head(h)

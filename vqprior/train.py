@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .acceleration import StepTimer, Throughput, clip_and_measure, compile_model, make_optimizer
-from .allocator import retain_freed_memory
+from .allocator import configure_for_training
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .determinism import autotune_convolutions
@@ -70,7 +70,9 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
     device = torch.device(device)
     apply_precision_policy(config.precision, device)
     autotune_convolutions()  # cuDNN autotuned unless --deterministic
-    retain_freed_memory()  # host memory freed by one step is reused by the next, not faulted in again
+    # Host memory: freed by one step and reused by the next, not faulted in again; or, with activation checkpointing
+    # (memory before speed), given back at once so that resident memory follows the live tensors (vqprior.allocator).
+    configure_for_training(config.checkpoint_activations)
     run = TrainingRun(task, config, out_dir, device, progress=progress, num_workers=num_workers)
     # The order of these calls is the order in which they draw from the global RNG (model init, data-dependent
     # init, the eval copy's init): keep it, or runs stop being reproducible across versions.
