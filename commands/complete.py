@@ -35,8 +35,7 @@ from .sample import guidance_checks, guidance_option, load_lower_priors
 @click.option("--quiet", is_flag=True, help="No progress bar (shown over the positions to sample on a terminal).")
 @guarded
 def complete(checkpoint, image_path, keep_rows, bottom, middle, num, out, seed, temperature, top_k, top_p, label,
-             guidance,
-             method, scale, compile_step, device, precision, quiet):
+             guidance, method, scale, compile_step, device, precision, quiet):
     """Complete the image: keep its first --keep-rows rows exactly and sample the rest, --num times.
 
     Pixel models condition on the exact raster prefix. Priors encode the image with their embedded VQ-VAE, keep

@@ -93,9 +93,8 @@ def sampling_options(fn):
 @guarded
 @removes_new_folder_on_error("out_dir", discard=lambda folder: True)  # a failed command leaves no --out-dir
 def sample(checkpoint, bottom, middle, num, out, seed, temperature, top_k, top_p, label, guidance, method, nrow,
-           batch_size,
-           scale, out_dir, overwrite, class_rows, save_codes, save_array, animate, compile_step, device, precision,
-           quiet):
+           batch_size, scale, out_dir, overwrite, class_rows, save_codes, save_array, animate, compile_step, device,
+           precision, quiet):
     """Sample from CKPT (a pixel model or a code prior): an image grid (--out), one PNG per sample (--out-dir),
     the uint8 array (--save-array) and/or the codes (--save-codes); at least one of them."""
     import torch
