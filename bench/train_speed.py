@@ -7,7 +7,12 @@ forward under ``torch.autocast("cpu", dtype=torch.bfloat16)``; backward and opti
 
 How each number is measured:
 
-* **s/step, images/s**: median over ``repeats`` timed steps (``time.perf_counter``) after warm-up steps.
+* **s/step, images/s**: median over ``repeats`` timed steps (``time.perf_counter``) after warm-up steps. With
+  ``--rounds N`` every row is measured N times, in fresh processes taking turns with the other rows (baseline,
+  working tree, baseline, ...), and the round with the median s/step is reported; the speed-up is the median of the
+  round-by-round ratios (round i of the tree against round i of the baseline), shown with the smallest and largest
+  of them. Why: on a shared virtual machine the speed of the whole machine drifts by 20-30% over minutes, which one
+  pass of rows measured one after the other turns into a speed-up or a slow-down that is not there.
 * **peak RSS**: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` read right after the timed steps (before the FLOP
   counting and profiling below, which allocate their own memory); "+step" is that peak minus the RSS after importing
   torch and vqprior, i.e. model, optimiser state, activations and allocator caches.
@@ -52,6 +57,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speed_tables import format_speedups, format_table, merge_rounds  # noqa: E402
+
 PRESETS = ("tiny", "small", "paper-cifar10")
 PRECISIONS = ("fp32", "bf16")
 VARIANTS = ("plain", "compile", "checkpoint")
@@ -68,13 +76,16 @@ def _peak_rss_mib() -> float:
 
 
 def measure_matmul_peak(spec: dict) -> dict:
-    """Median FLOP/s of repeated n x n torch.mm in fp32 and bf16, plus the machine description."""
+    """Median FLOP/s of repeated n x n torch.mm in each of ``spec["precisions"]``, plus the machine description.
+    (Only those: without bf16 hardware one 2048x2048 bf16 matmul takes about a minute.)"""
     import torch
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     n, result = spec["matmul_size"], {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name not in spec["precisions"]:
+            continue
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         times = []
         for i in range(spec["matmul_warmup"] + spec["matmul_repeats"]):
@@ -89,17 +100,24 @@ def measure_matmul_peak(spec: dict) -> dict:
 
 
 def _attention_ranges(model):
-    """Wrap every CausalSelfAttention.forward in a profiler range (an instance attribute shadows the method)."""
+    """Put the work of every CausalSelfAttention in profiler ranges (instance attributes shadow the methods): its
+    ``keys_values``, ``queries`` and ``attend`` where it has ``attend`` (the block calls these three directly), else
+    its ``forward`` (older trees, where forward ran all three)."""
     from torch.profiler import record_function
 
     from vqprior.attention import CausalSelfAttention
 
+    def ranged(inner):
+        def method(*args, **kwargs):
+            with record_function("CausalSelfAttention"):
+                return inner(*args, **kwargs)
+        return method
+
     for module in model.modules():
         if isinstance(module, CausalSelfAttention):
-            def forward(*args, _inner=module.forward, **kwargs):
-                with record_function("CausalSelfAttention"):
-                    return _inner(*args, **kwargs)
-            module.forward = forward
+            names = ("keys_values", "queries", "attend") if hasattr(module, "attend") else ("forward",)
+            for name in names:
+                setattr(module, name, ranged(getattr(module, name)))
 
 
 def _descendants(event):
@@ -169,21 +187,19 @@ def _loop_pieces(model):
     return optimizer, update
 
 
-def measure_training_step(spec: dict) -> dict:
-    """Time, memory, FLOPs and attention share of one (preset, precision, variant) training step."""
+def build_step(spec: dict):
+    """``(model, step, forward_backward)`` of one (preset, precision, variant), set up as the imported tree's training
+    loop does: ``step()`` is one whole training step, ``forward_backward(eager=True)`` its eager forward and backward
+    alone (for counting FLOPs and profiling)."""
     import contextlib
 
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-    from torch.utils import flop_counter
 
-    import vqprior
     from vqprior.config import model_config_from_preset
     from vqprior.pixelsnail import PixelSNAIL
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    base_rss = _peak_rss_mib()
     torch.manual_seed(0)
     if _tree_has("allocator"):  # as the tree's training loop does before its first step
         from vqprior.allocator import retain_freed_memory
@@ -203,9 +219,9 @@ def measure_training_step(spec: dict) -> dict:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward_backward():
+    def forward_backward(eager: bool = False):
         with autocast():  # as PixelTask.loss: the likelihood in fp32 from the head's parameters
-            loss = -model.head.log_prob(forward(x).float(), x).mean()
+            loss = -model.head.log_prob((model if eager else forward)(x).float(), x).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -214,6 +230,19 @@ def measure_training_step(spec: dict) -> dict:
         update(counter[0])
         counter[0] += 1
 
+    return model, step, forward_backward
+
+
+def measure_training_step(spec: dict) -> dict:
+    """Time, memory, FLOPs and attention share of one (preset, precision, variant) training step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.utils import flop_counter
+
+    import vqprior
+
+    base_rss = _peak_rss_mib()
+    model, step, forward_backward = build_step(spec)
     warm = []
     for _ in range(spec["warmup"]):
         start = time.perf_counter()
@@ -241,9 +270,9 @@ def measure_training_step(spec: dict) -> dict:
         cpu_flash_backward: lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(
             g, q, k, v),
     }
-    forward = model  # FLOPs and the profile are of the eager step (the same arithmetic)
+    # FLOPs and the profile are of the eager step (the same arithmetic)
     with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter_mode:
-        forward_backward()
+        forward_backward(eager=True)
     flops = counter_mode.get_total_flops()
 
     _attention_ranges(model)
@@ -305,52 +334,6 @@ def describe_cpu() -> str:
             f"bf16 hardware: {bf16 or 'none'}")
 
 
-def _cell(r, key, fmt):
-    return format(r[key], fmt) if r.get(key) is not None else "-"
-
-
-def format_table(rows: list[dict], peak: dict) -> str:
-    head = ("| code | preset | params | precision | variant | repeats | s/step (median) | images/s | first step s "
-            "| peak RSS MiB (+step) | GFLOP/step | GFLOP/s | of matmul peak | attention share | SDPA share |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['tree']} | {r['preset']} | | {r['precision']} | {r['variant']} "
-                         f"| failed: {r['error'][:120]} |" + " |" * 9)
-            continue
-        flops = r.get("preset_flops") or r.get("flops")  # useful FLOPs: recomputation is not counted
-        achieved = flops / r["step_s"] if flops else None
-        lines.append(
-            f"| {r['tree']} | {r['preset']} | {r['parameters'] / 1e6:.2f}M | {r['precision']} | {r['variant']} "
-            f"| {r['repeats']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} | {_cell(r, 'first_step_s', '.1f')} "
-            f"| {r['peak_rss_mib']:.0f} (+{r['step_rss_mib']:.0f}) "
-            f"| {flops / 1e9:.2f} | {achieved / 1e9:.1f} | {achieved / peak['peak_' + r['precision'] + '_flops']:.1%} "
-            if flops else
-            f"| {r['tree']} | {r['preset']} | {r['parameters'] / 1e6:.2f}M | {r['precision']} | {r['variant']} "
-            f"| {r['repeats']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} | {_cell(r, 'first_step_s', '.1f')} "
-            f"| {r['peak_rss_mib']:.0f} (+{r['step_rss_mib']:.0f}) | - | - | - ")
-        lines[-1] += (f"| {_cell(r, 'attention_share', '.1%')} | {_cell(r, 'sdpa_share', '.1%')} |")
-    return "\n".join(lines)
-
-
-def format_speedups(rows: list[dict]) -> str:
-    """Per (preset, precision): the baseline's plain images/s, each working-tree variant's, and their ratio."""
-    ok = [r for r in rows if "error" not in r]
-    lines = ["| preset | precision | baseline plain images/s | variant | images/s | speed-up | peak RSS ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for r in ok:
-        if r["tree"] == "baseline":
-            continue
-        base = next((b for b in ok if b["tree"] == "baseline" and b["variant"] == "plain"
-                     and b["preset"] == r["preset"] and b["precision"] == r["precision"]), None)
-        if base is None:
-            continue
-        lines.append(f"| {r['preset']} | {r['precision']} | {base['images_per_s']:.2f} | {r['variant']} "
-                     f"| {r['images_per_s']:.2f} | **{r['images_per_s'] / base['images_per_s']:.2f}x** "
-                     f"| {r['step_rss_mib'] / base['step_rss_mib']:.2f} |")
-    return "\n".join(lines)
-
-
 def checkout(rev: str) -> str:
     """A temporary detached worktree of ``rev`` (removed at exit)."""
     import atexit
@@ -378,6 +361,9 @@ def main(argv=None) -> None:
                         help=f"Timed steps per config (default per preset: {DEFAULT_REPEATS}).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before timing (default: 2).")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice).")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Measure every row this many times, alternating between the trees and variants, and "
+                             "report the median round (default: 1). Use 3 or more where the machine's speed drifts.")
     parser.add_argument("--quick", action="store_true", help="A smoke test: 2 repeats, 1 warm-up, small matmul.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -400,7 +386,8 @@ def main(argv=None) -> None:
     variants = names(args.variants, VARIANTS, "variant")
     warmup = 1 if args.quick else args.warmup
     load = os.getloadavg()[0]
-    peak = run_worker(dict(task="peak", threads=args.threads, matmul_size=1024 if args.quick else 2048,
+    peak = run_worker(dict(task="peak", threads=args.threads, precisions=precisions,
+                           matmul_size=1024 if args.quick else 2048,
                            matmul_warmup=1 if args.quick else 3, matmul_repeats=3 if args.quick else 10))
     if "error" in peak:
         sys.exit(f"matmul peak measurement failed: {peak['error']}")
@@ -411,27 +398,30 @@ def main(argv=None) -> None:
     for preset in presets:
         repeats = args.repeats or (2 if args.quick else DEFAULT_REPEATS[preset.removesuffix(NO_ATTENTION)])
         for precision in precisions:
-            for tree, path, tree_variants in trees:
-                for variant in tree_variants:
-                    # The profiled step (and FLOP count) once per preset: the arithmetic is the same in every row.
-                    profile = not args.no_profile or preset not in preset_flops
-                    spec = dict(task="step", preset=preset, precision=precision, variant=variant, tree=tree,
-                                repeats=repeats, warmup=warmup, threads=args.threads,
-                                profile=profile and variant != "compile")
-                    row = {"preset": preset, "precision": precision, "variant": variant, "tree": tree,
-                           **run_worker(spec, path)}
-                    if row.get("flops") and variant == "plain":
-                        preset_flops[preset] = row["flops"]
-                    rows.append(row)
-                    print(f"done: {tree} {preset} {precision} {variant}", file=sys.stderr)
+            measured = {}  # (tree, variant) -> one row per round, the rounds alternating between trees and variants
+            for round_ in range(args.rounds):
+                for tree, path, tree_variants in trees:
+                    for variant in tree_variants:
+                        # The profiled step (and FLOP count) once per preset: the arithmetic is the same in every row.
+                        profile = round_ == 0 and (not args.no_profile or preset not in preset_flops)
+                        spec = dict(task="step", preset=preset, precision=precision, variant=variant, tree=tree,
+                                    repeats=repeats, warmup=warmup, threads=args.threads,
+                                    profile=profile and variant != "compile")
+                        row = {"preset": preset, "precision": precision, "variant": variant, "tree": tree,
+                               **run_worker(spec, path)}
+                        if row.get("flops") and variant == "plain":
+                            preset_flops[preset] = row["flops"]
+                        measured.setdefault((tree, variant), []).append(row)
+                        print(f"done: {tree} {preset} {precision} {variant} (round {round_ + 1})", file=sys.stderr)
+            rows += [merge_rounds(rounds) for rounds in measured.values()]
     for row in rows:
         row.setdefault("preset_flops", preset_flops.get(row["preset"]))
 
     print(f"Machine: {describe_cpu()}; torch {peak['torch_version']} ({peak['cpu_capability']}), "
           f"{peak['torch_threads']} torch threads; 1-minute load average at start {load:.2f}.")
     n = 1024 if args.quick else 2048
-    print(f"Matmul peak ({n}x{n} torch.mm, median): fp32 {peak['peak_fp32_flops'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peak['peak_bf16_flops'] / 1e9:.1f} GFLOP/s. Batch {BATCH}, {SIZE}x{SIZE} RGB"
+    peaks = ", ".join(f"{p} {peak[f'peak_{p}_flops'] / 1e9:.1f} GFLOP/s" for p in precisions)
+    print(f"Matmul peak ({n}x{n} torch.mm, median): {peaks}. Batch {BATCH}, {SIZE}x{SIZE} RGB"
           + (f"; baseline = git revision {args.baseline}." if args.baseline else ".") + "\n")
     print(format_table(rows, peak))
     if args.baseline:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vqprior.config import model_config_from_preset
-from vqprior.layers import Dropout, GatedResBlock
+from vqprior.layers import Dropout, GatedResBlock, drop_mask, gate
 from vqprior.pixelsnail import PixelSNAIL
 
 
@@ -32,7 +32,8 @@ def test_dropout_saves_a_byte_mask_and_equals_a_float_mask(dtype, layout):
     grad, = torch.autograd.grad(out, x, g)
     # The reference: the same draw as a float mask of 0 and 1/(1-p), multiplied in x's dtype.
     torch.manual_seed(3)
-    mask = torch.rand(x.shape).ge_(0.3).div_(0.7).to(dtype)
+    keep = ~drop_mask(x.shape, 0.3)  # drawn in x's memory order: the elements are independent either way
+    mask = keep.view(-1).as_strided(x.shape, x.stride()).float().div_(0.7).to(dtype)
     expected = x * mask
     expected_grad, = torch.autograd.grad(expected, x, g)
     assert torch.equal(out, expected) and torch.equal(grad, expected_grad)
@@ -41,12 +42,21 @@ def test_dropout_saves_a_byte_mask_and_equals_a_float_mask(dtype, layout):
     assert [t.dtype for t in big] == [torch.bool] and big[0].shape == x.shape
 
 
-def test_gate_equals_a_times_sigmoid_b():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gate_equals_a_times_sigmoid_b(layout):
+    """Both forms of the gate (F.glu for NCHW maps, _Gate for channels-last ones) give a * sigmoid(b) and its
+    gradient, keep the layout, and keep only h for the backward pass."""
     torch.manual_seed(0)
-    block = GatedResBlock(8, "nin", cond_channels=3).double()
-    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
-    cond = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    block = GatedResBlock(8, "nin", cond_channels=3).double().to(memory_format=layout)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(True)
+    cond = torch.randn(2, 3, 5, 5, dtype=torch.float64).contiguous(memory_format=layout)
     out = block(x, cond=cond)
+    assert out.is_contiguous(memory_format=layout)
+    h = torch.randn(2, 16, 5, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        gate(h)
+    assert len(saved) == 1 and saved[0].shape == h.shape
 
     def reference(x):
         h = block.conv2(F.elu(block.conv1(F.elu(x)))) + block.cond(cond)

@@ -1,7 +1,9 @@
-"""The training speed paths keep the objective: the rand-based dropout has the rate and independence of dropout,
+"""The training speed paths keep the objective: the bit-drawn dropout has the rate and independence of dropout,
+1x1 convolutions as batched matmuls equal F.conv2d,
 activation checkpointing gives the same gradients, a non-finite gradient (finite loss) is still skipped by the
 fused norm check, --compile keeps plain checkpoint keys and resumes, a missing compiler is a one-line error, and
 the Makefile's exported environment trains ``small`` in bf16."""
+import math
 import os
 import re
 import subprocess
@@ -9,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cli_support import TINY_TRAIN, run_cli
 from conftest import REPO, tiny_model
@@ -16,7 +19,7 @@ from test_train import NaNTask, _run, _task
 from vqprior.acceleration import check_compiler
 from vqprior.checkpoint import read_checkpoint
 from vqprior.errors import UserError
-from vqprior.layers import Dropout
+from vqprior.layers import Dropout, WNConv2d, drop_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -36,6 +39,40 @@ def test_dropout_keeps_its_rate_scale_and_independence(p, dtype):
     assert not torch.equal(Dropout(p).train()(torch.ones(n)) == 0, Dropout(p).train()(torch.ones(n)) == 0)
     x = torch.randn(100)
     assert torch.equal(Dropout(p).eval()(x), x)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (4, 64, 8, 8)])
+def test_drop_mask_draws_32_bits_per_element(shape):
+    """The CPU mask compares each int32 half of a random int64 with round(p * 2^32) - 2^31: the same seed gives that
+    mask (odd element counts too), and p at the ends of the range keeps or drops everything."""
+    torch.manual_seed(4)
+    mask = drop_mask(shape, 0.3)
+    n = math.prod(shape)
+    torch.manual_seed(4)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(1 << 63), None).view(torch.int32)[:n]
+    assert mask.dtype == torch.bool and mask.shape == shape
+    assert torch.equal(mask.flatten(), bits < round(0.3 * 2 ** 32) - 2 ** 31)
+    assert not drop_mask(shape, 1e-12).any() and drop_mask(shape, 1 - 1e-12).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_pointwise_convolution_equals_conv2d(bias, layout):
+    """A 1x1 WNConv2d on the CPU (a batched matmul for NCHW maps, F.conv2d for channels-last ones) gives F.conv2d's
+    values and gradients, keeps the input's layout, and autocasts to bf16 as F.conv2d does."""
+    torch.manual_seed(0)
+    conv = WNConv2d(7, 12, 1, bias=bias).double()
+    x = torch.randn(3, 7, 5, 6, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(True)
+    out = conv(x)
+    ref = F.conv2d(x, conv.weight(), conv.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous(memory_format=layout)
+    g = torch.randn_like(out)
+    params = [x, *conv.parameters()]
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.float()(x.detach().float()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kind", ["pixels", "bottom prior with classes"])

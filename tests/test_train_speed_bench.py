@@ -1,0 +1,40 @@
+"""bench/train_speed.py's --rounds: a row measured in several rounds reports its median round, keeps the profile
+of the round that was profiled, and the speed-up is the median of the ratios of round i of the tree to round i of
+the baseline."""
+from __future__ import annotations
+
+import importlib.util
+
+from conftest import REPO
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("speed_tables", REPO / "bench" / "speed_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(tree, step_s, **extra):
+    return dict(preset="small", precision="fp32", variant="plain", tree=tree, step_s=step_s, images_per_s=8 / step_s,
+                step_rss_mib=100.0, **extra)
+
+
+def test_rounds_report_the_median_round_and_the_round_by_round_spread():
+    bench = _bench()
+    base = bench.merge_rounds([_row("baseline", 0.4, flops=1e9, attention_share=0.5), _row("baseline", 0.8),
+                               _row("baseline", 0.5)])
+    assert base["step_s"] == 0.5 and base["images_per_s"] == 16.0
+    assert base["flops"] == 1e9 and base["attention_share"] == 0.5  # from the profiled first round
+    assert base["round_images_per_s"] == [20.0, 10.0, 16.0]
+    tree = bench.merge_rounds([_row("working tree", 0.1), _row("working tree", 0.4), _row("working tree", 0.4)])
+    assert tree["step_s"] == 0.4 and "flops" not in tree
+    line = bench.format_speedups([base, tree]).splitlines()[-1]
+    # Round by round: 80/20 = 4.0, 20/10 = 2.0, 20/16 = 1.25; the speed-up is their median, not 20/16 of the
+    # median rounds.
+    assert "| 20.00 | **2.00x** | 1.25-4.00x |" in line
+    # An even count reports the lower middle round (the faster of the two middle ones).
+    assert bench.merge_rounds([_row("baseline", 0.3), _row("baseline", 0.6)])["step_s"] == 0.3
+    # A row that failed in every round stays a failure.
+    failed = dict(preset="small", precision="fp32", variant="plain", tree="baseline", error="boom")
+    assert bench.merge_rounds([failed, failed])["error"] == "boom"
