@@ -207,3 +207,27 @@ def test_bad_complete_and_step_order():
             sampler.append(0, x[:1, 0])
     with pytest.raises(ValueError, match="eval mode"):
         CachedSampler(model.train(), 1)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_finished_samplers_are_freed_without_the_cycle_collector(static):
+    """No reference cycle keeps a sampler (and its buffers) alive after sampling: with Python's cycle collector off,
+    nothing of vqprior.cached survives sample(), complete() or a dropped CachedSampler (a stored bound method once
+    made one sampler's memory pile up per call until the collector ran)."""
+    import gc
+    import weakref
+
+    model = make_model("codes-class-cond-k3-heads2")
+    x, label, cond = make_inputs(model, batch=4)
+    gc.collect()
+    gc.disable()
+    try:
+        sampler = CachedSampler(model, 4, label=label, condition=cond, static=static)
+        alive = weakref.ref(sampler)
+        del sampler
+        assert alive() is None
+        draw(model, "cached", label=label, condition=cond, batch_size=2)
+        complete(model, x, keep_rows=2, num=1, label=label, condition=cond)
+        assert not [o for o in gc.get_objects() if type(o).__module__ == "vqprior.cached"]
+    finally:
+        gc.enable()
