@@ -176,8 +176,8 @@ class CachedSampler:
         self.position, self._stepped = 0, -1
         # Compiled step and append, or None for the plain methods. Not bound methods stored on self: that is a
         # reference cycle, which kept every finished sampler's buffers alive until Python's cyclic collector
-        # ran (peak memory grew by one sampler per sample() call: 4 calls, 4x). compile() still wraps bound
-        # methods: a compiled sampler is freed by the cycle collector.
+        # ran (peak memory grew by one sampler per sample() call: 4 calls, 4x). compile() does wrap bound
+        # methods; close() drops them again (sample() does).
         self._step_at = self._append_at = None
         self.compiled = False
         with torch.no_grad():
@@ -279,6 +279,12 @@ class CachedSampler:
         self._append_at = torch.compile(self._append_static, **settings)
         self.compiled = True
         return self
+
+    def close(self) -> None:
+        """Drop the compiled step and append. They wrap this sampler's bound methods, a reference cycle that would
+        keep its buffers until Python's cycle collector runs; an eager sampler has none and needs no close()."""
+        self._step_at = self._append_at = None
+        self.compiled = False
 
     def _state(self) -> list[torch.Tensor]:
         """Every tensor a step writes."""

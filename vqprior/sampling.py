@@ -208,13 +208,16 @@ def _sample_cached(model, canvas, start, label, condition, draw, on_step, compil
                             static=compile_options is not None)
     if compile_options is not None:
         sampler.compile(**compile_options)
-    sampler.prefill(_streams(canvas, draw), start)
-    for p in range(start, H * W):
-        value = draw(sampler.step(p))
-        sampler.append(p, _streams(value, draw))
-        canvas[..., p // W, p % W] = value
-        if on_step is not None:
-            on_step(p, canvas)
+    try:
+        sampler.prefill(_streams(canvas, draw), start)
+        for p in range(start, H * W):
+            value = draw(sampler.step(p))
+            sampler.append(p, _streams(value, draw))
+            canvas[..., p // W, p % W] = value
+            if on_step is not None:
+                on_step(p, canvas)
+    finally:
+        sampler.close()  # a compiled sampler's buffers go now, not when the cycle collector runs
 
 
 def complete(model, image_or_codes: torch.Tensor, keep_rows: int, num: int, **sample_kwargs) -> torch.Tensor:
