@@ -290,14 +290,19 @@ def measure_training_step(spec: dict) -> dict:
 
 
 # ---- parent side ---------------------------------------------------------------------------------------------------
-def run_worker(spec: dict, tree: str | None = None) -> dict:
-    """Run one measurement in a fresh interpreter (importing vqprior from ``tree`` when given); a failure becomes
-    {"error": last stderr line}."""
+def tree_env(tree: str | None) -> dict:
+    """The environment of a worker that imports vqprior from ``tree`` (a checkout), or from this one when None."""
     env = dict(os.environ)
     if tree:
         env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_worker(spec: dict, tree: str | None = None) -> dict:
+    """Run one measurement in a fresh interpreter (importing vqprior from ``tree`` when given); a failure becomes
+    {"error": last stderr line}."""
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=tree_env(tree))
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}

@@ -48,11 +48,9 @@ class Worker:
     """One tree's persistent worker process."""
 
     def __init__(self, spec: dict, tree: str | None):
-        env = dict(os.environ)
-        if tree:
-            env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=train_speed.tree_env(tree))
         self._answer()  # ready
 
     def _answer(self) -> dict:
