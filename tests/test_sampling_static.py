@@ -50,6 +50,36 @@ class CountingBackend:
         return graph_module.forward
 
 
+
+class ZeroDimIndexing(torch.overrides.TorchFunctionMode):
+    """Records every ``t[i]`` / ``t[i] = v`` whose index holds a 0-d tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dim() == 0 for i in index):
+                self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2"])
+def test_static_step_never_indexes_with_a_zero_dim_tensor(variant):
+    """torch.compile up to torch 2.13 (the GPU machines run 2.11) reads ``t[p]`` for a 0-d tensor p as an integer
+    index and guards on ``p.item()``: the static step then recompiled at every position. The pinned torch does not,
+    so the compile-once test above would not catch a ``t[p]`` coming back; this one does on any torch."""
+    model = make_model(variant, dtype=torch.float32)
+    x, label, cond = make_inputs(model, batch=2)
+    sampler = CachedSampler(model, 2, label, cond, static=True)
+    with torch.no_grad(), ZeroDimIndexing() as mode:
+        for p in range(3):
+            sampler.step(p)
+            sampler.append(p, value_at(x, p))
+    assert mode.seen == []
+
 @pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2"])
 def test_compiled_step_compiles_once_for_all_positions(variant):
     model = make_model(variant, dtype=torch.float32)

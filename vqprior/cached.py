@@ -44,6 +44,13 @@ def _fill_prefix(buffer: torch.Tensor, top: int, left: int, fmap: torch.Tensor, 
         buffer[:, top + rows, left:left + cols] = src[:, rows, :cols]
 
 
+def _at(table: torch.Tensor, p: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``table`` at the position held by the 0-d device tensor ``p`` along ``dim`` (that dimension dropped). Not
+    ``table[p]``: torch.compile in torch 2.13 (not 2.14) reads a 0-d index as an int and guards on ``p.item()``,
+    which recompiled the static step at every position (docs/gpu.md, "Torch versions")."""
+    return table.index_select(dim, p.view(1)).squeeze(dim)
+
+
 class _NinGated:
     """A 1x1 GatedResBlock at one position: (B, D) -> (B, D); ``aux`` (B, A) enters conv1 through its 1x1 conv."""
 
@@ -122,7 +129,7 @@ class _Attention:
         >= p masked: the same shapes at every position. exp(-inf) = 0, so the masked keys add exact zeros."""
         self.block_out_buffer.copy_(h)
         B = h.shape[0]
-        q = torch.addmm(self.q_b, self.q_block(torch.cat([h, self.bg[p]], 1)), self.q_w)
+        q = torch.addmm(self.q_b, self.q_block(torch.cat([h, _at(self.bg, p)], 1)), self.q_w)
         scores = torch.matmul(q.view(B, self.heads, 1, -1), self.keys_t)  # (B, n, 1, L)
         scores = scores.masked_fill(self.before >= p, float("-inf"))
         out = torch.matmul(torch.softmax(scores, -1), self.values).reshape(B, -1)  # (B, value)
@@ -131,7 +138,8 @@ class _Attention:
     def append_static(self, raw, p: torch.Tensor):
         """``append`` at the position held by the 0-d tensor ``p``."""
         B = raw.shape[0]
-        kv = torch.addmm(self.kv_b, self.kv_block(torch.cat([raw, self.block_out_buffer, self.bg[p]], 1)), self.kv_w)
+        kv = torch.addmm(self.kv_b, self.kv_block(torch.cat([raw, self.block_out_buffer, _at(self.bg, p)], 1)),
+                         self.kv_w)
         at = p.view(1)
         self.keys_t.index_copy_(3, at, kv[:, :self.key_channels].reshape(B, self.heads, -1, 1).to(self.keys_t.dtype))
         self.values.index_copy_(2, at, kv[:, self.key_channels:].reshape(B, self.heads, 1, -1).to(self.values.dtype))
@@ -299,16 +307,16 @@ class CachedSampler:
         """An iterator over each gated block's (B, 2F) conv2 bias at position p (an int or a 0-d tensor)."""
         if self.cond_rows is None:
             return iter(self.bias_views)
-        return iter(torch.addmm(self.static_bias, self.cond_rows[:, p], self.cond_w)
-                    .view(self.batch, self.num_gated, -1).unbind(1))
+        rows = self.cond_rows[:, p] if isinstance(p, int) else _at(self.cond_rows, p, 1)
+        return iter(torch.addmm(self.static_bias, rows, self.cond_w).view(self.batch, self.num_gated, -1).unbind(1))
 
     def _step_static(self, p: torch.Tensor) -> torch.Tensor:
         """The step at the position held by the 0-d device tensor ``p``: no Python value depends on p."""
         B = self.batch
-        h = torch.addmm(self.stem_bias_rows[p], self.inputs_flat.index_select(1, self.stem_window[p]).reshape(B, -1),
-                        self.stem_w)
+        stem_in = self.inputs_flat.index_select(1, _at(self.stem_window, p)).reshape(B, -1)
+        h = torch.addmm(_at(self.stem_bias_rows, p), stem_in, self.stem_w)
         biases = self._biases(p)
-        at = {k: (window[p], write[p]) for k, (window, write) in self.windows.items()}
+        at = {k: (_at(window, p), _at(write, p)) for k, (window, write) in self.windows.items()}
         for res_blocks, attn, out in self.blocks:
             for res in res_blocks:
                 h = res.static(h, *at[res.k], next(biases))
@@ -319,7 +327,7 @@ class CachedSampler:
     def _append_static(self, p: torch.Tensor, raw: torch.Tensor) -> None:
         """Write the raw input ``raw`` (B, Cr) at the position held by the 0-d device tensor ``p``."""
         row = torch.cat([raw.to(self.inputs.dtype), self.ones], 1).unsqueeze(1)  # the raw input and its one
-        self.inputs_flat.index_copy_(1, self.stem_write[p], row)
+        self.inputs_flat.index_copy_(1, _at(self.stem_write, p), row)
         for attn in self.attns:
             attn.append_static(raw, p)
 
