@@ -50,7 +50,6 @@ class CountingBackend:
         return graph_module.forward
 
 
-
 class ZeroDimIndexing(torch.overrides.TorchFunctionMode):
     """Records every ``t[i]`` / ``t[i] = v`` whose index holds a 0-d tensor."""
 
@@ -66,9 +65,9 @@ class ZeroDimIndexing(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2"])
+@pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2", "codes-cond-no-attn"])
 def test_static_step_never_indexes_with_a_zero_dim_tensor(variant):
-    """torch.compile up to torch 2.13 (the GPU machines run 2.11) reads ``t[p]`` for a 0-d tensor p as an integer
+    """torch.compile in torch 2.13 (the GPU machines run 2.11) reads ``t[p]`` for a 0-d tensor p as an integer
     index and guards on ``p.item()``: the static step then recompiled at every position. The pinned torch does not,
     so the compile-once test above would not catch a ``t[p]`` coming back; this one does on any torch."""
     model = make_model(variant, dtype=torch.float32)
@@ -79,6 +78,7 @@ def test_static_step_never_indexes_with_a_zero_dim_tensor(variant):
             sampler.step(p)
             sampler.append(p, value_at(x, p))
     assert mode.seen == []
+
 
 @pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2"])
 def test_compiled_step_compiles_once_for_all_positions(variant):
