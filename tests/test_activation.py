@@ -133,3 +133,16 @@ def test_elu_compiles_without_graph_breaks(monkeypatch):
     out.sum().backward()
     assert counter.frame_count == 1
     assert torch.allclose(out, F.elu(x) * 2, atol=1e-7)
+
+
+def test_elu_under_compile_is_torchs_op(monkeypatch):
+    """While torch.compile traces, elu is F.elu: inductor fuses it itself, and torch 2.13's dynamo broke the graph on
+    _ELU's ``out=`` op inside a model (every gated block then ran eagerly), which this pins on any torch."""
+    import vqprior.activation
+
+    calls = []
+    real = F.elu
+    monkeypatch.setattr(F, "elu", lambda x, *a, **k: calls.append(x.numel()) or real(x, *a, **k))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(vqprior.activation.SMALL, requires_grad=True)
+    assert elu(x).grad_fn.name() == "EluBackward0" and calls == [x.numel()]

@@ -14,7 +14,7 @@ Where: on CPU tensors of at least ``SMALL`` elements. Below that (the cached sam
 thousand elements) the cost is dispatch, not arithmetic: one ``F.elu`` call beats four ops and an autograd node (the
 cached sampler of ``small`` took 0.80 s per batch of 16 through the four-op form, 0.63 s with ``F.elu``, the speed
 it had before). On a GPU ``F.elu`` is one fused elementwise kernel and this form would be four, so ``elu`` calls
-``F.elu`` for tensors on any other device.
+``F.elu`` for tensors on any other device, and under ``torch.compile`` (which generates its own fused kernel).
 
 Values: equal to ``F.elu`` to float32 rounding of ``exp(x) - 1`` (absolute error below 1e-7; tests check values
 and gradients against ``F.elu`` in float32, float64 and under bf16 autocast). Inputs that are not float32 or
@@ -46,6 +46,8 @@ def elu(x: torch.Tensor) -> torch.Tensor:
     """ELU with alpha 1 (see the module docstring); use it wherever PixelSNAIL applies ELU."""
     if x.numel() < SMALL or x.device.type != "cpu" or not x.dtype.is_floating_point:
         return F.elu(x)  # checked first and cheaply: the cached sampler calls this ~20 times per position
+    if torch.compiler.is_compiling():  # inductor writes its own fused ELU; and torch 2.13's dynamo broke the graph
+        return F.elu(x)                # on _ELU's out= op, leaving the compiled model's blocks to run eagerly
     if x.dtype in (torch.float16, torch.bfloat16):
         return _ELU.apply(x.float()).to(x.dtype)
     return _ELU.apply(x)

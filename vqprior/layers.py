@@ -195,8 +195,10 @@ def gate(h: torch.Tensor) -> torch.Tensor:
     """The gated blocks' output a * sigmoid(b) for [a, b] = h.chunk(2, 1), keeping only h for the backward pass
     (``a * torch.sigmoid(b)`` also kept sigmoid(b): a third more memory per gated block). ``F.glu`` is that op, but
     on channels-last maps its CPU kernel took 3x as long as the two-op form (33 vs 11 ms forward and backward for
-    (8, 512, 32, 32), an AVX2 EPYC), so those go through ``_Gate``, the same arithmetic in layout-preserving ops."""
-    return F.glu(h, 1) if h.is_contiguous() else _Gate.apply(h)
+    (8, 512, 32, 32), an AVX2 EPYC), so those go through ``_Gate``, the same arithmetic in layout-preserving ops.
+    Not under ``torch.compile``: inductor fuses ``F.glu`` and chooses what to keep itself, and torch 2.13's dynamo
+    broke the graph on ``_Gate``'s ``out=`` into a channels-last view (every wide model's blocks then ran eagerly)."""
+    return F.glu(h, 1) if h.is_contiguous() or torch.compiler.is_compiling() else _Gate.apply(h)
 
 
 class GatedResBlock(nn.Module):
