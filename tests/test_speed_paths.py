@@ -55,6 +55,16 @@ def test_drop_mask_draws_32_bits_per_element(shape):
     assert not drop_mask(shape, 1e-12).any() and drop_mask(shape, 1 - 1e-12).all()
 
 
+@pytest.mark.parametrize("p", [0.3, 1 - 1e-12])  # the int32 path, and the torch.rand path p rounds to 1 on
+def test_kept_mask_is_the_complement_of_the_same_draw(p):
+    """``kept=True`` (what Dropout asks for) is exactly the complement of the drop mask the same seed gives."""
+    torch.manual_seed(5)
+    dropped = drop_mask((3, 17, 5), p)
+    torch.manual_seed(5)
+    kept = drop_mask((3, 17, 5), p, kept=True)
+    assert kept.dtype == torch.bool and torch.equal(kept, ~dropped)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_pointwise_convolution_equals_conv2d(bias, layout):

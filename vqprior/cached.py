@@ -4,7 +4,7 @@
 zero-padded) input map filled up to the current position and contracts the small causal window with its weight in
 one matmul; each attention step keeps the keys and values of the positions filled so far. The samplers
 (``vqprior.sampling``) and the lossless coder (``vqprior.compress``) drive it; tests check it against full forward
-passes at every position.
+passes at every position. The per-layer state lives in ``vqprior.cached_layers``.
 
 Two ways to run a step, the same arithmetic up to the attention's reduction length:
 
@@ -17,145 +17,12 @@ Two ways to run a step, the same arithmetic up to the attention's reduction leng
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from .activation import elu
 from .attention import background
+from .cached_layers import AttentionStep, DownRightGatedStep, NinGatedStep, at_position, conv_matrix, fill_prefix
 from .distributions import uint8_to_unit
-from .layers import GatedResBlock, WNConv2d
-
-
-def _conv_matrix(conv: WNConv2d) -> torch.Tensor:
-    """A conv's weight-normed weight as a (kh*kw*in, out) matrix, rows in channels-last window order (kh, kw, in)."""
-    w = conv.weight().detach()
-    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
-
-
-def _fill_prefix(buffer: torch.Tensor, top: int, left: int, fmap: torch.Tensor, start: int) -> None:
-    """Copy the positions < start of a (B, C, H, W) map into a channels-last buffer padded by ``top``/``left``."""
-    W = fmap.shape[3]
-    rows, cols = divmod(start, W)
-    src = fmap.permute(0, 2, 3, 1)
-    buffer[:, top:top + rows, left:left + W] = src[:, :rows]
-    if cols:
-        buffer[:, top + rows, left:left + cols] = src[:, rows, :cols]
-
-
-def _at(table: torch.Tensor, p: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """``table`` at the position held by the 0-d device tensor ``p`` along ``dim`` (that dimension dropped). Not
-    ``table[p]``: torch.compile in torch 2.13 (not 2.14) reads a 0-d index as an int and guards on ``p.item()``,
-    which recompiled the static step at every position (docs/gpu.md, "Torch versions")."""
-    return table.index_select(dim, p.view(1)).squeeze(dim)
-
-
-class _NinGated:
-    """A 1x1 GatedResBlock at one position: (B, D) -> (B, D); ``aux`` (B, A) enters conv1 through its 1x1 conv."""
-
-    def __init__(self, block: GatedResBlock):
-        self.w1, self.b1 = _conv_matrix(block.conv1), block.conv1.bias.detach()
-        if block.aux is not None:  # elu(x) W1 + elu(aux) Waux as one matmul over [x, aux]
-            self.w1 = torch.cat([self.w1, _conv_matrix(block.aux)], 0)
-            self.b1 = self.b1 + block.aux.bias.detach()
-        self.w2, self.b2 = _conv_matrix(block.conv2), block.conv2.bias.detach()
-
-    def __call__(self, x, aux=None, bias2=None):
-        h = torch.addmm(self.b1, elu(x if aux is None else torch.cat([x, aux], 1)), self.w1)
-        return x + F.glu(torch.addmm(self.b2 if bias2 is None else bias2, elu(h), self.w2), 1)  # a * sigmoid(b)
-
-
-class _DownRightGated:
-    """A k x k down-right GatedResBlock at one position, keeping the two maps its convs read (elu already applied)."""
-
-    def __init__(self, block: GatedResBlock, batch: int, height: int, width: int):
-        self.k = k = block.conv1.k
-        self.w1, self.b1 = _conv_matrix(block.conv1.conv), block.conv1.conv.bias.detach()
-        self.w2 = _conv_matrix(block.conv2.conv)  # conv2's bias is part of the per-step conditioned bias
-        shape = (batch, height + k - 1, width + k - 1, self.w1.shape[1])  # zero rows on top, zero columns left
-        # Allocated flat (B, rows * columns, C) for the static path's index_select / index_copy_; viewed 4-D.
-        self.in_flat = self.w1.new_zeros(batch, shape[1] * shape[2], shape[3])  # elu(x): conv1's input
-        self.mid_flat = self.w1.new_zeros(batch, shape[1] * shape[2], shape[3])  # elu(conv1 output): conv2's input
-        self.in_map, self.mid_map = self.in_flat.view(shape), self.mid_flat.view(shape)  # (dropout is off in eval)
-
-    def __call__(self, x, r: int, c: int, bias2):
-        k, B = self.k, x.shape[0]
-        self.in_map[:, r + k - 1, c + k - 1] = elu(x)
-        h = torch.addmm(self.b1, self.in_map[:, r:r + k, c:c + k].reshape(B, -1), self.w1)
-        self.mid_map[:, r + k - 1, c + k - 1] = elu(h)
-        return x + F.glu(torch.addmm(bias2, self.mid_map[:, r:r + k, c:c + k].reshape(B, -1), self.w2), 1)
-
-    def static(self, x, window: torch.Tensor, write: torch.Tensor, bias2):
-        """The same at the position whose k*k window and own cell in the flat maps are ``window`` (k*k,) and
-        ``write`` (1,) (index tensors): the window rows come out in the (kh, kw, channel) order of the matrices."""
-        B = x.shape[0]
-        self.in_flat.index_copy_(1, write, elu(x).unsqueeze(1).to(self.in_flat.dtype))
-        h = torch.addmm(self.b1, self.in_flat.index_select(1, window).reshape(B, -1), self.w1)
-        self.mid_flat.index_copy_(1, write, elu(h).unsqueeze(1).to(self.mid_flat.dtype))
-        return x + F.glu(torch.addmm(bias2, self.mid_flat.index_select(1, window).reshape(B, -1), self.w2), 1)
-
-
-class _Attention:
-    """Causal self-attention at one position over cached keys/values of the earlier positions."""
-
-    def __init__(self, attn, batch: int, length: int, bg_rows: torch.Tensor):
-        self.heads, self.key_channels = n, dk = attn.heads, attn.key_channels
-        self.q_block, self.kv_block = _NinGated(attn.q_block), _NinGated(attn.kv_block)
-        scale = 1.0 / math.sqrt(dk // n)  # SDPA's default: 1 / sqrt(per-head key size); folded into the query
-        self.q_w, self.q_b = _conv_matrix(attn.q_proj) * scale, attn.q_proj.bias.detach() * scale
-        self.kv_w, self.kv_b = _conv_matrix(attn.kv_proj), attn.kv_proj.bias.detach()
-        like = self.kv_w
-        self.keys_t = like.new_zeros(batch, n, dk // n, length)  # transposed: ready for q @ k^T
-        self.values = like.new_zeros(batch, n, length, attn.value_channels // n)
-        self.zero = like.new_zeros(batch, attn.value_channels)  # position 0 attends to nothing
-        self.bg = bg_rows.unsqueeze(1).expand(length, batch, 2)  # (L, B, 2)
-        self.block_out = None  # block output at the current position, waiting for that position's raw input
-        self.block_out_buffer = like.new_zeros(batch, attn.q_proj.in_channels - 2)  # static path (q_in = filters + 2)
-        self.before = torch.arange(length, device=like.device)  # static path: key j is visible at p when j < p
-
-    def attend(self, h, p: int):
-        self.block_out = h
-        if p == 0:
-            return self.zero
-        B = h.shape[0]
-        q = torch.addmm(self.q_b, self.q_block(torch.cat([h, self.bg[p]], 1)), self.q_w)
-        scores = torch.matmul(q.view(B, self.heads, 1, -1), self.keys_t[..., :p])  # (B, n, 1, p)
-        out = torch.matmul(torch.softmax(scores, -1), self.values[:, :, :p])  # (B, n, 1, value / n)
-        return out.reshape(B, -1)
-
-    def attend_static(self, h, p: torch.Tensor):
-        """``attend`` at the position held by the 0-d tensor ``p``, over all L cached keys with those at positions
-        >= p masked: the same shapes at every position. exp(-inf) = 0, so the masked keys add exact zeros."""
-        self.block_out_buffer.copy_(h)
-        B = h.shape[0]
-        q = torch.addmm(self.q_b, self.q_block(torch.cat([h, _at(self.bg, p)], 1)), self.q_w)
-        scores = torch.matmul(q.view(B, self.heads, 1, -1), self.keys_t)  # (B, n, 1, L)
-        scores = scores.masked_fill(self.before >= p, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, -1), self.values).reshape(B, -1)  # (B, value)
-        return torch.where(p > 0, out, self.zero)  # position 0 (an all-masked row, NaN above) attends to nothing
-
-    def append_static(self, raw, p: torch.Tensor):
-        """``append`` at the position held by the 0-d tensor ``p``."""
-        B = raw.shape[0]
-        kv = torch.addmm(self.kv_b, self.kv_block(torch.cat([raw, self.block_out_buffer, _at(self.bg, p)], 1)),
-                         self.kv_w)
-        at = p.view(1)
-        self.keys_t.index_copy_(3, at, kv[:, :self.key_channels].reshape(B, self.heads, -1, 1).to(self.keys_t.dtype))
-        self.values.index_copy_(2, at, kv[:, self.key_channels:].reshape(B, self.heads, 1, -1).to(self.values.dtype))
-
-    def append(self, raw, p: int):
-        B = raw.shape[0]
-        kv = torch.addmm(self.kv_b, self.kv_block(torch.cat([raw, self.block_out, self.bg[p]], 1)), self.kv_w)
-        self.keys_t[..., p] = kv[:, :self.key_channels].view(B, self.heads, -1)
-        self.values[:, :, p] = kv[:, self.key_channels:].view(B, self.heads, -1)
-
-    def fill(self, kv_map, start: int):
-        """Keys/values of positions < start from kv_proj's (B, key + value, H, W) output."""
-        B = kv_map.shape[0]
-        kv = kv_map.flatten(2)[:, :, :start]
-        self.keys_t[..., :start] = kv[:, :self.key_channels].reshape(B, self.heads, -1, start)
-        self.values[:, :, :start] = kv[:, self.key_channels:].reshape(B, self.heads, -1, start).transpose(2, 3)
 
 
 class CachedSampler:
@@ -215,11 +82,11 @@ class CachedSampler:
         bg_rows = background(H, W, device, dtype)[0].flatten(1).t().contiguous()  # (L, 2)
         self.blocks, self.attns, gated = [], [], []
         for blk in model.blocks:
-            res = [_DownRightGated(g, B, H, W) for g in blk.res]
+            res = [DownRightGatedStep(g, B, H, W) for g in blk.res]
             gated += list(blk.res)
             attn = out = None
             if blk.attn is not None:
-                attn, out = _Attention(blk.attn, B, H * W, bg_rows), _NinGated(blk.out)
+                attn, out = AttentionStep(blk.attn, B, H * W, bg_rows), NinGatedStep(blk.out)
                 self.attns.append(attn)
                 gated.append(blk.out)
             self.blocks.append((res, attn, out))
@@ -242,12 +109,12 @@ class CachedSampler:
                 raise ValueError("this model is conditioned on a code map: condition codes are required")
             feats = model.condition_features(condition, (H, W))  # (B, cond_channels, H, W)
             self.cond_rows = feats.flatten(2).transpose(1, 2).contiguous()  # (B, L, cond_channels)
-            self.cond_w = torch.cat([_conv_matrix(g.cond) for g in gated], 1)  # (cond_channels, G * 2F)
+            self.cond_w = torch.cat([conv_matrix(g.cond) for g in gated], 1)  # (cond_channels, G * 2F)
             self.static_bias = static.reshape(B, -1)
         else:
             self.bias_views = static.unbind(1)
         self.num_gated = len(gated)
-        self.head_w, self.head_b = _conv_matrix(model.head.out), model.head.out.bias.detach()
+        self.head_w, self.head_b = conv_matrix(model.head.out), model.head.out.bias.detach()
 
     def _build_tables(self):
         """Per-position index tables of the static path: the position as a device tensor, the stem's 2x3 window
@@ -307,16 +174,16 @@ class CachedSampler:
         """An iterator over each gated block's (B, 2F) conv2 bias at position p (an int or a 0-d tensor)."""
         if self.cond_rows is None:
             return iter(self.bias_views)
-        rows = self.cond_rows[:, p] if isinstance(p, int) else _at(self.cond_rows, p, 1)
+        rows = self.cond_rows[:, p] if isinstance(p, int) else at_position(self.cond_rows, p, 1)
         return iter(torch.addmm(self.static_bias, rows, self.cond_w).view(self.batch, self.num_gated, -1).unbind(1))
 
     def _step_static(self, p: torch.Tensor) -> torch.Tensor:
         """The step at the position held by the 0-d device tensor ``p``: no Python value depends on p."""
         B = self.batch
-        stem_in = self.inputs_flat.index_select(1, _at(self.stem_window, p)).reshape(B, -1)
-        h = torch.addmm(_at(self.stem_bias_rows, p), stem_in, self.stem_w)
+        stem_in = self.inputs_flat.index_select(1, at_position(self.stem_window, p)).reshape(B, -1)
+        h = torch.addmm(at_position(self.stem_bias_rows, p), stem_in, self.stem_w)
         biases = self._biases(p)
-        at = {k: (_at(window, p), _at(write, p)) for k, (window, write) in self.windows.items()}
+        at = {k: (at_position(window, p), at_position(write, p)) for k, (window, write) in self.windows.items()}
         for res_blocks, attn, out in self.blocks:
             for res in res_blocks:
                 h = res.static(h, *at[res.k], next(biases))
@@ -327,7 +194,7 @@ class CachedSampler:
     def _append_static(self, p: torch.Tensor, raw: torch.Tensor) -> None:
         """Write the raw input ``raw`` (B, Cr) at the position held by the 0-d device tensor ``p``."""
         row = torch.cat([raw.to(self.inputs.dtype), self.ones], 1).unsqueeze(1)  # the raw input and its one
-        self.inputs_flat.index_copy_(1, _at(self.stem_write, p), row)
+        self.inputs_flat.index_copy_(1, at_position(self.stem_write, p), row)
         for attn in self.attns:
             attn.append_static(raw, p)
 
@@ -395,11 +262,11 @@ class CachedSampler:
             for h in hooks:
                 h.remove()
         with torch.no_grad():
-            _fill_prefix(self.inputs[..., :self.raw_channels], 1, 1, raw, start)
+            fill_prefix(self.inputs[..., :self.raw_channels], 1, 1, raw, start)
             for (res_blocks, attn, _), blk in zip(self.blocks, model.blocks):
                 for cached, g in zip(res_blocks, blk.res):
-                    _fill_prefix(cached.in_map, cached.k - 1, cached.k - 1, captured[g.conv1], start)
-                    _fill_prefix(cached.mid_map, cached.k - 1, cached.k - 1, captured[g.conv2], start)
+                    fill_prefix(cached.in_map, cached.k - 1, cached.k - 1, captured[g.conv1], start)
+                    fill_prefix(cached.mid_map, cached.k - 1, cached.k - 1, captured[g.conv2], start)
                 if attn is not None:
                     attn.fill(captured[blk.attn.kv_proj], start)
         self.position = start
