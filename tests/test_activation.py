@@ -17,7 +17,8 @@ from vqprior.sampling import sample
 def _inputs(dtype):
     torch.manual_seed(0)
     x = torch.randn(8, 16, 32, 32, dtype=dtype) * 4  # above vqprior.activation.SMALL: the exp-based path
-    x.view(-1)[:6] = torch.tensor([0.0, -0.0, 1e-9, -1e-9, -30.0, 30.0], dtype=dtype)  # edges and saturation
+    edges = [0.0, -0.0, 1e-9, -1e-9, -30.0, 30.0, -79.9, -80.0, -87.5, -100.0, -1e30, float("-inf")]
+    x.view(-1)[:len(edges)] = torch.tensor(edges, dtype=dtype)  # edges, saturation, exp's subnormal/zero range
     return x
 
 
@@ -37,6 +38,27 @@ def test_elu_matches_torch_in_values_and_gradients(dtype, tol, monkeypatch):
     assert (a.grad - b.grad).abs().max().item() <= 4 * tol * grad.abs().max().item()
     monkeypatch.setattr(vqprior.activation, "SMALL", 0)  # gradcheck's small input, on the exp-based path too
     assert torch.autograd.gradcheck(elu, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
+
+
+def test_elu_never_asks_exp_for_a_subnormal_result():
+    """Float32 exp below about -87.3 returns subnormals or 0, which the CPU kernel computed 40-100x slower (docs in
+    vqprior.activation); the CPU ELU's exp must only see inputs whose result is a normal float32."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("exp", "exp_"):
+                seen.append(args[0].min().item())
+            return func(*args, **(kwargs or {}))
+
+    x = _inputs(torch.float32).requires_grad_()
+    with Spy():
+        y = elu(x)
+        y.sum().backward()
+    assert seen and min(seen) >= -87.0
+    assert (y - F.elu(x)).abs().max().item() <= 1.2e-7 and torch.isfinite(x.grad).all()
 
 
 def test_elu_under_bf16_autocast_rounds_like_torch():
