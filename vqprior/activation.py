@@ -5,8 +5,8 @@ tensor (an AMD EPYC with torch 2.14.1 measured 4.4 ms against 0.5 ms for ``exp``
 ``small`` training step); on others (the Zen 5 EPYC of docs/benchmarks.md) both cost about the same. This version
 uses ``exp`` on the negative part only, ``elu(x) = max(x, exp(min(x, 0)) - 1)`` (exact because exp(t) - 1 >= t
 for every t, with equality only at 0; the negative part is floored at ``LOW``, below), four passes in place on
-one fresh tensor: on the Zen 5 EPYC it costs what
-``F.elu`` costs (239 vs 231 us on (8, 64, 32, 32)), and it avoids the slow case.
+one fresh tensor: on the Zen 5 EPYC it costs what ``F.elu`` costs (239 vs 231 us on (8, 64, 32, 32)), and it
+avoids the slow case.
 
 The backward is computed from the output, as PyTorch's own ``elu_backward(..., is_result=True)`` does
 (d elu / dx = 1 for x > 0, elu(x) + 1 otherwise), so the input is not kept for the backward pass.
