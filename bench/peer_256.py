@@ -147,6 +147,11 @@ def train_row(side: str, row: str, s: dict, batch: int, steps: int, peer_allocat
             model = our_prior(level, s)
             model.checkpoint_activations = row == "bottom+ckpt"
             label = torch.randint(0, 10, (batch,))
+            # Initialised as train-prior initialises it (weight norm's data-dependent init on the batch): without
+            # it the activations grow with depth into ranges where exp and sigmoid run many times slower on some
+            # CPUs (docs/benchmarks.md, "On an Intel Xeon"), a step no training run takes.
+            from vqprior.layers import data_dependent_init
+            data_dependent_init(model, target, **(dict(label=label) if level == "top" else dict(condition=top)))
 
             def loss():
                 if level == "top":

@@ -1,7 +1,8 @@
 """Training-step speed of PixelSNAIL on this CPU: images/s, peak memory, achieved FLOP/s and the attention share.
 
 One training step = forward of ``PixelSNAIL(model_config_from_preset(p, height=32, width=32))`` (train mode, so
-dropout is on) on a batch of uint8 32x32 RGB images, loss = -log_prob(x).mean(), backward, Adam(0.95, 0.9995) step.
+dropout is on; weight norm's data-dependent init on the batch first, as training does) on a batch of uint8 32x32
+RGB images, loss = -log_prob(x).mean(), backward, Adam(0.95, 0.9995) step.
 Each (preset, precision) runs in a fresh subprocess, so its memory peak is its own. Precision ``bf16`` runs the
 forward under ``torch.autocast("cpu", dtype=torch.bfloat16)``; backward and optimiser step run outside it.
 
@@ -196,6 +197,7 @@ def build_step(spec: dict):
     import torch
 
     from vqprior.config import model_config_from_preset
+    from vqprior.layers import data_dependent_init
     from vqprior.pixelsnail import PixelSNAIL
 
     if spec.get("threads"):
@@ -207,11 +209,16 @@ def build_step(spec: dict):
     preset = spec["preset"].removesuffix(NO_ATTENTION)
     overrides = dict(attention=False) if spec["preset"].endswith(NO_ATTENTION) else {}
     model = PixelSNAIL(model_config_from_preset(preset, height=SIZE, width=SIZE, **overrides)).train()
+    x = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
+    # Initialised as training initialises it (weight norm's data-dependent init on the batch), so the activations
+    # are in the range a training step sees. Without it the wide presets' activations grew with depth (paper-cifar10:
+    # two thirds of the gate inputs beyond +-80), where float32 exp and sigmoid run many times slower on some CPUs
+    # (docs/benchmarks.md, "On an Intel Xeon"): a step no training run takes.
+    data_dependent_init(model, x)
     if spec["variant"] == "checkpoint":
         model.checkpoint_activations = True
     forward = torch.compile(model) if spec["variant"] == "compile" else model
     optimizer, update = _loop_pieces(model)
-    x = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
     counter = [0]
 
     def autocast():
