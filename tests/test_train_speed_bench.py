@@ -1,6 +1,6 @@
-"""bench/train_speed.py's --rounds: a row measured in several rounds reports its median round, keeps the profile
+"""bench/train_speed.py: a row measured in several rounds (--rounds) reports its median round, keeps the profile
 of the round that was profiled, and the speed-up is the median of the ratios of round i of the tree to round i of
-the baseline."""
+the baseline; the step it times is of a model initialised as training initialises it."""
 from __future__ import annotations
 
 import importlib.util
@@ -38,3 +38,24 @@ def test_rounds_report_the_median_round_and_the_round_by_round_spread():
     # A row that failed in every round stays a failure.
     failed = dict(preset="small", precision="fp32", variant="plain", tree="baseline", error="boom")
     assert bench.merge_rounds([failed, failed])["error"] == "boom"
+
+
+def test_the_step_is_of_a_model_initialised_as_training_does():
+    """The bench times a model after weight norm's data-dependent init, as every training run starts: without it the
+    wide presets' activations grew into ranges where exp and sigmoid ran many times slower (docs/benchmarks.md)."""
+    import torch
+
+    from vqprior.layers import WNConv2d
+
+    spec = importlib.util.spec_from_file_location("train_speed", REPO / "bench" / "train_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        model, _, _ = bench.build_step(dict(preset="tiny", precision="fp32", variant="plain"))
+    finally:
+        torch.set_num_threads(threads)
+    convs = [m for m in model.modules() if isinstance(m, WNConv2d)]
+    # Before the init g = |v| (weight() == v); the init rescales every conv to unit-scale outputs on the batch.
+    rescaled = [not torch.allclose(m.weight_g, m.weight_v.flatten(1).norm(dim=1)) for m in convs]
+    assert convs and sum(rescaled) > len(convs) // 2
