@@ -69,7 +69,6 @@ def test_gate_equals_a_times_sigmoid_b(layout):
                                rtol=1e-12, atol=1e-12)
 
 
-
 def test_gate_under_compile_is_torchs_glu(monkeypatch):
     """While torch.compile traces, a channels-last gate is F.glu, not _Gate: inductor fuses it and picks what to keep,
     and torch 2.13's dynamo broke the graph on _Gate's out= into a channels-last view, so every gated block of a wide
@@ -78,6 +77,7 @@ def test_gate_under_compile_is_torchs_glu(monkeypatch):
     assert type(gate(h).grad_fn).__name__ != "GluBackward0"  # eager: the layout-preserving _Gate
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert type(gate(h).grad_fn).__name__ == "GluBackward0"
+
 
 @pytest.mark.parametrize("filters", [16, 128])  # 128 and up: the channels-last layout of wide models
 def test_checkpointed_bottom_prior_gives_the_plain_loss_and_gradients(filters):
