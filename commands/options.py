@@ -53,6 +53,11 @@ def train_options(fn=None, **defaults):
                      help="Adam learning rate."),
         click.option("--lr-decay", type=click.FloatRange(0, 1), default=d.lr_decay, show_default=True,
                      help="Learning-rate factor per step."),
+        click.option("--cooldown-steps", type=click.IntRange(min=0), default=d.cooldown_steps, show_default=True,
+                     metavar="N",
+                     help="Take the learning rate linearly down to zero over the last N steps before --steps (an "
+                          "anneal at the end of the budget; with --resume it may be set for the new --steps); 0: "
+                          "off. With --time-limit, set --steps to the step the limit will reach."),
         click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=d.ema, show_default=True,
                      help="Polyak EMA decay (EMA weights are evaluated and sampled)."),
         click.option("--grad-clip", type=click.FloatRange(min=0), default=d.grad_clip, show_default=True,
@@ -102,7 +107,7 @@ def train_options(fn=None, **defaults):
     return fn
 
 
-TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "ema", "grad_clip", "eval_every", "sample_every",
+TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "cooldown_steps", "ema", "grad_clip", "eval_every", "sample_every",
                 "checkpoint_every", "eval_limit", "num_samples", "seed", "precision", "compile",
                 "checkpoint_activations", "time_limit")
 

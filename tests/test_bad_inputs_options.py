@@ -11,6 +11,8 @@ CASES = [
     case("num-zero", "sample {px} --num 0 --out out.png", "--num"),
     case("num-negative", "sample {px} --num -1 --out out.png", "--num"),
     case("steps-zero", "train-pixels --steps 0 --out run --quiet", "--steps"),
+    case("cooldown-longer-than-the-run", f"train-pixels --cooldown-steps 99 --out run {TRAIN}", "cooldown-steps"),
+    case("cooldown-negative", "train-pixels --cooldown-steps -1 --out run --quiet", "--cooldown-steps"),
     case("temperature-zero", "sample {px} --temperature 0 --out out.png", "--temperature"),
     case("top-p-zero", "sample {top} --bottom {bottom} --top-p 0 --out out.png", "--top-p"),
     case("top-k-negative", "sample {px} --top-k -1 --out out.png", "--top-k"),

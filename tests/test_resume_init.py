@@ -76,16 +76,19 @@ def test_resume_refuses_each_fixed_option(pixel_run, tmp_path, args, named):
 def test_resume_with_the_same_command_line_applies_and_echoes_the_changeable_options(pixel_run, tmp_path):
     run = copy_run(pixel_run, tmp_path)
     # The original command line (fixed options unchanged) plus new steps and intervals: accepted.
-    result = train_pixel_run(run, "--resume", "--eval-every", "3", "--checkpoint-every", "3", steps=4, limit=16)
+    result = train_pixel_run(run, "--resume", "--eval-every", "3", "--checkpoint-every", "3", "--cooldown-steps", "2",
+                             steps=4, limit=16)
     echoed = re.search(r"Resuming .* from step 2 with: (.*)\.\n", result.stderr)
     assert echoed, result.stderr
     applied = echoed.group(1).split(", ")
-    for option in ("--steps 4", "--eval-every 3", "--checkpoint-every 3", "--quiet", "--device cpu"):
+    for option in ("--steps 4", "--eval-every 3", "--checkpoint-every 3", "--cooldown-steps 2", "--quiet",
+                   "--device cpu"):
         assert option in applied
     assert not any(a.startswith(("--preset", "--dataset", "--image-size", "--limit")) for a in applied)
     data = read_checkpoint(run / "latest.pt")
     assert data["step"] == 4
     assert data["config"]["train"]["eval_every"] == 3 and data["config"]["train"]["checkpoint_every"] == 3
+    assert data["config"]["train"]["cooldown_steps"] == 2
 
 
 def test_resume_without_options_says_so(pixel_run, tmp_path):

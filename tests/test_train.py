@@ -1,5 +1,5 @@
-"""The training loop and checkpoints: save/load round trip, exact resume, reproducibility, the non-finite guard,
-graceful stop, and refusal of unsafe or foreign checkpoint files."""
+"""The training loop and checkpoints: save/load round trip, exact resume, reproducibility, the learning-rate
+schedule, the non-finite guard, graceful stop, and refusal of unsafe or foreign checkpoint files."""
 import math
 
 import pytest
@@ -70,6 +70,41 @@ def test_resume_equals_uninterrupted_training(tmp_path):
         return [r["bpd"] for r in records if r["split"] == "train" and r["step"] == 6]
 
     assert final_train_bpd("full") == final_train_bpd("part") and final_train_bpd("full")
+
+
+def test_learning_rate_decays_per_step_then_cools_down_linearly():
+    plain = TrainConfig(steps=100, lr=1e-3, lr_decay=0.99)
+    cooled = TrainConfig(steps=100, lr=1e-3, lr_decay=0.99, cooldown_steps=20)
+    assert [plain.learning_rate(s) for s in range(100)] == [1e-3 * 0.99 ** s for s in range(100)]
+    assert [cooled.learning_rate(s) for s in range(81)] == [plain.learning_rate(s) for s in range(81)]
+    for step in (85, 90, 99):  # (steps - step) / cooldown_steps of the decayed rate: 1/20 at the last step
+        assert cooled.learning_rate(step) == pytest.approx(plain.learning_rate(step) * (100 - step) / 20, rel=1e-12)
+    whole = TrainConfig(steps=10, lr=1.0, lr_decay=1.0, cooldown_steps=10)
+    assert [whole.learning_rate(s) for s in range(10)] == pytest.approx([1.0 - s / 10 for s in range(10)])
+
+
+@pytest.mark.parametrize("cooldown", [-1, 11])
+def test_cooldown_longer_than_the_run_or_negative_is_refused(cooldown):
+    from vqprior.config import ConfigError
+    with pytest.raises(ConfigError, match="cooldown-steps"):
+        TrainConfig(steps=10, cooldown_steps=cooldown)
+
+
+def test_a_cooldown_set_on_resume_trains_as_one_run_with_it(tmp_path):
+    import json
+
+    _run(tmp_path / "full", 20, cooldown_steps=8, lr=1e-2, lr_decay=0.99)
+    _run(tmp_path / "part", 12, lr=1e-2, lr_decay=0.99)  # the stable part: the same schedule up to step 12
+    _run(tmp_path / "part", 20, checkpoint=read_checkpoint(tmp_path / "part" / "latest.pt"), cooldown_steps=8,
+         lr=1e-2, lr_decay=0.99)
+    full, part = (read_checkpoint(tmp_path / run / "latest.pt") for run in ("full", "part"))
+    assert _states_equal(full["model"], part["model"]) and _states_equal(full["ema"], part["ema"])
+    records = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if r["split"] == "train"}  # a record's lr is its last step's
+    assert lrs[10] == pytest.approx(1e-2 * 0.99 ** 9) and lrs[20] == pytest.approx(1e-2 * 0.99 ** 19 / 8)
+    plain = read_checkpoint(tmp_path / "part" / "latest.pt")
+    _run(tmp_path / "plain", 20, lr=1e-2, lr_decay=0.99)
+    assert not _states_equal(read_checkpoint(tmp_path / "plain" / "latest.pt")["model"], plain["model"])
 
 
 def test_same_seed_same_checkpoint_and_different_seed_differs(tmp_path):

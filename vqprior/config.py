@@ -136,6 +136,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training model
     checkpoint_activations: bool = False  # recompute each gated block / attention step in the backward pass
     time_limit: float = 0.0  # minutes of step time (train_seconds, resumes included) after which the run ends; 0 = off
+    cooldown_steps: int = 0  # the last N steps before `steps` take the learning rate linearly down to 0; 0 = off
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "sample_every", "checkpoint_every", "num_samples",
@@ -148,6 +149,18 @@ class TrainConfig:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not self.time_limit >= 0:
             raise ConfigError(f"time-limit must be >= 0 minutes, got {self.time_limit}")
+        if not 0 <= int(self.cooldown_steps) <= int(self.steps):
+            raise ConfigError(f"cooldown-steps must be between 0 and steps ({self.steps}), got {self.cooldown_steps}")
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based): ``lr * lr_decay**step``, and over the last ``cooldown_steps``
+        steps before ``steps`` also a linear factor down to 1/cooldown_steps at the last step (the "decay" of a
+        warmup-stable-decay schedule, Hagele et al. 2024: a short anneal at the end of the budget). A function of the
+        step alone, so a resumed run follows the uninterrupted run's schedule exactly."""
+        lr = self.lr * self.lr_decay ** step
+        if self.cooldown_steps:
+            lr *= min(1.0, (self.steps - step) / self.cooldown_steps)
+        return lr
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be fp32, tf32, bf16 or fp16, got {self.precision!r}")
 

@@ -318,7 +318,7 @@ class TrainingRun:
             # Ranks must draw different dropout masks, and a resumed run the masks of an uninterrupted one:
             # seed each step from (seed, step, rank) (one process keeps the saved RNG stream instead).
             torch.manual_seed(hash((config.seed, step, self.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-        lr = config.lr * config.lr_decay ** step
+        lr = config.learning_rate(step)
         for group in opt.param_groups:
             group["lr"] = lr
         batch = to_device(batch, self.device)
