@@ -134,11 +134,9 @@ def lossy(top: Path, bottom: Path, images: np.ndarray, chunk: int) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from machine import cpu_name
+
+    cpu = cpu_name()
     return (f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
             f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, Python {platform.python_version()}")
 

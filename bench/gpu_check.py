@@ -361,7 +361,8 @@ def machine(device: str) -> str:
         name = torch.cuda.get_device_name(0)
         return f"{name} x{torch.cuda.device_count()}, CUDA {torch.version.cuda}, cuDNN " \
                f"{torch.backends.cudnn.version()}, {text}"
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), {text}"
+    from machine import cpu_name
+    return f"CPU {cpu_name()} ({os.cpu_count()} cores), {text}"
 
 
 def table(rows, header: str) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -41,11 +40,9 @@ import numpy as np
 
 
 def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    from machine import cpu_name
+
+    return cpu_name()
 
 
 def write_source(folder: Path, count: int, kind: str) -> None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -274,13 +273,10 @@ def worker(args) -> dict:
 
 # ---- the table ----------------------------------------------------------------------------------------------------
 def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
     import torch
-    return f"{name}, {os.cpu_count()} CPUs; torch {torch.__version__}"
+
+    from machine import cpu_name
+    return f"{cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}"
 
 
 def run_worker(args, name: str) -> dict:

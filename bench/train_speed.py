@@ -52,13 +52,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import describe_cpu  # noqa: E402
 from speed_tables import format_speedups, format_table, merge_rounds  # noqa: E402
 
 PRESETS = ("tiny", "small", "paper-cifar10")
@@ -314,36 +314,6 @@ def run_worker(spec: dict, tree: str | None = None) -> dict:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def describe_cpu() -> str:
-    """CPU model name, physical cores (distinct (physical id, core id) pairs), logical CPUs and the bf16 hardware
-    (AMX tiles, AVX512-BF16), from /proc/cpuinfo."""
-    model, cores = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            blocks = [dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-                      for block in f.read().split("\n\n") if block.strip()]
-        blocks = [{k.strip(): v.strip() for k, v in b.items()} for b in blocks]
-        model = next((b["model name"] for b in blocks if "model name" in b), model)
-        cores = {(b.get("physical id"), b.get("core id")) for b in blocks if "core id" in b}
-    except OSError:
-        pass
-    flags = cpu_flags()
-    bf16 = ", ".join(name for name, flag in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if flag in flags)
-    return (f"{model}, {len(cores) or '?'} physical cores, {os.cpu_count()} logical CPUs; "
-            f"bf16 hardware: {bf16 or 'none'}")
 
 
 def checkout(rev: str) -> str:

@@ -27,7 +27,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_speed  # noqa: E402  (the step, the machine description and the baseline checkout)
+import train_speed  # noqa: E402  (the step and the baseline checkout)
+from machine import describe_cpu  # noqa: E402
 
 
 def worker(spec: dict) -> None:
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
         print(f"done: {preset}", file=sys.stderr)
     import torch
 
-    print(f"Machine: {train_speed.describe_cpu()}; torch {torch.__version__} "
+    print(f"Machine: {describe_cpu()}; torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()}), {args.threads or torch.get_num_threads()} torch threads; "
           f"1-minute load average at start {load:.2f}. Batch {train_speed.BATCH}, {train_speed.SIZE}x"
           f"{train_speed.SIZE} RGB; baseline = git revision {args.baseline}; steps alternate A/B.\n")
