@@ -29,7 +29,10 @@ glibc's allocator as ``vqprior train`` does (``vqprior.allocator.configure_for_t
 given back at once with checkpointing), the peer's rows run with glibc's defaults as its scripts do, or with ours
 under checkpointing (``--peer-allocator lean``). Per image: (peak RSS
 minus the RSS after building the model, minus 3 x the parameter bytes for the gradients and Adam's two moments)
-/ batch, i.e. activations and workspace per image.
+/ batch, i.e. activations and workspace per image. The training rows also count each side's FLOPs per image
+(``bench/flops.py``: one forward and backward under torch's FLOP counter) and measure the fp32 matmul peak in our
+row's process; the ceiling column is the fastest our step could run here (its FLOPs at that peak) over their
+measured time per image: no speed-up target above it can be met on this machine.
 
 Usage (the full run takes ~10 minutes on 2 cores; time it on an idle machine):
     python bench/peer_256.py --peer /work/peer/vq-vae-2-pytorch
@@ -178,8 +181,10 @@ def train_row(side: str, row: str, s: dict, batch: int, steps: int, peer_allocat
 
     seconds = timed(step, steps)
     peak = peak_mb()
+    from flops import matmul_peak, step_flops
     return dict(params=params, s_per_step=seconds, images_per_s=batch / seconds, peak_mb=peak,
-                per_image_mb=(peak - built - 3 * 4 * params / 2**20) / batch)
+                per_image_mb=(peak - built - 3 * 4 * params / 2**20) / batch,
+                flops_per_image=step_flops(lambda: loss().backward()) / batch, peak_flops=matmul_peak())
 
 
 def attention_row(length: int, kernel: str, steps: int) -> dict:
@@ -279,6 +284,23 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}"
 
 
+def ceilings(rows: list[str], theirs_by_row: dict, ours_by_row: dict) -> None:
+    """Each side's counted FLOPs per image and achieved share of the fp32 matmul peak, and the fastest our step
+    could be against theirs: our FLOPs per image at that peak, over their measured time per image."""
+    print("\n| row | theirs: GFLOP/image, GFLOP/s achieved (of the matmul peak) | ours: GFLOP/image, GFLOP/s achieved "
+          "(of the peak) | ceiling: our FLOPs at the peak, speed over theirs |")
+    print("|---|---|---|---|")
+    for row, ours in ours_by_row.items():
+        theirs, peak = theirs_by_row[row.split("+")[0]], ours["peak_flops"]
+        def cell(r: dict) -> str:
+            achieved = r["flops_per_image"] * r["images_per_s"]
+            return f"{r['flops_per_image'] / 1e9:.3g}, {achieved / 1e9:.3g} ({achieved / peak:.0%})"
+        print(f"| {row} | {cell(theirs)} | {cell(ours)} | "
+              f"{peak / ours['flops_per_image'] / theirs['images_per_s']:.2f}x |", flush=True)
+    print(f"# fp32 matmul peak (2048x2048 torch.mm, median): {peak / 1e9:.1f} GFLOP/s; FLOPs as "
+          "torch.utils.flop_counter counts them (bench/flops.py): convolutions, matmuls, attention")
+
+
 def run_worker(args, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--peer", args.peer, "--threads", str(args.threads),
            "--steps", str(args.steps), "--vq-batch", str(args.vq_batch), "--prior-batch", str(args.prior_batch),
@@ -304,19 +326,21 @@ def main(args) -> None:
         print("| row | batch | theirs: params, images/s, peak RSS MB, MB/image | ours: params, images/s, peak RSS MB, "
               "MB/image | speed ours/theirs | memory/image ours/theirs |")
         print("|---|---|---|---|---|---|")
-    theirs_by_row = {}
+    theirs_by_row, ours_by_row = {}, {}
     for row in ("vqvae", "top", "bottom", "bottom+ckpt"):
         if row not in rows:
             continue
         theirs = theirs_by_row.get(row.split("+")[0]) or run_worker(args, f"theirs:{row.split('+')[0]}")
         theirs_by_row[row.split("+")[0]] = theirs
-        ours = run_worker(args, f"ours:{row}")
+        ours = ours_by_row[row] = run_worker(args, f"ours:{row}")
         batch = args.vq_batch if row == "vqvae" else args.prior_batch
         cell = lambda r: (f"{r['params']:,}, {r['images_per_s']:.3f}, {r['peak_mb']:.0f}, "  # noqa: E731
                           f"{r['per_image_mb']:.0f}")
         print(f"| {row} | {batch} | {cell(theirs)} | {cell(ours)} | "
               f"{ours['images_per_s'] / theirs['images_per_s']:.2f}x | "
               f"{ours['per_image_mb'] / max(1.0, theirs['per_image_mb']):.2f} |", flush=True)
+    if theirs_by_row:
+        ceilings(rows, theirs_by_row, ours_by_row)
     if "attn" in rows:
         print("\n| our attention step, fwd+bwd, batch 1 | s | peak RSS MB | MB above the built module |")
         print("|---|---|---|---|")

@@ -58,6 +58,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flops import matmul_peak, step_flops  # noqa: E402
 from machine import describe_cpu  # noqa: E402
 from speed_tables import format_speedups, format_table, merge_rounds  # noqa: E402
 
@@ -83,18 +84,9 @@ def measure_matmul_peak(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    n, result = spec["matmul_size"], {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if name not in spec["precisions"]:
-            continue
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        times = []
-        for i in range(spec["matmul_warmup"] + spec["matmul_repeats"]):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            if i >= spec["matmul_warmup"]:
-                times.append(time.perf_counter() - start)
-        result[f"peak_{name}_flops"] = 2 * n ** 3 / statistics.median(times)
+    result = {f"peak_{name}_flops": matmul_peak(dtype, spec["matmul_size"], spec["matmul_warmup"],
+                                                spec["matmul_repeats"])
+              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)) if name in spec["precisions"]}
     result.update(torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
                   cpu_capability=torch.backends.cpu.get_cpu_capability())
     return result
@@ -244,7 +236,6 @@ def measure_training_step(spec: dict) -> dict:
     """Time, memory, FLOPs and attention share of one (preset, precision, variant) training step."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
-    from torch.utils import flop_counter
 
     import vqprior
 
@@ -270,17 +261,7 @@ def measure_training_step(spec: dict) -> dict:
     if not spec.get("profile", True):
         return result
 
-    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    mapping = {  # shapes in, FLOPs out: the same formulas torch uses for its CUDA attention kernels
-        cpu_flash: lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v),
-        cpu_flash_backward: lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(
-            g, q, k, v),
-    }
-    # FLOPs and the profile are of the eager step (the same arithmetic)
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter_mode:
-        forward_backward(eager=True)
-    flops = counter_mode.get_total_flops()
+    flops = step_flops(lambda: forward_backward(eager=True))  # of the eager step (the same arithmetic)
 
     _attention_ranges(model)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

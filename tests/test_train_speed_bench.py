@@ -1,6 +1,7 @@
 """bench/train_speed.py: a row measured in several rounds (--rounds) reports its median round, keeps the profile
 of the round that was profiled, and the speed-up is the median of the ratios of round i of the tree to round i of
-the baseline; the step it times is of a model initialised as training initialises it."""
+the baseline; the step it times is of a model initialised as training initialises it; bench/flops.py counts a
+step's FLOPs, the fused CPU attention kernel included."""
 from __future__ import annotations
 
 import importlib.util
@@ -58,3 +59,24 @@ def test_the_step_is_of_a_model_initialised_as_training_does():
     convs = [m for m in model.modules() if isinstance(m, WNConv2d)]
     # Before the init g = |v| (weight() == v); the init rescales every conv to unit-scale outputs on the batch.
     assert convs and all(not torch.allclose(m.weight_g, m.weight_v.flatten(1).norm(dim=1)) for m in convs)
+
+
+def _flops_module():
+    spec = importlib.util.spec_from_file_location("flops", REPO / "bench" / "flops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_flops_counts_a_forward_and_backward_and_the_fused_attention():
+    import torch
+    import torch.nn.functional as F
+
+    flops = _flops_module()
+    linear, x = torch.nn.Linear(32, 16, bias=False), torch.randn(4, 32, requires_grad=True)
+    assert flops.step_flops(lambda: linear(x).sum().backward()) == 3 * 2 * 4 * 32 * 16  # forward, grad x, grad W
+    q, k, v = (torch.randn(1, 2, 64, 8, requires_grad=True) for _ in range(3))
+    counted = flops.step_flops(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward())
+    forward = 2 * (2 * 64 * 64 * 8)  # q k^T and the weighted sum of v, every score counted (masked or not)
+    assert counted >= 3 * forward  # the CPU's fused kernel is outside torch's registry: counted, not 0
+    assert flops.matmul_peak(n=64, warmup=1, repeats=1) > 0
