@@ -107,8 +107,8 @@ def train_options(fn=None, **defaults):
     return fn
 
 
-TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "cooldown_steps", "ema", "grad_clip", "eval_every", "sample_every",
-                "checkpoint_every", "eval_limit", "num_samples", "seed", "precision", "compile",
+TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "cooldown_steps", "ema", "grad_clip", "eval_every",
+                "sample_every", "checkpoint_every", "eval_limit", "num_samples", "seed", "precision", "compile",
                 "checkpoint_activations", "time_limit")
 
 

@@ -83,11 +83,13 @@ def test_learning_rate_decays_per_step_then_cools_down_linearly():
     assert [whole.learning_rate(s) for s in range(10)] == pytest.approx([1.0 - s / 10 for s in range(10)])
 
 
-@pytest.mark.parametrize("cooldown", [-1, 11])
-def test_cooldown_longer_than_the_run_or_negative_is_refused(cooldown):
+@pytest.mark.parametrize("field, value, named", [("cooldown_steps", -1, "cooldown-steps"),
+                                                  ("cooldown_steps", 11, "cooldown-steps"),
+                                                  ("precision", "fp8", "precision"), ("lr", 0.0, "lr")])
+def test_train_config_refuses_out_of_range_values(field, value, named):
     from vqprior.config import ConfigError
-    with pytest.raises(ConfigError, match="cooldown-steps"):
-        TrainConfig(steps=10, cooldown_steps=cooldown)
+    with pytest.raises(ConfigError, match=named):
+        TrainConfig(steps=10, **{field: value})
 
 
 def test_a_cooldown_set_on_resume_trains_as_one_run_with_it(tmp_path):

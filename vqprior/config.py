@@ -151,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"time-limit must be >= 0 minutes, got {self.time_limit}")
         if not 0 <= int(self.cooldown_steps) <= int(self.steps):
             raise ConfigError(f"cooldown-steps must be between 0 and steps ({self.steps}), got {self.cooldown_steps}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be fp32, tf32, bf16 or fp16, got {self.precision!r}")
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based): ``lr * lr_decay**step``, and over the last ``cooldown_steps``
@@ -161,8 +163,6 @@ class TrainConfig:
         if self.cooldown_steps:
             lr *= min(1.0, (self.steps - step) / self.cooldown_steps)
         return lr
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be fp32, tf32, bf16 or fp16, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
