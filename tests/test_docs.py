@@ -123,7 +123,7 @@ def shipped_figures() -> dict[str, str]:
 
 def test_each_shipped_figure_is_written_in_one_place():
     figures = shipped_figures()
-    assert {"3.417", "0.9497", "30.32", "3.470", "0.9182"} <= set(figures), "the tables were not read"
+    assert {"3.411", "0.9497", "30.32", "3.464", "0.9182"} <= set(figures), "the tables were not read"
     texts = {page.relative_to(REPO): page.read_text() for page in markdown_pages()}
     twice = []
     for figure, where in figures.items():
