@@ -284,7 +284,7 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}"
 
 
-def ceilings(rows: list[str], theirs_by_row: dict, ours_by_row: dict) -> None:
+def ceilings(theirs_by_row: dict, ours_by_row: dict) -> None:
     """Each side's counted FLOPs per image and achieved share of the fp32 matmul peak, and the fastest our step
     could be against theirs: our FLOPs per image at that peak, over their measured time per image."""
     print("\n| row | theirs: GFLOP/image, GFLOP/s achieved (of the matmul peak) | ours: GFLOP/image, GFLOP/s achieved "
@@ -292,6 +292,7 @@ def ceilings(rows: list[str], theirs_by_row: dict, ours_by_row: dict) -> None:
     print("|---|---|---|---|")
     for row, ours in ours_by_row.items():
         theirs, peak = theirs_by_row[row.split("+")[0]], ours["peak_flops"]
+
         def cell(r: dict) -> str:
             achieved = r["flops_per_image"] * r["images_per_s"]
             return f"{r['flops_per_image'] / 1e9:.3g}, {achieved / 1e9:.3g} ({achieved / peak:.0%})"
@@ -340,7 +341,7 @@ def main(args) -> None:
               f"{ours['images_per_s'] / theirs['images_per_s']:.2f}x | "
               f"{ours['per_image_mb'] / max(1.0, theirs['per_image_mb']):.2f} |", flush=True)
     if theirs_by_row:
-        ceilings(rows, theirs_by_row, ours_by_row)
+        ceilings(theirs_by_row, ours_by_row)
     if "attn" in rows:
         print("\n| our attention step, fwd+bwd, batch 1 | s | peak RSS MB | MB above the built module |")
         print("|---|---|---|---|")
