@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
-from vqprior.data.datasets import load_image_dataset
-from vqprior.evaluate import evaluate_nll
-from vqprior.pixel_task import PixelTask
-from vqprior.train import train
+from vqprior.data.loader import load_image_dataset
+from vqprior.evaluation.likelihood import evaluate_nll
+from vqprior.training.loop import train
+from vqprior.training.pixel_task import PixelTask
 
 
 def run(precision: str, args, train_set, val_set) -> dict:
@@ -57,7 +57,8 @@ def main():
     val_set = load_image_dataset("sample", "test", image_size=args.image_size)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}; preset "
-          f"{args.preset}, {train_set.height}x{train_set.width}, {args.steps} steps x {args.batch_size}, seed {args.seed}")
+          f"{args.preset}, {train_set.height}x{train_set.width}, {args.steps} steps x {args.batch_size}, "
+          f"seed {args.seed}")
     rows = [run(p, args, train_set, val_set) for p in ("fp32", "bf16")]
     print("| precision | train wall s | median images/s | held-out bits/dim (fp32 eval) |")
     print("|---|---|---|---|")

@@ -116,7 +116,7 @@ def lossy(top: Path, bottom: Path, images: np.ndarray, chunk: int) -> dict:
     reconstruction the decoded codes give."""
     from vqprior.checkpoint import load_model
     from vqprior.compress import compress_codes, decompress_codes
-    from vqprior.vqvae_task import psnr_from_mse
+    from vqprior.evaluation.metrics import psnr_from_mse
 
     priors = [load_model(top, "cpu", kind="prior"), load_model(bottom, "cpu", kind="prior")]
     vq, x = priors[0].vqvae, torch.from_numpy(images)

@@ -206,10 +206,10 @@ def sampling_row(c: Check, compiled: bool) -> str:
     """Cached vs naive (or compiled vs eager cached) on the shipped pixel model, on the last rows of a real image."""
     import torch
 
-    from vqprior.cached import CachedSampler
     from vqprior.checkpoint import load_model
-    from vqprior.data.datasets import load_image_dataset
-    from vqprior.sampling import sample
+    from vqprior.data.loader import load_image_dataset
+    from vqprior.sampling.cached import CachedSampler
+    from vqprior.sampling.sampler import sample
 
     device = torch.device(c.args.device)
     # The --quick CPU check compiles with the eager backend (inductor's C++ build takes minutes), so that this
@@ -307,7 +307,7 @@ def extract_row(c: Check) -> str:
 def compress_row(c: Check) -> str:
     import numpy as np
 
-    from vqprior.data.datasets import load_image_dataset
+    from vqprior.data.loader import load_image_dataset
 
     try:
         import constriction  # noqa: F401

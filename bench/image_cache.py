@@ -48,7 +48,7 @@ def machine() -> str:
 def write_source(folder: Path, count: int, kind: str) -> None:
     from PIL import Image
 
-    from vqprior.data.datasets import load_image_dataset
+    from vqprior.data.loader import load_image_dataset
 
     sample = load_image_dataset("sample", "train")
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def write_source(folder: Path, count: int, kind: str) -> None:
 
 
 def build(source: Path, cache: Path, encoding: str, quality: int):
-    from vqprior.data.datasets import load_image_dataset
+    from vqprior.data.loader import load_image_dataset
 
     start = time.perf_counter()
     dataset = load_image_dataset("folder", "train", data_dir=source, image_size=256, cache=cache,

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqprior.checkpoint import atomic_write, torch_save_file
-from vqprior.data.datasets import load_image_dataset
+from vqprior.data.loader import load_image_dataset
+from vqprior.io import atomic_write, torch_save_file
 
 RECIPE = 1  # bump when the network or the training recipe changes: cached judges of other recipes are not reused
 EPOCHS = {"mnist": 3, "cifar10": 12}  # MNIST: >= 98% test accuracy; CIFAR-10: what a few CPU minutes buy

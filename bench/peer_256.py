@@ -25,7 +25,7 @@ Rows (theirs at their train scripts' defaults; ours at the matched presets, para
 
 How each number is measured: s/step is the median over ``--steps`` timed steps after one warm-up step
 (``time.perf_counter``). Peak RSS is ``ru_maxrss`` of the subprocess after the timed steps; our training rows set
-glibc's allocator as ``vqprior train`` does (``vqprior.allocator.configure_for_training``: freed memory kept, or
+glibc's allocator as ``vqprior train`` does (``vqprior.runtime.allocator.configure_for_training``: freed memory kept, or
 given back at once with checkpointing), the peer's rows run with glibc's defaults as its scripts do, or with ours
 under checkpointing (``--peer-allocator lean``). Per image: (peak RSS
 minus the RSS after building the model, minus 3 x the parameter bytes for the gradients and Adam's two moments)
@@ -85,7 +85,7 @@ def their_prior(level: str, s: dict):
 
 def our_prior(level: str, s: dict):
     from vqprior.config import model_config_from_preset
-    from vqprior.pixelsnail import PixelSNAIL
+    from vqprior.models.pixelsnail import PixelSNAIL
 
     side, n = s["image"] // (8 if level == "top" else 4), s["vq"].get("n_embed", 512)
     cond = dict(num_classes=10) if level == "top" else dict(cond_num_codes=n, cond_height=side // 2,
@@ -127,8 +127,8 @@ def train_row(side: str, row: str, s: dict, batch: int, steps: int, peer_allocat
                 return F.mse_loss(out, x) + 0.25 * latent.mean()
         else:
             from vqprior.config import DataConfig
-            from vqprior.vqvae import vqvae_config_from_preset
-            from vqprior.vqvae_task import VQVAETask
+            from vqprior.models.vqvae import vqvae_config_from_preset
+            from vqprior.training.vqvae_task import VQVAETask
             task = VQVAETask(vqvae_config_from_preset("vqvae2-256", **s["ours_vq"]), DataConfig())
             model = task.build_model()
             task.init_model(model, {"image": images})
@@ -152,7 +152,7 @@ def train_row(side: str, row: str, s: dict, batch: int, steps: int, peer_allocat
             # Initialised as train-prior initialises it (weight norm's data-dependent init on the batch): without
             # it the activations grow with depth into ranges where exp and sigmoid run many times slower on some
             # CPUs (docs/benchmarks.md, "On an Intel Xeon"), a step no training run takes.
-            from vqprior.layers import data_dependent_init
+            from vqprior.models.layers import data_dependent_init
             data_dependent_init(model, target, **(dict(label=label) if level == "top" else dict(condition=top)))
 
             def loss():
@@ -160,16 +160,16 @@ def train_row(side: str, row: str, s: dict, batch: int, steps: int, peer_allocat
                     return -model.log_prob(target, label=label).mean()
                 return -model.log_prob(target, condition=top).mean()
     model.train()
-    if side == "ours":  # host memory settings as `vqprior train` makes them (vqprior.allocator)
-        from vqprior.allocator import configure_for_training
+    if side == "ours":  # host memory settings as `vqprior train` makes them (vqprior.runtime.allocator)
+        from vqprior.runtime.allocator import configure_for_training
         configure_for_training(row == "bottom+ckpt")
     elif peer_allocator == "lean":
-        from vqprior.allocator import return_freed_memory
+        from vqprior.runtime.allocator import return_freed_memory
         return_freed_memory()
     params = sum(p.numel() for p in model.parameters())
     built = rss_mb()
     if side == "ours":
-        from vqprior.acceleration import make_optimizer
+        from vqprior.training.acceleration import make_optimizer
         opt = make_optimizer(model, 3e-4, (0.9, 0.999))
     else:
         opt = torch.optim.Adam(model.parameters(), lr=3e-4)
@@ -192,7 +192,7 @@ def attention_row(length: int, kernel: str, steps: int) -> dict:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from vqprior.attention import CausalSelfAttention, background
+    from vqprior.models.attention import CausalSelfAttention, background
 
     side = int(length ** 0.5)
     attn = CausalSelfAttention(256, 256, 128, 128, heads=8)
@@ -280,7 +280,6 @@ def worker(args) -> dict:
 # ---- the table ----------------------------------------------------------------------------------------------------
 def machine() -> str:
     import torch
-
     from machine import cpu_name
     return f"{cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}"
 
@@ -379,7 +378,8 @@ if __name__ == "__main__":
     p.add_argument("--sample-batch", type=int, default=8, help="samples drawn together (sample.py's default: 8)")
     p.add_argument("--peer-allocator", choices=("default", "lean"), default="default",
                    help="host memory settings of the peer's rows: glibc's defaults (as its scripts run) or the ones "
-                        "ours trains with under --checkpoint-activations (vqprior.allocator.return_freed_memory)")
+                        "ours trains with under --checkpoint-activations "
+                        "(vqprior.runtime.allocator.return_freed_memory)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.peer, "pixelsnail.py")):

@@ -4,7 +4,7 @@ allocated them, at batch 1 and 2, and the difference (memory per image). Issue 2
 One warm-up step (forward, backward; gradients kept), then one step under ``torch.profiler`` with
 ``profile_memory``: every allocation and free of PyTorch's CPU allocator in that step is replayed in time order, and
 the allocations alive when their total peaked are grouped by (op, innermost vqprior source lines). This counts
-tensors only: the C library's heap around them (what peak RSS adds, see vqprior/allocator.py) is not in it, nor
+tensors only: the C library's heap around them (what peak RSS adds, see vqprior/runtime/allocator.py) is not in it, nor
 the weights, gradients and optimizer state that exist before the step (no optimizer is built). Each batch runs in a
 fresh subprocess. Profiling slows the step several times; memory does not depend on it.
 
@@ -69,7 +69,7 @@ def worker(args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from vqprior.config import model_config_from_preset
-    from vqprior.pixelsnail import PixelSNAIL
+    from vqprior.models.pixelsnail import PixelSNAIL
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from judges import as_tensors, load_or_train, predict
-from vqprior.data.datasets import load_image_dataset
+
+from vqprior.data.loader import load_image_dataset
 
 
 def knn_predict(train_x, train_y, x, k: int, classes: int, chunk: int = 500) -> torch.Tensor:
@@ -117,7 +117,7 @@ def real_spreads(judge: Judge, per_class: int = 300) -> dict:
 def draw_samples(args, scale: float) -> torch.Tensor:
     """uint8 (N, C, H, W) samples of the checkpoint at guidance ``scale``, sample i drawn for class i % classes."""
     from vqprior.checkpoint import load_model
-    from vqprior.generate import generate
+    from vqprior.sampling.generate import generate
 
     model = load_model(args.source, args.device, kind=("pixels", "prior"))
     bottom = load_model(args.bottom, args.device, kind="prior") if args.bottom else None

@@ -46,7 +46,7 @@ def build_model(head: str, size: int, num_codes: int):
     import torch
 
     from vqprior.config import model_config_from_preset
-    from vqprior.pixelsnail import PixelSNAIL
+    from vqprior.models.pixelsnail import PixelSNAIL
 
     torch.manual_seed(0)
     extra = dict(channels=3) if head == "pixels" else dict(head="codes", num_codes=num_codes)
@@ -57,7 +57,7 @@ def run_cell(args) -> dict:
     """Child process: time one (head, size, batch, method) cell and report JSON on stdout."""
     import torch
 
-    from vqprior.sampling import sample
+    from vqprior.sampling.sampler import sample
 
     torch.set_num_threads(args.threads)
     model = build_model(args.head, args.size, args.num_codes)
@@ -73,13 +73,13 @@ def run_cell(args) -> dict:
     method = "naive" if args.method == "naive" else "cached"
     extra = dict(compile=True) if args.method in ("static", "compiled") else {}
     if args.method == "static":  # the static-shape step in plain eager mode: sample(compile=True), compiling nothing
-        import vqprior.sampling
+        import vqprior.sampling.sampler
 
-        class EagerStatic(vqprior.sampling.CachedSampler):
+        class EagerStatic(vqprior.sampling.sampler.CachedSampler):
             def compile(self, **options):
                 return self
 
-        vqprior.sampling.CachedSampler = EagerStatic
+        vqprior.sampling.sampler.CachedSampler = EagerStatic
     sample(model, args.batch, method=method, height=2, width=2, **extra)
     if args.method == "compiled":  # compilation is per map size: once at the timed size, untimed
         sample(model, args.batch, method=method, prefix=prefix, start=start, **extra)

@@ -39,7 +39,7 @@ How each number is measured:
   imported from there), side by side with the working tree's in one run, and the speed-up of the fastest variant
   of each (preset, precision) over the baseline's plain step. The step replicates the loop's per-step work for
   both trees: forward under autocast, backward, the non-finite gradient check, Adam, the EMA update, each done the
-  way that tree's ``vqprior.train`` does it (detected by what the tree provides).
+  way that tree's ``vqprior.training.loop`` does it (detected by what the tree provides).
 
 Usage (the full run takes several minutes; run it on an otherwise idle machine):
     python bench/train_speed.py                      # tiny, small, paper-cifar10; fp32 and bf16
@@ -98,7 +98,7 @@ def _attention_ranges(model):
     its ``forward`` (older trees, where forward ran all three)."""
     from torch.profiler import record_function
 
-    from vqprior.attention import CausalSelfAttention
+    from vqprior.models.attention import CausalSelfAttention
 
     def ranged(inner):
         def method(*args, **kwargs):
@@ -150,11 +150,11 @@ def _loop_pieces(model):
     imported tree's training loop uses; ``update(step)`` runs them after ``loss.backward()``."""
     import torch
 
-    from vqprior.run_state import EMA
+    from vqprior.training.run_state import EMA
 
     ema = EMA(model, 0.9995)
     if _tree_has("acceleration"):
-        from vqprior.acceleration import clip_and_measure, make_optimizer
+        from vqprior.training.acceleration import clip_and_measure, make_optimizer
     else:  # an older tree: plain Adam, one isfinite per parameter read on the host (as its loop did)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.9995))
 
@@ -171,7 +171,7 @@ def _loop_pieces(model):
                 ema.update(model, step)
         return optimizer, update
 
-    from vqprior.step_guard import step_unless
+    from vqprior.training.step_guard import step_unless
 
     def update(step):  # the working tree: the skip decided on the device, no host sync
         skip = ~torch.isfinite(clip_and_measure(list(model.parameters()), 0.0))
@@ -189,14 +189,14 @@ def build_step(spec: dict):
     import torch
 
     from vqprior.config import model_config_from_preset
-    from vqprior.layers import data_dependent_init
-    from vqprior.pixelsnail import PixelSNAIL
+    from vqprior.models.layers import data_dependent_init
+    from vqprior.models.pixelsnail import PixelSNAIL
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     if _tree_has("allocator"):  # as the tree's training loop does before its first step
-        from vqprior.allocator import retain_freed_memory
+        from vqprior.runtime.allocator import retain_freed_memory
         retain_freed_memory()
     preset = spec["preset"].removesuffix(NO_ATTENTION)
     overrides = dict(attention=False) if spec["preset"].endswith(NO_ATTENTION) else {}
@@ -234,7 +234,6 @@ def build_step(spec: dict):
 
 def measure_training_step(spec: dict) -> dict:
     """Time, memory, FLOPs and attention share of one (preset, precision, variant) training step."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import vqprior

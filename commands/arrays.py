@@ -5,8 +5,8 @@ import zipfile
 
 import numpy as np
 
-from vqprior.checkpoint import atomic_write
 from vqprior.errors import UserError
+from vqprior.io import atomic_write
 
 
 def save_npy(path, array: np.ndarray) -> None:

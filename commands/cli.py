@@ -6,20 +6,19 @@ Command modules import torch and the library lazily inside their bodies so ``vqp
 import click
 
 from vqprior import __version__
-
-from .complete import complete
-from .compress import compress, decompress
-from .decode import decode
-from .evaluate import evaluate
-from .export import export
-from .extract_codes import extract_codes
-from .info import info, presets
-from .plot import plot
-from .receptive_field import receptive_field
-from .sample import sample
-from .train_pixels import train_pixels
-from .train_prior import train_prior
-from .train_vqvae import train_vqvae
+from vqprior.commands.complete import complete
+from vqprior.commands.compress import compress, decompress
+from vqprior.commands.decode import decode
+from vqprior.commands.evaluate import evaluate
+from vqprior.commands.export import export
+from vqprior.commands.extract_codes import extract_codes
+from vqprior.commands.info import info, presets
+from vqprior.commands.plot import plot
+from vqprior.commands.receptive_field import receptive_field
+from vqprior.commands.sample import sample
+from vqprior.commands.train_pixels import train_pixels
+from vqprior.commands.train_prior import train_prior
+from vqprior.commands.train_vqvae import train_vqvae
 
 
 def _print_version(ctx, param, value):
@@ -66,7 +65,7 @@ for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate,
 
 
 def main():
-    from vqprior.allocator import retain_freed_memory
+    from vqprior.runtime.allocator import retain_freed_memory
 
     retain_freed_memory()  # every command here is a process that runs one job: keep freed memory for reuse
     cli()

@@ -77,10 +77,10 @@ def _one_line(e: BaseException) -> str:
 
 def resolve_device(name: str):
     """``auto`` -> cuda when available, else cpu; otherwise the named device, checked up front
-    (vqprior.device.check_device: cpu, cuda or cuda:N with N an existing GPU)."""
+    (vqprior.runtime.device.check_device: cpu, cuda or cuda:N with N an existing GPU)."""
     import torch
 
-    from vqprior.device import check_device
+    from vqprior.runtime.device import check_device
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,8 +97,8 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # vqprior.config.PRECISIONS, spel
 
 
 def precision_option(sampling: bool = False, training: bool = False):
-    """--precision (vqprior.precision): fp32 (strict, TF32 off on CUDA), tf32 (CUDA TF32), bf16 / fp16 (autocast);
-    the train commands add ``auto`` (their default: tf32 on Ampere+ GPUs, else fp32)."""
+    """--precision (vqprior.runtime.precision): fp32 (strict, TF32 off on CUDA), tf32 (CUDA TF32), bf16 / fp16
+    (autocast); the train commands add ``auto`` (their default: tf32 on Ampere+ GPUs, else fp32)."""
     exact = ", the cached sampler exact" if sampling else ""
     bf16 = "; sampling arithmetic stays float32" if sampling else ""
     auto = ("auto: tf32 on CUDA GPUs of compute capability 8.0+ (Ampere), else fp32 (the value used is printed and "
@@ -124,14 +124,14 @@ def check_compile_sampler(compile_step: bool, method: str, device) -> None:
         return
     if method != "cached":
         raise click.UsageError("--compile applies to --method cached (the naive sampler has no step to compile)")
-    from vqprior.acceleration import check_compiler
+    from vqprior.runtime.compiler import check_compiler
 
     check_compiler(device)
 
 
 def _apply_deterministic(ctx, param, value):
     if value:  # while the options are parsed: before the command body touches CUDA (cuBLAS reads its workspace once)
-        from vqprior.determinism import set_deterministic
+        from vqprior.runtime.determinism import set_deterministic
 
         set_deterministic(True)
     return value
@@ -145,9 +145,9 @@ deterministic_option = click.option(
 
 
 def apply_precision(precision: str, device=None) -> None:
-    """The precision policy for a command's whole run (vqprior.precision), set before any model call; ``device``
+    """The precision policy for a command's whole run (vqprior.runtime.precision), set before any model call; ``device``
     refuses a precision it cannot run (bf16 on a GPU that only emulates it)."""
-    from vqprior.precision import apply_precision_policy
+    from vqprior.runtime.precision import apply_precision_policy
 
     apply_precision_policy(precision, device)
 
@@ -214,7 +214,7 @@ def resolve_cache_encoding(kw: dict, default: tuple[str, int] = ("raw", 90),
 def load_checkpoint_split(data, dataset, data_dir, split: str, limit: int, cache, cache_encoding, jpeg_quality):
     """A split of the images a checkpoint was trained on (its ``DataConfig`` ``data``), or of ``dataset`` /
     ``data_dir`` when given, through the image cache ``cache`` (encoding: the options', else the checkpoint's)."""
-    from vqprior.data.datasets import load_image_dataset
+    from vqprior.data.loader import load_image_dataset
 
     options = dict(cache=cache, cache_encoding=cache_encoding, jpeg_quality=jpeg_quality)
     encoding, quality = resolve_cache_encoding(options, (data.cache_encoding, data.jpeg_quality))

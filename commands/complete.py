@@ -3,10 +3,20 @@ from __future__ import annotations
 
 import click
 
-from .common import (apply_precision, check_compile_sampler, check_outputs, compile_sampler_option,
-                     deterministic_option, device_option, guarded, middle_option, precision_option, refuse_unused,
-                     resolve_device)
-from .sample import guidance_checks, guidance_option, load_lower_priors
+from vqprior.commands.common import (
+    apply_precision,
+    check_compile_sampler,
+    check_outputs,
+    compile_sampler_option,
+    deterministic_option,
+    device_option,
+    guarded,
+    middle_option,
+    precision_option,
+    refuse_unused,
+    resolve_device,
+)
+from vqprior.commands.sample import guidance_checks, guidance_option, load_lower_priors
 
 
 @click.command("complete")
@@ -46,8 +56,8 @@ def complete(checkpoint, image_path, keep_rows, bottom, middle, num, out, seed, 
 
     from vqprior.checkpoint import load_model
     from vqprior.errors import UserError
-    from vqprior.generate import encode_prefix, generate
     from vqprior.images import image_format, load_image, save_grid
+    from vqprior.sampling.generate import encode_prefix, generate
 
     device = resolve_device(device)
     check_compile_sampler(compile_step, method, device)

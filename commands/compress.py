@@ -10,12 +10,19 @@ from pathlib import Path
 
 import click
 
-from .common import apply_precision, check_outputs, device_option, guarded, middle_option, resolve_device
+from vqprior.commands.common import (
+    apply_precision,
+    check_outputs,
+    device_option,
+    guarded,
+    middle_option,
+    resolve_device,
+)
 
 
 def _load(checkpoint, bottom, device, middle=()):
     from vqprior.checkpoint import load_model
-    from vqprior.generate import prior_chain, prior_level, vqvae_levels
+    from vqprior.sampling.generate import prior_chain, prior_level, vqvae_levels
 
     model = load_model(checkpoint, device, kind=("pixels", "prior"))
     if model.config.head == "pixels":
@@ -47,10 +54,9 @@ def _read_codes(path: Path, priors, channels: int):
     import numpy as np
     import torch
 
+    from vqprior.commands.arrays import load_codes_file
     from vqprior.compress.files import as_images, load_npy, read_images
     from vqprior.errors import UserError
-
-    from .arrays import load_codes_file
 
     if path.is_dir() and (path / "data.mdb").exists():
         from vqprior.data.codes import CodeDataset
@@ -78,7 +84,7 @@ def _read_codes(path: Path, priors, channels: int):
 
 
 def _psnr(vq, codes, images) -> float:
-    from vqprior.vqvae_task import psnr_from_mse
+    from vqprior.evaluation.metrics import psnr_from_mse
 
     n, se = images.shape[0], 0.0
     for i in range(0, n, 64):
@@ -112,9 +118,9 @@ def compress(checkpoint, input_path, out, bottom, middle, batch_size, device):
     Code priors: an LMDB code cache, .npy/.npz codes (as `sample --save-codes` writes), or images, which the
     prior's VQ-VAE encodes first (lossy: the PSNR of the reconstruction is printed).
     """
-    from vqprior.checkpoint import atomic_write
     from vqprior.compress import compress_codes, compress_images
     from vqprior.compress.files import read_images
+    from vqprior.io import atomic_write
 
     device = resolve_device(device)
     apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU
@@ -154,11 +160,10 @@ def compress(checkpoint, input_path, out, bottom, middle, batch_size, device):
 def decompress(checkpoint, file, out, bottom, middle, device):
     """Decompress FILE (from `vqprior compress`) with the same CKPT; refused with another model, a damaged
     file, or when the decoded data do not match the stored checksum."""
+    from vqprior.commands.arrays import save_codes_file
     from vqprior.compress import decompress_codes, decompress_images
     from vqprior.compress.files import check_image_output, write_images
     from vqprior.errors import UserError
-
-    from .arrays import save_codes_file
 
     device = resolve_device(device)
     apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import apply_precision, check_outputs, device_option, guarded, resolve_device
+from vqprior.commands.common import apply_precision, check_outputs, device_option, guarded, resolve_device
 
 
 @click.command("decode")
@@ -27,9 +27,8 @@ def decode(paths, vqvae_path, out, nrow, scale, device):
     import torch
 
     from vqprior.checkpoint import load_model
+    from vqprior.commands.arrays import load_codes_file
     from vqprior.images import image_format, save_grid
-
-    from .arrays import load_codes_file
     
     if vqvae_path is None and len(paths) == 2:
         vqvae_path, paths = paths[0], paths[1:]  # the older positional spelling: decode VQVAE.pt CODES

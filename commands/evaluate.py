@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import click
 
-from .common import (apply_precision, cache_encoding_options, check_dataset_options, deterministic_option,
-                     device_option, guarded, load_checkpoint_split, precision_option, refuse_unused, resolve_device)
-from .options import DATASETS
+from vqprior.commands.common import (
+    apply_precision,
+    cache_encoding_options,
+    check_dataset_options,
+    deterministic_option,
+    device_option,
+    guarded,
+    load_checkpoint_split,
+    precision_option,
+    refuse_unused,
+    resolve_device,
+)
+from vqprior.commands.options import DATASETS
 
 
 @click.command("evaluate")
@@ -41,9 +51,9 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
 
     from vqprior.checkpoint import load_model, read_checkpoint
     from vqprior.config import DataConfig
-    from vqprior.evaluate import ClassMarginal, NullClass, evaluate_nll
-    from vqprior.null_class import null_label
-    from vqprior.precision import autocast
+    from vqprior.evaluation.likelihood import ClassMarginal, NullClass, evaluate_nll
+    from vqprior.models.null_class import null_label
+    from vqprior.runtime.precision import autocast
 
     device = resolve_device(device)
     apply_precision(precision, device)
@@ -92,7 +102,6 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
         if not codes:
             raise click.UsageError("evaluating a prior needs --codes CODES.lmdb")
         from vqprior.data.codes import CodeDataset, check_codebook
-
         from vqprior.levels import level_above, prior_levels
 
         level = model.prior_info.get("level", "top")
@@ -114,7 +123,7 @@ def _evaluate_vqvae(model, data, ds, what: str, batch_size, quiet) -> None:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from vqprior.vqvae_task import VQVAETask
+    from vqprior.training.vqvae_task import VQVAETask
 
     if ds.channels != model.config.channels:
         raise click.ClickException(f"dataset images have {ds.channels} channel(s) but the VQ-VAE was trained on "

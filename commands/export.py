@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_outputs, guarded
+from vqprior.commands.common import check_outputs, guarded
 
 
 @click.command("export")

@@ -3,9 +3,18 @@ from __future__ import annotations
 
 import click
 
-from .common import (apply_precision, cache_encoding_options, check_dataset_options, deterministic_option,
-                     device_option, guarded, load_checkpoint_split, removes_new_folder_on_error, resolve_device)
-from .options import DATASETS
+from vqprior.commands.common import (
+    apply_precision,
+    cache_encoding_options,
+    check_dataset_options,
+    deterministic_option,
+    device_option,
+    guarded,
+    load_checkpoint_split,
+    removes_new_folder_on_error,
+    resolve_device,
+)
+from vqprior.commands.options import DATASETS
 
 
 @click.command("extract-codes")
@@ -36,9 +45,10 @@ def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_si
     """
     from pathlib import Path
 
-    from vqprior.checkpoint import file_sha256, load_model, read_checkpoint
+    from vqprior.checkpoint import load_model, read_checkpoint
     from vqprior.config import DataConfig
     from vqprior.data.codes import extract_codes as extract
+    from vqprior.io import file_sha256
 
     device = resolve_device(device)
     apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU

@@ -11,7 +11,7 @@ import textwrap
 
 import click
 
-from .common import guarded
+from vqprior.commands.common import guarded
 
 # The fields of a ModelConfig that a preset sets (the rest come from the data: size, channels, head, conditioning).
 PIXELSNAIL_PRESET_FIELDS = ("filters", "blocks", "res_blocks", "kernel_size", "attention", "attn_heads",
@@ -149,8 +149,8 @@ def presets():
     train-prior, VQ-VAE for train-vqvae). Every field can be overridden by the option of the same name in kebab-case.
     Counts depend on the data (head, codebook, conditioning): each is given for the use the preset is named for."""
     from vqprior.config import DEFAULT_PRESET_USE, PRESET_USES, PRESETS, model_config_from_preset
-    from vqprior.pixelsnail import count_parameters
-    from vqprior.vqvae import VQVAE, VQVAE_PRESETS, vqvae_config_from_preset
+    from vqprior.models.pixelsnail import count_parameters
+    from vqprior.models.vqvae import VQVAE, VQVAE_PRESETS, vqvae_config_from_preset
 
     lines = ["PixelSNAIL presets (train-pixels, train-prior --preset):"]
     for name in PRESETS:

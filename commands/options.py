@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import click
 
+from vqprior.commands.common import precision_option
 from vqprior.config import PRESETS, TrainConfig
-
-from .common import precision_option
 
 _TRAIN_DEFAULTS = TrainConfig()
 
@@ -114,9 +113,9 @@ TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "cooldown_steps", "ema"
 
 def train_config_from_options(ctx: click.Context, kwargs: dict, checkpoint: dict | None, device) -> TrainConfig:
     """A fresh run takes every option; a resumed run keeps its stored config except options given explicitly.
-    ``--precision auto`` becomes the training default for ``device`` (vqprior.precision); a precision the device
+    ``--precision auto`` becomes the training default for ``device`` (vqprior.runtime.precision); a precision the device
     cannot run (bf16 on a GPU that only emulates it) is a one-line error now, not mid-run."""
-    from vqprior.precision import check_precision, resolve_training_precision
+    from vqprior.runtime.precision import check_precision, resolve_training_precision
 
     values = {k: kwargs[k] for k in TRAIN_FIELDS}
     values["precision"] = resolve_training_precision(values["precision"], device)
@@ -158,6 +157,6 @@ def data_options(fn):
     ]
     for opt in reversed(opts):
         fn = opt(fn)
-    from .common import cache_encoding_options
+    from vqprior.commands.common import cache_encoding_options
 
     return cache_encoding_options(fn)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_outputs, guarded
+from vqprior.commands.common import check_outputs, guarded
 
 
 @click.command("plot")
@@ -26,7 +26,7 @@ def plot(run_dirs, out, labels, metric, x_axis, split, smoothing, title):
 
     Needs matplotlib: pip install 'vqprior[plot]'.
     """
-    from vqprior.plot import plot_runs, read_run
+    from vqprior.training.plot import plot_runs, read_run
 
     if labels and len(labels) != len(run_dirs):
         raise click.UsageError(f"{len(labels)} --label given for {len(run_dirs)} run folders; give one per run "

@@ -2,7 +2,7 @@
 
 The gradient magnitude of one position's output with respect to the input (the paper's Figures 6-9), from a
 checkpoint or a randomly initialised preset; ``--compare`` draws the same preset without attention beside it, which
-shows the blind spots of the convolution-only stack. The tensor work lives in ``vqprior.receptive_field``.
+shows the blind spots of the convolution-only stack. The tensor work lives in ``vqprior.models.receptive_field``.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .common import guarded, refuse_unused
+from vqprior.commands.common import guarded, refuse_unused
 
 
 def parse_position(text: str | None, height: int, width: int) -> tuple[int, int]:
@@ -34,7 +34,7 @@ def _build_preset_model(preset: str, size: int, head: str, num_codes: int, atten
     import torch
 
     from vqprior.config import model_config_from_preset
-    from vqprior.pixelsnail import PixelSNAIL
+    from vqprior.models.pixelsnail import PixelSNAIL
 
     config = model_config_from_preset(preset, height=size, width=size, head=head, attention=attention,
                                       num_codes=num_codes if head == "codes" else None)
@@ -63,8 +63,12 @@ def receptive_field(checkpoint, preset, no_attention, size, head, num_codes, pos
     import torch
 
     from vqprior.images import image_format, save_image
-    from vqprior.receptive_field import (combine_panels, compute_receptive_field, render_receptive_field,
-                                         summarize_receptive_field)
+    from vqprior.models.receptive_field import (
+        combine_panels,
+        compute_receptive_field,
+        render_receptive_field,
+        summarize_receptive_field,
+    )
 
     image_format(out)  # an unknown suffix fails before the work
     if (checkpoint is None) == (preset is None):

@@ -17,9 +17,21 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from .common import refuse_unused, resolve_device, setup_logging
+from vqprior.commands.common import refuse_unused, resolve_device, setup_logging
 
 NOT_ECHOED = ("out_dir", "resume", "init_from")
+
+
+def run_training(task, train_set, val_set, train_config, kw: dict, checkpoint, device, init_weights) -> dict:
+    """``vqprior.training.loop.train`` for a train command, after the process-wide host-memory setting that suits
+    it: freed memory kept for the next step, or given back at once with --checkpoint-activations (memory first)."""
+    from vqprior.runtime.allocator import configure_for_training
+    from vqprior.training.loop import train
+
+    configure_for_training(train_config.checkpoint_activations)
+    return train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
+                 progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
+                 init_weights=init_weights)
 
 
 @dataclasses.dataclass
@@ -39,8 +51,8 @@ def start_run(ctx: click.Context, kw: dict, kind: str) -> RunStart:
     """Validate --resume / --init-from (one-line errors before any data is loaded), pick the device, join the
     process group under torchrun and prepare the run folder. ``echo`` prints on rank 0 only."""
     from vqprior.checkpoint import build_model, read_checkpoint
-    from vqprior.distributed import init_distributed, world_size_from_env
-    from vqprior.run_state import prepare_run_dir
+    from vqprior.training.distributed import init_distributed, world_size_from_env
+    from vqprior.training.run_state import prepare_run_dir
 
     init = None
     if kw["init_from"]:
@@ -128,11 +140,11 @@ def announce(start: RunStart, ctx: click.Context, kw: dict, fixed: tuple[str, ..
 
 def null_class_start(ctx: click.Context, kw: dict, start: RunStart, model_config, conditional: bool):
     """(model config, --init-from weights) of a new run with ``--class-dropout``: a fresh class-conditional run gets
-    a null class; an --init-from model without one gets it added (vqprior.null_class.add_null_class: each class
+    a null class; an --init-from model without one gets it added (vqprior.models.null_class.add_null_class: each class
     embedding's null row starts at the mean of its class rows), which is said on stderr."""
     from dataclasses import replace
 
-    from vqprior.null_class import add_null_class
+    from vqprior.models.null_class import add_null_class
 
     weights = start.init_weights
     if not kw["class_dropout"]:
@@ -153,7 +165,7 @@ def null_class_start(ctx: click.Context, kw: dict, start: RunStart, model_config
 
 def resumed_data_config(ctx: click.Context, kw: dict, data_config):
     """The run's DataConfig with the options that may change on resume applied (the image cache, --download)."""
-    from .common import resolve_cache_encoding
+    from vqprior.commands.common import resolve_cache_encoding
 
     changes = {name: kw[name] or (False if name == "download" else "") for name in ("cache", "download")
                if explicit(ctx, name)}

@@ -3,10 +3,20 @@ from __future__ import annotations
 
 import click
 
-from .common import (apply_precision, check_compile_sampler, check_outputs, compile_sampler_option,
-                     deterministic_option, device_option, guarded, middle_option, precision_option, refuse_unused,
-                     removes_new_folder_on_error, resolve_device)
-
+from vqprior.commands.common import (
+    apply_precision,
+    check_compile_sampler,
+    check_outputs,
+    compile_sampler_option,
+    deterministic_option,
+    device_option,
+    guarded,
+    middle_option,
+    precision_option,
+    refuse_unused,
+    removes_new_folder_on_error,
+    resolve_device,
+)
 
 guidance_option = click.option(
     "--guidance", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="W",
@@ -17,8 +27,8 @@ guidance_option = click.option(
 def guidance_checks(guidance: float, model, bottom_model, middle_models=()) -> None:
     """--guidance needs a model with a null class (one line before sampling); say on stderr when it guides only
     some priors of a hierarchy (a lower prior has classes but no null class)."""
-    from vqprior.generate import guided_levels, prior_level
-    from vqprior.null_class import null_label
+    from vqprior.models.null_class import null_label
+    from vqprior.sampling.generate import guided_levels, prior_level
 
     if guidance:
         null_label(model.config, f"--guidance {guidance:g}")
@@ -100,10 +110,9 @@ def sample(checkpoint, bottom, middle, num, out, seed, temperature, top_k, top_p
     import torch
 
     from vqprior.checkpoint import load_model
-    from vqprior.generate import generate
+    from vqprior.commands.arrays import save_codes_file, save_npy
     from vqprior.images import check_image_folder, image_format, save_animation, save_grid, save_image_folder
-
-    from .arrays import save_codes_file, save_npy
+    from vqprior.sampling.generate import generate
 
     if not any((out, out_dir, save_array, save_codes)):
         raise click.UsageError("nothing to write: give --out, --out-dir, --save-array and/or --save-codes")

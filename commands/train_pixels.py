@@ -3,13 +3,36 @@ from __future__ import annotations
 
 import click
 
-from .common import (check_dataset_options, deterministic_option, device_option, guarded, removes_new_folder_on_error,
-                     resolve_cache_encoding)
-from .options import (MODEL_FIELDS, class_dropout_option, data_options, model_options, train_config_from_options,
-                      train_options)
-from .run_start import (DATA_FIXED, announce, architecture_conflicts, class_dropout_conflicts, data_conflicts,
-                        differing, null_class_start, refuse_on_resume, refuse_with_init, resumed_data_config,
-                        start_run)
+from vqprior.commands.common import (
+    check_dataset_options,
+    deterministic_option,
+    device_option,
+    guarded,
+    removes_new_folder_on_error,
+    resolve_cache_encoding,
+)
+from vqprior.commands.options import (
+    MODEL_FIELDS,
+    class_dropout_option,
+    data_options,
+    model_options,
+    train_config_from_options,
+    train_options,
+)
+from vqprior.commands.run_start import (
+    DATA_FIXED,
+    announce,
+    architecture_conflicts,
+    class_dropout_conflicts,
+    data_conflicts,
+    differing,
+    null_class_start,
+    refuse_on_resume,
+    refuse_with_init,
+    resumed_data_config,
+    run_training,
+    start_run,
+)
 
 ARCHITECTURE = ("preset", "class_conditional", *MODEL_FIELDS)  # fixed by a resumed run or an --init-from checkpoint
 
@@ -33,8 +56,7 @@ def train_pixels(ctx, **kw):
     from pathlib import Path
 
     from vqprior.config import DataConfig, ModelConfig, model_config_from_preset
-    from vqprior.pixel_task import PixelTask
-    from vqprior.train import train
+    from vqprior.training.pixel_task import PixelTask
 
     start = start_run(ctx, kw, "pixels")  # rank 0 alone prints and writes
     device, echo, checkpoint = start.device, start.echo, start.checkpoint
@@ -76,9 +98,7 @@ def train_pixels(ctx, **kw):
     echo(f"PixelSNAIL {n_params:,} parameters; {len(train_set)} train / {len(val_set)} held-out images "
                f"{train_set.channels}x{train_set.height}x{train_set.width}; device {device}, "
                f"precision {train_config.precision}", err=True)
-    result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
-                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
-                   init_weights=init_weights)
+    result = run_training(task, train_set, val_set, train_config, kw, checkpoint, device, init_weights)
     bpd = result["metrics"].get("eval_bpd")
     where = Path(kw["out_dir"])
     if result["status"] == "stopped":
@@ -117,7 +137,7 @@ def check_init_data(model_config, train_set, path) -> None:
 
 def load_split(data_config, split: str):
     """The train (its first ``data_config.limit`` images when set) or held-out split a DataConfig names."""
-    from vqprior.data.datasets import load_image_dataset
+    from vqprior.data.loader import load_image_dataset
 
     return load_image_dataset(data_config.dataset, split, data_dir=data_config.data_dir or None,
                               image_size=data_config.image_size, cache=data_config.cache or None,

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import click
 
+from vqprior.commands.common import (
+    deterministic_option,
+    device_option,
+    guarded,
+    refuse_unused,
+    removes_new_folder_on_error,
+)
+from vqprior.commands.options import (
+    MODEL_FIELDS,
+    class_dropout_option,
+    model_options,
+    train_config_from_options,
+    train_options,
+)
+from vqprior.commands.run_start import (
+    announce,
+    architecture_conflicts,
+    class_dropout_conflicts,
+    differing,
+    null_class_start,
+    refuse_on_resume,
+    refuse_with_init,
+    run_training,
+    same_path,
+    start_run,
+)
 from vqprior.levels import MAX_LEVELS, level_names
-
-from .common import deterministic_option, device_option, guarded, refuse_unused, removes_new_folder_on_error
-from .options import MODEL_FIELDS, class_dropout_option, model_options, train_config_from_options, train_options
-from .run_start import (announce, architecture_conflicts, class_dropout_conflicts, differing, null_class_start,
-                        refuse_on_resume, refuse_with_init, same_path, start_run)
 
 PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *MODEL_FIELDS)  # with --preset: the architecture
 LEVELS = ["top", *dict.fromkeys(n for k in range(3, MAX_LEVELS + 1) for n in level_names(k)[1:-1]), "bottom"]
@@ -48,8 +69,7 @@ def train_prior(ctx, **kw):
     from vqprior.config import DataConfig, ModelConfig, model_config_from_preset
     from vqprior.data.codes import CodeDataset, read_code_metadata
     from vqprior.errors import UserError
-    from vqprior.prior_task import PriorTask, load_vqvae_payload, prior_model_config
-    from vqprior.train import train
+    from vqprior.training.prior_task import PriorTask, load_vqvae_payload, prior_model_config
 
     start = start_run(ctx, kw, "prior")  # rank 0 alone prints and writes
     device, echo, checkpoint = start.device, start.echo, start.checkpoint
@@ -106,9 +126,7 @@ def train_prior(ctx, **kw):
                f"codes): {sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} "
                f"train / {len(val_set) if val_set else 0} held-out maps; device {device}, "
                f"precision {train_config.precision}", err=True)
-    result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
-                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
-                   init_weights=init_weights)
+    result = run_training(task, train_set, val_set, train_config, kw, checkpoint, device, init_weights)
     if result["status"] == "stopped":
         echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
         return
@@ -131,8 +149,8 @@ def arch_conflicts(ctx, kw, model_config, level: str) -> list[str]:
 
 def vqvae_conflicts(ctx, kw, payload) -> list[str]:
     """--vqvae on resume must name the VQ-VAE the run embeds (same file content)."""
-    from vqprior.checkpoint import file_sha256
     from vqprior.errors import UserError
+    from vqprior.io import file_sha256
 
     if not kw["vqvae_path"] or payload is None:
         return []
@@ -147,7 +165,7 @@ def check_init_codes(model_config, meta, level: str, path) -> None:
     """An --init-from prior must model the cache's level: codebook size, code map shape, the condition on the level
     above and classes."""
     from vqprior.errors import UserError
-    from vqprior.prior_task import check_prior_against_cache
+    from vqprior.training.prior_task import check_prior_against_cache
 
     if level not in meta["level_names"]:
         raise UserError(f"--init-from {path} is a {level} prior, but the code cache has no {level} level")

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import click
 
+from vqprior.commands.common import (
+    check_dataset_options,
+    deterministic_option,
+    device_option,
+    guarded,
+    refuse_unused,
+    removes_new_folder_on_error,
+    resolve_cache_encoding,
+)
+from vqprior.commands.options import data_options, train_config_from_options, train_options
+from vqprior.commands.run_start import (
+    DATA_FIXED,
+    announce,
+    architecture_conflicts,
+    data_conflicts,
+    refuse_on_resume,
+    refuse_with_init,
+    resumed_data_config,
+    run_training,
+    start_run,
+)
 from vqprior.config import VQVAE_PRESETS
 from vqprior.levels import MAX_LEVELS
-
-from .common import (check_dataset_options, deterministic_option, device_option, guarded, refuse_unused,
-                     removes_new_folder_on_error, resolve_cache_encoding)
-from .options import data_options, train_config_from_options, train_options
-from .run_start import (DATA_FIXED, announce, architecture_conflicts, data_conflicts, refuse_on_resume,
-                        refuse_with_init, resumed_data_config, start_run)
 
 FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_blocks", "res_channels", "bottom_stride", "top_stride",
           "decay", "commitment")  # VQVAEConfig fields with an option; with --preset, fixed by a run or --init-from
@@ -53,13 +68,11 @@ def train_vqvae(ctx, **kw):
 
     Weight EMA is off by default (--ema 0): the EMA codebooks follow the live encoder, not an averaged one.
     """
+    from vqprior.commands.train_pixels import load_split
     from vqprior.config import DataConfig
     from vqprior.errors import UserError
-    from vqprior.train import train
-    from vqprior.vqvae import VQVAEConfig, vqvae_config_from_preset
-    from vqprior.vqvae_task import VQVAETask
-
-    from .train_pixels import load_split
+    from vqprior.models.vqvae import VQVAEConfig, vqvae_config_from_preset
+    from vqprior.training.vqvae_task import VQVAETask
 
     start = start_run(ctx, kw, "vqvae")  # rank 0 alone prints and writes
     device, echo, checkpoint = start.device, start.echo, start.checkpoint
@@ -99,9 +112,7 @@ def train_vqvae(ctx, **kw):
     echo(f"VQ-VAE ({model_config.levels} level(s), {model_config.codebook_size} codes): "
                f"{sum(p.numel() for p in task.build_model().parameters()):,} parameters; {len(train_set)} train / "
                f"{len(val_set)} held-out images; device {device}, precision {train_config.precision}", err=True)
-    result = train(task, train_set, val_set, train_config, kw["out_dir"], checkpoint=checkpoint, device=device,
-                   progress=not kw["quiet"], num_workers=kw["workers"], tensorboard=kw["tensorboard"],
-                   init_weights=start.init_weights)
+    result = run_training(task, train_set, val_set, train_config, kw, checkpoint, device, start.init_weights)
     m = result["metrics"]
     if result["status"] == "stopped":
         echo(f"Stopped at step {result['step']}; checkpoint saved to {result['checkpoint']}.")
@@ -112,7 +123,7 @@ def train_vqvae(ctx, **kw):
 
 def arch_conflicts(ctx, kw, model_config) -> list[str]:
     """Explicit --preset / architecture options that disagree with ``model_config`` (the run's or --init-from's)."""
-    from vqprior.vqvae import vqvae_config_from_preset
+    from vqprior.models.vqvae import vqvae_config_from_preset
 
     have = model_config.to_dict()
     from_options = vqvae_config_from_preset(kw["preset"], channels=model_config.channels,

@@ -70,7 +70,7 @@ class Demo:
 def model_info(path: Path) -> tuple[bool, int]:
     """(class-conditional?, height of the images it makes) of a pixel model or a top / 1-level code prior."""
     from vqprior.checkpoint import read_checkpoint
-    from vqprior.prior_task import vqvae_config
+    from vqprior.training.prior_task import vqvae_config
 
     data = read_checkpoint(path, ("pixels", "prior"))
     model = data["config"]["model"]
@@ -182,7 +182,7 @@ def train_here(demo: Demo, steps: int, extra: list[str]) -> None:
 def held_out(run: Path) -> str:
     """', held-out N bits/dim' from the run's last eval record ('' when there is none)."""
     from vqprior.errors import UserError
-    from vqprior.plot import read_run
+    from vqprior.training.plot import read_run
 
     try:
         evals = read_run(run).eval
@@ -198,7 +198,7 @@ def shown(path: Path) -> Path:
 
 
 def write_index(demo: Demo, seconds: float) -> tuple[Path, Path]:
-    from vqprior.checkpoint import atomic_write
+    from vqprior.io import atomic_write
 
     lines = ["vqprior demo: which picture is which", f"written by scripts/demo.py in {seconds:.0f} s", ""]
     page = ["<!doctype html><meta charset='utf-8'><title>vqprior demo</title>",

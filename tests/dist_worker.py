@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from vqprior.config import DataConfig, TrainConfig
-from vqprior.quantizer import VectorQuantizer
-from vqprior.vqvae import vqvae_config_from_preset
-from vqprior.vqvae_task import VQVAETask
+from vqprior.models.quantizer import VectorQuantizer
+from vqprior.models.vqvae import vqvae_config_from_preset
+from vqprior.training.vqvae_task import VQVAETask
 
 TIMEOUT = timedelta(seconds=120)  # a collective that never completes fails the rank instead of hanging it
 
@@ -63,7 +63,7 @@ class PoisonedOnRank1(VQVAETask):
 
 
 def train_run(rank: int, out: Path) -> dict:
-    from vqprior.train import TrainingRun
+    from vqprior.training.loop import TrainingRun
 
     task = PoisonedOnRank1(vqvae_config_from_preset("tiny", levels=2), DataConfig(dataset="synthetic"))
     config = TrainConfig(steps=4, batch_size=4, num_samples=2, eval_every=100, sample_every=100,
@@ -80,7 +80,7 @@ def train_run(rank: int, out: Path) -> dict:
 
 
 def run_result_placeholder():
-    from vqprior.train import _StepResult
+    from vqprior.training.loop import _StepResult
 
     return _StepResult(False, False, 0, 0.0, {})
 

@@ -1,4 +1,4 @@
-"""The library's ELU (vqprior.activation.elu) equals F.elu in values and gradients, in float32, float64 and under
+"""The library's ELU (vqprior.models.activation.elu) equals F.elu in values and gradients, in float32, float64 and under
 bf16 autocast; every place PixelSNAIL applies ELU uses it (training forward/backward, evaluation, the cached
 sampler); the allocator settings apply once on glibc and step aside where they should."""
 import subprocess
@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vqprior.allocator as allocator
+import vqprior.runtime.allocator as allocator
 from conftest import tiny_model
-from vqprior.activation import elu
-from vqprior.sampling import sample
+from vqprior.models.activation import elu
+from vqprior.sampling.sampler import sample
 
 
 def _inputs(dtype):
     torch.manual_seed(0)
-    x = torch.randn(8, 16, 32, 32, dtype=dtype) * 4  # above vqprior.activation.SMALL: the exp-based path
+    x = torch.randn(8, 16, 32, 32, dtype=dtype) * 4  # above vqprior.models.activation.SMALL: the exp-based path
     edges = [0.0, -0.0, 1e-9, -1e-9, -30.0, 30.0, -79.9, -80.0, -87.5, -100.0, -1e30, float("-inf")]
     x.view(-1)[:len(edges)] = torch.tensor(edges, dtype=dtype)  # edges, saturation, exp's subnormal/zero range
     return x
@@ -24,10 +24,10 @@ def _inputs(dtype):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1.2e-7), (torch.float64, 1e-15)])
 def test_elu_matches_torch_in_values_and_gradients(dtype, tol, monkeypatch):
-    import vqprior.activation
+    import vqprior.models.activation
 
     x = _inputs(dtype)
-    assert x.numel() >= vqprior.activation.SMALL
+    assert x.numel() >= vqprior.models.activation.SMALL
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = elu(a), F.elu(b)
     grad = torch.randn_like(ya)
@@ -36,13 +36,13 @@ def test_elu_matches_torch_in_values_and_gradients(dtype, tol, monkeypatch):
     assert ya.dtype == dtype
     assert (ya - yb).abs().max().item() <= tol
     assert (a.grad - b.grad).abs().max().item() <= 4 * tol * grad.abs().max().item()
-    monkeypatch.setattr(vqprior.activation, "SMALL", 0)  # gradcheck's small input, on the exp-based path too
+    monkeypatch.setattr(vqprior.models.activation, "SMALL", 0)  # gradcheck's small input, on the exp-based path too
     assert torch.autograd.gradcheck(elu, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
 
 
 def test_elu_never_asks_exp_for_a_subnormal_result():
     """Float32 exp below about -87.3 returns subnormals or 0, which the CPU kernel computed 40-100x slower (docs in
-    vqprior.activation); the CPU ELU's exp must only see inputs whose result is a normal float32."""
+    vqprior.models.activation); the CPU ELU's exp must only see inputs whose result is a normal float32."""
     from torch.overrides import TorchFunctionMode
 
     seen = []
@@ -77,11 +77,11 @@ def test_elu_under_bf16_autocast_rounds_like_torch():
 
 
 def test_pixelsnail_never_calls_torch_elu(monkeypatch):
-    """Training forward/backward, evaluation and the cached sampler all go through vqprior.activation.elu (with its
-    small-tensor threshold off, so that every call takes the exp-based path)."""
-    import vqprior.activation
+    """Training forward/backward, evaluation and the cached sampler all go through vqprior.models.activation.elu (with
+    its small-tensor threshold off, so that every call takes the exp-based path)."""
+    import vqprior.models.activation
 
-    monkeypatch.setattr(vqprior.activation, "SMALL", 0)
+    monkeypatch.setattr(vqprior.models.activation, "SMALL", 0)
     model = tiny_model(dtype=torch.float32)
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
 
@@ -110,7 +110,7 @@ def _fresh_process(code, **env):
 def test_allocator_settings_apply_once_on_glibc_and_yield_to_the_users():
     import platform
 
-    code = ("from vqprior.allocator import retain_freed_memory as r; a = r(); b = r(); print(a, b)")
+    code = ("from vqprior.runtime.allocator import retain_freed_memory as r; a = r(); b = r(); print(a, b)")
     expected = ["True", "True"] if platform.libc_ver()[0] == "glibc" else ["False", "False"]
     assert _fresh_process(code) == expected
     assert _fresh_process(code, MALLOC_TRIM_THRESHOLD_="1000000") == ["False", "False"]
@@ -124,12 +124,12 @@ def test_allocator_does_nothing_without_glibc(monkeypatch):
 
 def test_small_tensors_take_torchs_single_kernel(monkeypatch):
     """The cached sampler's one-position rows are dispatch-bound: below SMALL elements elu is F.elu itself."""
-    import vqprior.activation
+    import vqprior.models.activation
 
     calls = []
     real = F.elu
     monkeypatch.setattr(F, "elu", lambda x, *a, **k: calls.append(x.numel()) or real(x, *a, **k))
-    small, large = torch.randn(16, 64), torch.randn(vqprior.activation.SMALL)
+    small, large = torch.randn(16, 64), torch.randn(vqprior.models.activation.SMALL)
     assert torch.equal(elu(small), real(small))
     elu(large)
     assert calls == [16 * 64]
@@ -159,11 +159,11 @@ def test_elu_compiles_without_graph_breaks():
 def test_elu_under_compile_is_torchs_op(monkeypatch):
     """While torch.compile traces, elu is F.elu: inductor fuses it itself, and torch 2.13's dynamo broke the graph on
     _ELU's ``out=`` op inside a model (every gated block then ran eagerly), which this pins on any torch."""
-    import vqprior.activation
+    import vqprior.models.activation
 
     calls = []
     real = F.elu
     monkeypatch.setattr(F, "elu", lambda x, *a, **k: calls.append(x.numel()) or real(x, *a, **k))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    x = torch.randn(vqprior.activation.SMALL, requires_grad=True)
+    x = torch.randn(vqprior.models.activation.SMALL, requires_grad=True)
     assert elu(x).grad_fn.name() == "EluBackward0" and calls == [x.numel()]

@@ -4,9 +4,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bad_inputs import (OOR_NPZ, PRIOR, case, check_bad_input, codes_npy, codes_npz, evil_checkpoint,
-                        evil_never_ran, foreign_lmdb, make_dirs, torch_file, truncated, truncated_npz, unfinished_cache,
-                        write_bytes)
+from bad_inputs import (
+    OOR_NPZ,
+    PRIOR,
+    case,
+    check_bad_input,
+    codes_npy,
+    codes_npz,
+    evil_checkpoint,
+    evil_never_ran,
+    foreign_lmdb,
+    make_dirs,
+    torch_file,
+    truncated,
+    truncated_npz,
+    unfinished_cache,
+    write_bytes,
+)
 
 CASES = [
     # checkpoints

@@ -7,8 +7,19 @@ import re
 
 import pytest
 
-from bad_inputs import (NOT_ROOT, TRAIN, case, check_bad_input, folder_of_files, image_in_png, make_dirs,
-                        mixed_sizes, read_only_folder, snapshot, write_bytes)
+from bad_inputs import (
+    NOT_ROOT,
+    TRAIN,
+    case,
+    check_bad_input,
+    folder_of_files,
+    image_in_png,
+    make_dirs,
+    mixed_sizes,
+    read_only_folder,
+    snapshot,
+    write_bytes,
+)
 
 CASES = [
     # data

@@ -15,14 +15,11 @@ import torch
 from PIL import Image
 
 import vqprior
+from cli_support import build_prior_pipeline, check_ok, run_cli, train_pixel_run
 from vqprior.checkpoint import read_checkpoint
 from vqprior.commands.cli import cli
 from vqprior.data.codes import read_code_metadata
 from vqprior.images import make_grid
-
-from cli_support import build_prior_pipeline, check_ok, run_cli, train_pixel_run
-
-
 
 
 @pytest.fixture(scope="module")

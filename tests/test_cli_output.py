@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqprior.checkpoint import load_model
-from vqprior.generate import generate
-from vqprior.images import load_image
-
 from cli_support import TINY_TRAIN, build_prior_pipeline, check_ok, run_cli, train_pixel_run
+from vqprior.checkpoint import load_model
+from vqprior.images import load_image
+from vqprior.sampling.generate import generate
 
 
 @pytest.fixture(scope="module")

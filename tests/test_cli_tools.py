@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_support import (TRAIN_FAST, absolute_paths_in, build_prior_pipeline, check_ok, run_cli,
-                         train_pixel_run)
+from cli_support import TRAIN_FAST, absolute_paths_in, build_prior_pipeline, check_ok, run_cli, train_pixel_run
 from vqprior.checkpoint import read_checkpoint
 from vqprior.config import PRESETS
-from vqprior.vqvae import VQVAE_PRESETS
+from vqprior.models.vqvae import VQVAE_PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +74,8 @@ def test_info_of_a_prior_shows_the_embedded_vqvae(pipeline):
 
 
 def test_info_describes_a_code_cache(pipeline):
-    from vqprior.checkpoint import file_sha256
     from vqprior.data.codes import CodeDataset, read_code_metadata
+    from vqprior.io import file_sha256
 
     codes = json.loads(check_ok(run_cli("info", str(pipeline.train_codes), "--json")).output)
     meta = read_code_metadata(pipeline.train_codes)
@@ -109,8 +108,8 @@ def test_presets_lists_every_field_of_every_preset():
             assert all(shown[key] == str(value) for key, value in fields.items()), (name, shown)
     # The counts (taken on the meta device) are those of real models built for the use each line names.
     from vqprior.config import DEFAULT_PRESET_USE, PRESET_USES, model_config_from_preset
-    from vqprior.pixelsnail import PixelSNAIL
-    from vqprior.vqvae import VQVAE, vqvae_config_from_preset
+    from vqprior.models.pixelsnail import PixelSNAIL
+    from vqprior.models.vqvae import VQVAE, vqvae_config_from_preset
     for name in ("tiny", "small", "vqvae2-top", "vqvae2-bottom"):
         model = PixelSNAIL(model_config_from_preset(name, **PRESET_USES.get(name, DEFAULT_PRESET_USE)[1]))
         assert counts["PixelSNAIL", name] == sum(p.numel() for p in model.parameters())

@@ -10,13 +10,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from vqprior.config import DataConfig, model_config_from_preset
-from vqprior.data.codes import (COMPLETE_KEY, CodeDataset, check_codebook, encode_record, extract_codes,
-                                read_code_metadata, record_key)
+from vqprior.data.codes import (
+    COMPLETE_KEY,
+    CodeDataset,
+    check_codebook,
+    encode_record,
+    extract_codes,
+    read_code_metadata,
+    record_key,
+)
 from vqprior.errors import UserError
-from vqprior.prior_task import PriorTask, prior_model_config
-from vqprior.vqvae import VQVAE, vqvae_config_from_preset
-
-
+from vqprior.models.vqvae import VQVAE, vqvae_config_from_preset
+from vqprior.training.prior_task import PriorTask, prior_model_config
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -209,7 +214,7 @@ def test_prior_task_loss_decreases(cache2, level):
 
 
 def test_prior_task_grid_decodes_samples(cache2):
-    pytest.importorskip("vqprior.sampling")
+    pytest.importorskip("vqprior.sampling.sampler")
     vq, path = cache2
     meta = read_code_metadata(path)
     payload = {"config": {"model": vq.config.to_dict()}, "weights": vq.state_dict(), "sha256": "ab" * 32}
@@ -231,8 +236,9 @@ def test_unfinished_marker_removed_by_hand_is_detected(tmp_path):
 
 
 def test_prior_checkpoint_embeds_a_loadable_vqvae(tmp_path):
-    from vqprior.checkpoint import file_sha256, load_model, save_checkpoint
-    from vqprior.prior_task import load_vqvae_payload
+    from vqprior.checkpoint import load_model, save_checkpoint
+    from vqprior.io import file_sha256
+    from vqprior.training.prior_task import load_vqvae_payload
 
     vq = make_vqvae()
     save_checkpoint(tmp_path / "vq.pt", {"kind": "vqvae", "config": {"model": vq.config.to_dict()},

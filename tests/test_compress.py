@@ -14,11 +14,11 @@ import torch
 
 from conftest import tiny_model
 from vqprior.compress import compress_codes, compress_images, decompress_codes, decompress_images, unpack
-from vqprior.compress import tables
 from vqprior.compress.container import CompressedFileError
-from vqprior.compress.tables import TOTAL, PixelConditionals, quantize
-from vqprior.distributions import logistic_mixture_log_prob, uint8_to_unit
+from vqprior.compress.tables import TOTAL, quantize
 from vqprior.errors import UserError
+from vqprior.models.conditionals import PixelConditionals
+from vqprior.models.distributions import logistic_mixture_log_prob, uint8_to_unit
 
 pytest.importorskip("constriction")
 
@@ -261,14 +261,14 @@ def test_different_probabilities_are_refused_never_a_wrong_image(coded, monkeypa
     """A decoder whose floats differ from the encoder's (another torch build, device or CPU kernel) decodes other
     values; the data checksum turns that into an error."""
     model, _, data = coded
-    original = tables.PixelConditionals.pmf
+    original = PixelConditionals.pmf
 
     def skewed(self, c):
         p = original(self, c)
         p[:, :128] *= 1.3
         return p / p.sum(1, keepdim=True)
 
-    monkeypatch.setattr(tables.PixelConditionals, "pmf", skewed)
+    monkeypatch.setattr(PixelConditionals, "pmf", skewed)
     with pytest.raises(CompressedFileError, match="fail the checksum"):
         decompress_images(model, data)
 

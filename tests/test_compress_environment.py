@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_compress import images_for, pixel_model
-from vqprior.compress import CompressedFileError, compress_images, decompress_images, unpack
-from vqprior.compress import api, container
+
+from vqprior.compress import CompressedFileError, api, compress_images, container, decompress_images, unpack
 
 pytest.importorskip("constriction")
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_script
 from vqprior.data import image_cache
-from vqprior.data.datasets import ImageDataset, load_image_dataset
+from vqprior.data.datasets import ImageDataset
 from vqprior.data.image_cache import CachedImageDataset, write_image_cache
-from vqprior.data.make_sample import decode_mosaic_png, encode_mosaic_png, select_class_balanced
+from vqprior.data.loader import load_image_dataset
+from vqprior.data.mosaic import decode_mosaic_png, encode_mosaic_png
 from vqprior.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +68,7 @@ def test_sample_shapes_labels_and_dtypes():
 
 def test_sample_mosaic_helpers_are_lossless_and_balanced():
     labels = np.array([0, 1, 1, 0, 2, 2, 1, 0, 2])
-    assert select_class_balanced(labels, 2).tolist() == [0, 1, 2, 3, 4, 5]
+    assert load_script("make_sample").select_class_balanced(labels, 2).tolist() == [0, 1, 2, 3, 4, 5]
     images = np.random.default_rng(1).integers(0, 256, (7, 5, 4, 3), dtype=np.uint8)
     assert np.array_equal(decode_mosaic_png(encode_mosaic_png(images, columns=3), 7, 5, 4), images)
 

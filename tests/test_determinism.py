@@ -1,4 +1,4 @@
-"""``--deterministic`` (vqprior.determinism): the commands where results depend on kernel choices take it and it
+"""``--deterministic`` (vqprior.runtime.determinism): the commands where results depend on kernel choices take it and it
 sets torch's switches before the command body runs (cuBLAS workspace included); the lossless coder always runs in
 deterministic mode; the context manager restores what it found; and the CLI's ``sample`` / ``complete
 --compile`` draw what the eager cached sampler draws."""
@@ -12,7 +12,7 @@ import torch
 
 from cli_support import check_ok, run_cli, train_pixel_run
 from vqprior.commands.cli import cli
-from vqprior.determinism import deterministic, is_deterministic, set_deterministic
+from vqprior.runtime.determinism import deterministic, is_deterministic, set_deterministic
 
 COMMANDS = ("train-pixels", "train-prior", "train-vqvae", "sample", "complete", "evaluate", "extract-codes")
 
@@ -41,16 +41,16 @@ def test_the_commands_take_deterministic(name):
 
 def test_deterministic_sets_the_switches_before_the_body(pixel_run, tmp_path, restore_switches, monkeypatch):
     seen = {}
-    import vqprior.generate
+    import vqprior.sampling.generate
 
-    real = vqprior.generate.generate
+    real = vqprior.sampling.generate.generate
 
     def spy(*args, **kwargs):
         seen.update(on=is_deterministic(), benchmark=torch.backends.cudnn.benchmark,
                     cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vqprior.generate, "generate", spy)
+    monkeypatch.setattr(vqprior.sampling.generate, "generate", spy)
     torch.backends.cudnn.benchmark = True
     check_ok(run_cli("sample", pixel_run, "--num", "2", "--deterministic", "--save-array", tmp_path / "a.npy",
                      "--device", "cpu"))
@@ -74,6 +74,7 @@ def test_the_context_restores_the_switches(restore_switches):
 def test_the_coder_runs_deterministic(monkeypatch, restore_switches):
     pytest.importorskip("constriction")
     from test_compress import images_for, pixel_model
+
     from vqprior.compress import api, compress_images, decompress_images
 
     seen = []
@@ -93,17 +94,17 @@ def test_the_coder_runs_deterministic(monkeypatch, restore_switches):
 @pytest.mark.parametrize("command", ["sample", "complete"])
 def test_compile_draws_what_the_eager_cached_sampler_draws(pixel_run, tmp_path, monkeypatch, command):
     """The CLI's --compile path with the eager backend standing in for inductor (compiling C++ takes a minute)."""
-    import vqprior.sampling
+    import vqprior.sampling.sampler
 
     asked = []
-    real = vqprior.sampling._compile_options
+    real = vqprior.sampling.sampler._compile_options
 
     def eager_backend(compile, device):
         asked.append(compile)
         options = real(compile, device)
         return None if options is None else {"backend": "eager"}
 
-    monkeypatch.setattr(vqprior.sampling, "_compile_options", eager_backend)
+    monkeypatch.setattr(vqprior.sampling.sampler, "_compile_options", eager_backend)
     image = tmp_path / "in.png"
     check_ok(run_cli("sample", pixel_run, "--num", "1", "--out", image, "--device", "cpu"))
     outs = []
@@ -122,17 +123,17 @@ def test_compile_draws_what_the_eager_cached_sampler_draws(pixel_run, tmp_path, 
 
 def test_the_cli_builds_its_generator_on_the_models_device(pixel_run, tmp_path, monkeypatch):
     """sample / complete make their own generator with --device, where the model is loaded: the check in
-    vqprior.sampling.check_generator sees the same device on both sides (cuda and cuda:0 count as one)."""
-    import vqprior.sampling
+    vqprior.sampling.sampler.check_generator sees the same device on both sides (cuda and cuda:0 count as one)."""
+    import vqprior.sampling.sampler
 
     seen = []
-    real = vqprior.sampling.check_generator
+    real = vqprior.sampling.sampler.check_generator
 
     def spy(generator, device):
         seen.append((generator.device, torch.device(device)))
         return real(generator, device)
 
-    monkeypatch.setattr(vqprior.sampling, "check_generator", spy)
+    monkeypatch.setattr(vqprior.sampling.sampler, "check_generator", spy)
     from PIL import Image
 
     Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "in.png")

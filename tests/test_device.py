@@ -8,12 +8,12 @@ import torch
 
 from cli_support import run_cli
 from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
-from vqprior.data.datasets import load_image_dataset
-from vqprior.determinism import deterministic
-from vqprior.device import check_device
+from vqprior.data.loader import load_image_dataset
 from vqprior.errors import UserError
-from vqprior.pixel_task import PixelTask
-from vqprior.train import TrainingRun
+from vqprior.runtime.determinism import deterministic
+from vqprior.runtime.device import check_device
+from vqprior.training.loop import TrainingRun
+from vqprior.training.pixel_task import PixelTask
 
 
 @pytest.fixture

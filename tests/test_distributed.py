@@ -11,7 +11,7 @@ import torch
 
 from cli_support import check_ok, run_cli
 from vqprior.checkpoint import load_model, read_checkpoint
-from vqprior.run_state import StepBatchSampler
+from vqprior.training.run_state import StepBatchSampler
 
 # Dropout 0: the two runs must compute the same function of the same data (dropout masks differ per process).
 TRAIN = ["train-pixels", "--dataset", "sample", "--image-size", "8", "--limit", "64", "--steps", "3",
@@ -61,7 +61,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
 
 
 def test_global_batch_must_split_evenly_across_processes(tmp_path, monkeypatch):
-    import vqprior.distributed as distributed
+    import vqprior.training.distributed as distributed
 
     monkeypatch.setattr(distributed, "get_world_size", lambda: 3)
     result = run_cli(*TRAIN, "--out", tmp_path / "run")

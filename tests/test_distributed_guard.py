@@ -63,7 +63,7 @@ def test_the_process_group_gets_a_timeout_and_its_gpu(monkeypatch):
     """Under torchrun on CUDA (torch.cuda and the group's creation replaced by recorders)."""
     import torch.distributed as dist
 
-    from vqprior import distributed
+    from vqprior.training import distributed
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 import pytest
+from test_docs import REPO, markdown_pages
 
 from cli_support import run_cli
-from test_docs import REPO, markdown_pages
 from vqprior.commands.cli import cli
 
 OPERATORS = {";", "|", "||", "&", "&&", ">", ">>", "2>", "<"}

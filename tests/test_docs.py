@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, load_script
+
 SOURCES = sorted([*(REPO / "vqprior").rglob("*.py"), *(REPO / "commands").rglob("*.py"),
                   *(REPO / "bench").glob("*.py")])
 
@@ -23,16 +24,6 @@ def test_docstrings_cite_docs_design_sections_that_exist():
     assert cited, "no module cites docs/design.md"
     for path, n in cited:
         assert n in sections, f"{path.relative_to(REPO)} cites docs/design.md section {n}, which does not exist"
-
-
-def load_script(name: str):
-    """A module of scripts/ (not a package), imported by path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cli_reference_is_what_the_script_writes():

@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 
-from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
-from vqprior.data.datasets import load_image_dataset
-from vqprior.pixel_task import PixelTask
-from vqprior.run_state import EMA, rng_state, set_rng_state
 from vqprior.checkpoint import read_checkpoint
-from vqprior.train import TrainingRun, train
+from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
+from vqprior.data.loader import load_image_dataset
+from vqprior.training.loop import TrainingRun, train
+from vqprior.training.pixel_task import PixelTask
+from vqprior.training.run_state import EMA, rng_state, set_rng_state
 
 META = torch.device("meta")
 

@@ -1,5 +1,5 @@
-"""Classifier-free guidance (vqprior.guidance, docs/guidance.md): guided draws follow the guided distribution (a
-tiny prior enumerated over every code map; a pixel position's guided sub-pixel tables), W = 0 is the unguided sampler
+"""Classifier-free guidance (vqprior.sampling.guidance, docs/guidance.md): guided draws follow the guided distribution
+(a tiny prior enumerated over every code map; a pixel position's guided sub-pixel tables), W = 0 is the unguided sampler
 bit for bit, the cached and naive samplers agree, and models without a null class refuse guidance."""
 import itertools
 import math
@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from vqprior.compress.tables import PixelConditionals
-from vqprior.config import model_config_from_preset
-from vqprior.distributions import filter_logits
-from vqprior.errors import UserError
-from vqprior.guidance import Guidance, guided_log_probs
-from vqprior.pixelsnail import PixelSNAIL
-from vqprior.sampling import complete, sample
-
 from cli_support import build_prior_pipeline, check_ok, run_cli
+from vqprior.config import model_config_from_preset
+from vqprior.errors import UserError
+from vqprior.models.conditionals import PixelConditionals
+from vqprior.models.distributions import filter_logits
+from vqprior.models.pixelsnail import PixelSNAIL
+from vqprior.sampling.guidance import Guidance, guided_log_probs
+from vqprior.sampling.sampler import complete, sample
 
 
 def chi_square_z(observed: np.ndarray, expected: np.ndarray, min_expected: float = 5.0) -> float:
@@ -187,7 +186,7 @@ def test_the_guided_pixel_table_at_w0_is_the_conditional_one():
 def test_log_pmf_equals_the_per_bin_log_mass_of_the_coder_in_every_tail():
     """log_pmf (all 256 bins from shared edges) against observe's per-bin formula (_log_bin_mass), for mixtures from
     wide to very sharp (log-scales down to the clamp), after observing earlier channels."""
-    from vqprior.compress.tables import _log_bin_mass
+    from vqprior.models.conditionals import _log_bin_mass
 
     torch.manual_seed(0)
     values = torch.arange(256, dtype=torch.float64)

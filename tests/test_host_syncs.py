@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
-from vqprior.pixel_task import PixelTask
-from vqprior.prior_task import PriorTask
-from vqprior.train import TrainingRun, train
-from vqprior.vqvae import vqvae_config_from_preset
-from vqprior.vqvae_task import VQVAETask
+from vqprior.models.vqvae import vqvae_config_from_preset
+from vqprior.training.loop import TrainingRun, train
+from vqprior.training.pixel_task import PixelTask
+from vqprior.training.prior_task import PriorTask
+from vqprior.training.vqvae_task import VQVAETask
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 STEPS = 9  # logging happens at step 10: steps 1..9 are plain steps

@@ -3,15 +3,15 @@ format 1 caches, decoding in DataLoader workers, and ``vqprior info`` on image a
 import json
 
 import lmdb
-import numpy as np
 import pytest
 import torch
 
 from cli_support import check_ok, run_cli
 from vqprior.data import image_cache
 from vqprior.data.cache_info import describe_cache
-from vqprior.data.datasets import ImageDataset, load_image_dataset
+from vqprior.data.datasets import ImageDataset
 from vqprior.data.image_cache import CachedImageDataset, write_image_cache
+from vqprior.data.loader import load_image_dataset
 from vqprior.errors import UserError
 
 
@@ -148,7 +148,7 @@ def test_a_reader_follows_a_build_in_another_process(tmp_path):
     import sys
 
     path = tmp_path / "k.lmdb"
-    write = ("import sys; from vqprior.data.datasets import load_image_dataset; from vqprior.data.image_cache import "
+    write = ("import sys; from vqprior.data.loader import load_image_dataset; from vqprior.data.image_cache import "
              "write_image_cache; write_image_cache(load_image_dataset('sample', 'train', image_size=64, "
              "limit=int(sys.argv[2])), sys.argv[1])")
     source = load_image_dataset("sample", "train", image_size=64, limit=2000)  # 12 KiB per image, 24 MiB in all

@@ -78,7 +78,7 @@ def test_training_survives_kills_and_stops_gracefully(tmp_path):
     saved = 0
     for round_, how in enumerate(["kill", "term", "kill", "int"]):
         args = TRAIN + ["--out", str(run)] + (["--resume"] if round_ else [])
-        child = Gated("vqprior.pixel_task:PixelTask.loss", args, log)
+        child = Gated("vqprior.training.pixel_task:PixelTask.loss", args, log)
         # Run to a random step a few steps after the resume point, then signal a random fraction into the next.
         done = saved + rng.randint(1, 4)
         child.let_through(done - saved)
@@ -129,7 +129,7 @@ def test_extraction_survives_a_kill(tmp_path):
     cache, log, count = tmp_path / "codes.lmdb", tmp_path / "stderr.txt", 300
     args = ["extract-codes", "--vqvae", str(vq / "latest.pt"), "--split", "test", "--limit", str(count),
             "--batch-size", "1", "--out", str(cache), "--device", "cpu"]
-    child = Gated("vqprior.vqvae:VQVAE.encode", args, log)
+    child = Gated("vqprior.models.vqvae:VQVAE.encode", args, log)
     written = random.Random(1).randint(1, 100)
     child.let_through(written)
     child.wait_at(written)  # records 0..written-1 are in the cache, the rest are not

@@ -12,7 +12,7 @@ from cli_support import check_ok, run_cli
 from vqprior.checkpoint import load_model
 from vqprior.data.codes import CodeDataset
 from vqprior.errors import UserError
-from vqprior.generate import encode_prefix, generate, prior_chain
+from vqprior.sampling.generate import encode_prefix, generate, prior_chain
 
 NAMES = ["top", "middle", "bottom"]
 SHAPES = {"top": [2, 2], "middle": [4, 4], "bottom": [8, 8]}  # 16x16 images, bottom stride 2, top stride 2
@@ -88,7 +88,7 @@ def test_sampling_is_top_down(levels_pipeline):
     g = torch.Generator().manual_seed(3)
     full = generate(top, 3, middle=[middle], bottom=bottom, generator=g)
     assert [list(c.shape[1:]) for c in full.codes] == [SHAPES[n] for n in NAMES]
-    from vqprior.sampling import sample
+    from vqprior.sampling.sampler import sample
 
     tops, mids = full.codes[0], full.codes[1]
     ref = sample(bottom, 3, condition=mids, generator=torch.Generator().manual_seed(5))
@@ -187,7 +187,7 @@ def test_guidance_names_the_unguided_levels(capsys):
     from types import SimpleNamespace
 
     from vqprior.commands.sample import guidance_checks
-    from vqprior.generate import guided_levels
+    from vqprior.sampling.generate import guided_levels
 
     def prior(level, null_class):
         config = SimpleNamespace(num_classes=10, null_class=null_class)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from vqprior.distributions import logistic_mixture_log_prob, split_logistic_params
-from vqprior.evaluate import ClassMarginal, evaluate_nll
+from vqprior.evaluation.likelihood import ClassMarginal, evaluate_nll
+from vqprior.models.distributions import logistic_mixture_log_prob, split_logistic_params
 
 VALUES = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from vqprior.config import model_config_from_preset
-from vqprior.layers import Dropout, GatedResBlock, drop_mask, gate
-from vqprior.pixelsnail import PixelSNAIL
+from vqprior.models.layers import Dropout, GatedResBlock, drop_mask, gate
+from vqprior.models.pixelsnail import PixelSNAIL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -106,7 +106,7 @@ def test_checkpointed_bottom_prior_gives_the_plain_loss_and_gradients(filters):
 
 def _rss_after(code):
     """Resident MB that a fresh process reports after running ``code`` (MALLOC_* variables removed)."""
-    script = ("import torch, vqprior.allocator as a\n" + code + "\n"
+    script = ("import torch, vqprior.runtime.allocator as a\n" + code + "\n"
               "print(int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
@@ -128,12 +128,17 @@ def test_memory_first_allocator_gives_freed_activations_back():
     assert kept - returned > 300
 
 
-def test_training_with_checkpointing_uses_the_memory_first_allocator(monkeypatch, tmp_path):
-    import vqprior.train
-    from test_train import _run
+def test_train_commands_pick_the_allocator_and_the_library_leaves_it_alone(monkeypatch, tmp_path):
+    """The train commands set the host allocator (memory first with --checkpoint-activations); ``train()`` itself,
+    a library call, changes no process-wide malloc setting."""
+    import vqprior.runtime.allocator as allocator
+    from cli_support import check_ok, train_pixel_run
+    from conftest import train_tiny
 
     calls = []
-    monkeypatch.setattr(vqprior.train, "configure_for_training", calls.append)
-    _run(tmp_path / "plain", 1)
-    _run(tmp_path / "ckpt", 1, checkpoint_activations=True)
-    assert calls == [False, True]
+    monkeypatch.setattr(allocator, "_apply", lambda mode, settings: calls.append(mode) or True)
+    check_ok(train_pixel_run(tmp_path / "plain", steps=1))
+    check_ok(train_pixel_run(tmp_path / "ckpt", "--checkpoint-activations", steps=1))
+    assert calls == ["retain", "return"]
+    train_tiny(tmp_path / "library", 1, checkpoint_activations=True)
+    assert calls == ["retain", "return"]

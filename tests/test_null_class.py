@@ -7,13 +7,12 @@ import re
 import pytest
 import torch
 
+from cli_support import TRAIN_FAST, build_prior_pipeline, check_ok, run_cli, train_pixel_run
 from vqprior.checkpoint import read_checkpoint
 from vqprior.config import ConfigError, DataConfig, ModelConfig, model_config_from_preset
-from vqprior.null_class import add_null_class, drop_labels, null_label
-from vqprior.pixel_task import PixelTask
-from vqprior.pixelsnail import PixelSNAIL
-
-from cli_support import TRAIN_FAST, build_prior_pipeline, check_ok, run_cli, train_pixel_run
+from vqprior.models.null_class import add_null_class, drop_labels, null_label
+from vqprior.models.pixelsnail import PixelSNAIL
+from vqprior.training.pixel_task import PixelTask
 
 FAST = ["--steps", "1", "--lr", "1e-12", "--eval-limit", "4", "--num-samples", "1", "--batch-size", "4", "--quiet",
         "--device", "cpu"]  # one step at a learning rate that leaves the weights where they started
@@ -186,7 +185,7 @@ def test_train_prior_with_class_dropout_and_init_from(tmp_path):
 def test_the_null_class_is_a_normalised_density_over_every_code_map():
     import itertools
 
-    from vqprior.evaluate import NullClass
+    from vqprior.evaluation.likelihood import NullClass
 
     torch.manual_seed(0)
     config = model_config_from_preset("tiny", head="codes", num_codes=3, height=2, width=3, num_classes=3,
@@ -222,7 +221,7 @@ def test_evaluate_class_none_scores_the_null_class(tmp_path):
     assert figures["--class none"][0] != figures[""][0] and figures["--class none"][0] != figures["--marginal"][0]
     # The null class's figure is the model's log-likelihood given label 10, computed here without the CLI.
     from vqprior.checkpoint import load_model
-    from vqprior.data.datasets import load_image_dataset
+    from vqprior.data.loader import load_image_dataset
 
     model = load_model(ckpt)
     images = torch.stack([torch.as_tensor(load_image_dataset("sample", "test", image_size=8)[i]["image"])

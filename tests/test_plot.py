@@ -1,4 +1,4 @@
-"""``vqprior plot`` and vqprior.plot: reading metrics.jsonl, the metric choice, the training-time estimate, the
+"""``vqprior plot`` and vqprior.training.plot: reading metrics.jsonl, the metric choice, the training-time estimate, the
 smoothing, what the figure draws, atomic output, the missing-matplotlib message and the bad-input rows.
 
 Runs are synthetic metrics.jsonl files written here (plus one tiny real training run for the latest.pt path).
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_support import run_cli, check_ok, train_pixel_run
+from cli_support import check_ok, run_cli, train_pixel_run
 from vqprior.errors import UserError
-from vqprior import plot as vplot
+from vqprior.training import plot as vplot
 
 pytest.importorskip("matplotlib")
 

@@ -4,8 +4,8 @@ TF32 switches explicitly, through the library and through the commands."""
 import pytest
 import torch
 
-from vqprior.distributions import LOG_SCALE_MIN, sample_categorical, sample_logistic_mixture, unit_to_uint8
-from vqprior.precision import PRECISIONS, apply_precision_policy
+from vqprior.models.distributions import LOG_SCALE_MIN, sample_categorical, sample_logistic_mixture, unit_to_uint8
+from vqprior.runtime.precision import PRECISIONS, apply_precision_policy
 
 DRAWS = 200_000
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0

@@ -9,7 +9,7 @@ import torch
 
 from cli_support import check_ok, run_cli
 from vqprior.errors import UserError
-from vqprior.precision import check_precision, resolve_training_precision
+from vqprior.runtime.precision import check_precision, resolve_training_precision
 
 CUDA = torch.device("cuda", 0)
 

@@ -7,9 +7,14 @@ from PIL import Image
 from vqprior.checkpoint import save_checkpoint
 from vqprior.commands.receptive_field import receptive_field
 from vqprior.config import model_config_from_preset
-from vqprior.pixelsnail import PixelSNAIL
-from vqprior.receptive_field import (FUTURE_RGB, TARGET_RGB, compute_receptive_field, render_receptive_field,
-                                     summarize_receptive_field)
+from vqprior.models.pixelsnail import PixelSNAIL
+from vqprior.models.receptive_field import (
+    FUTURE_RGB,
+    TARGET_RGB,
+    compute_receptive_field,
+    render_receptive_field,
+    summarize_receptive_field,
+)
 
 SIZE = 8
 

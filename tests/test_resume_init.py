@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from cli_support import build_prior_pipeline, check_ok, run_cli, train_pixel_run
 from vqprior.checkpoint import read_checkpoint
 from vqprior.config import ModelConfig
-
-from cli_support import build_prior_pipeline, check_ok, run_cli, train_pixel_run
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
 FAST = ["--steps", "1", "--lr", "1e-12", "--eval-limit", "4", "--num-samples", "1", "--batch-size", "4", "--quiet",

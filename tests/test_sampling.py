@@ -6,8 +6,8 @@ import torch
 
 from vqprior.config import model_config_from_preset
 from vqprior.errors import UserError
-from vqprior.pixelsnail import PixelSNAIL
-from vqprior.sampling import CachedSampler, complete, sample
+from vqprior.models.pixelsnail import PixelSNAIL
+from vqprior.sampling.sampler import CachedSampler, complete, sample
 
 H, W = 5, 6  # not square: a swapped row/column index cannot pass
 COND = dict(cond_num_codes=5, cond_height=2, cond_width=3)
@@ -212,7 +212,7 @@ def test_bad_complete_and_step_order():
 @pytest.mark.parametrize("static", [False, True])
 def test_finished_samplers_are_freed_without_the_cycle_collector(static):
     """No reference cycle keeps a sampler (and its buffers) alive after sampling: with Python's cycle collector off,
-    nothing of vqprior.cached survives sample(), complete(), sample(compile=...) or a dropped CachedSampler (a
+    nothing of vqprior.sampling.cached survives sample(), complete(), sample(compile=...) or a dropped CachedSampler (a
     stored bound method once made one sampler's memory pile up per call until the collector ran)."""
     import gc
     import weakref
@@ -230,6 +230,6 @@ def test_finished_samplers_are_freed_without_the_cycle_collector(static):
         complete(model, x, keep_rows=2, num=1, label=label, condition=cond)
         if static:  # compiled (dynamo without a compiler backend): sample() closes the sampler, which drops it
             draw(model, "cached", label=label, condition=cond, compile={"backend": "eager"})
-        assert not [o for o in gc.get_objects() if type(o).__module__ == "vqprior.cached"]
+        assert not [o for o in gc.get_objects() if type(o).__module__ == "vqprior.sampling.cached"]
     finally:
         gc.enable()

@@ -8,9 +8,9 @@ is refused up front with one line.
 import pytest
 import torch
 import torch._dynamo
-
 from test_sampling import VARIANTS, H, W, make_inputs, make_model, max_step_error, value_at
-from vqprior.sampling import CachedSampler, SamplingError, _same_device, check_generator, complete, sample
+
+from vqprior.sampling.sampler import CachedSampler, SamplingError, _same_device, check_generator, complete, sample
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

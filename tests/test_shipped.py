@@ -99,9 +99,9 @@ def test_shipped_pixel_model_samples(tmp_path):
 
 def test_shipped_priors_sample_decoded_images(tmp_path):
     array = tmp_path / "s.npy"
-    check_ok(run_cli("sample", CHECKPOINTS / "cifar10-prior-top.pt", "--bottom", CHECKPOINTS / "cifar10-prior-bottom.pt",
-                     "--num", "2", "--class", "3", "--out", tmp_path / "s.png", "--save-array", array,
-                     "--device", "cpu"))
+    top, bottom = CHECKPOINTS / "cifar10-prior-top.pt", CHECKPOINTS / "cifar10-prior-bottom.pt"
+    check_ok(run_cli("sample", top, "--bottom", bottom, "--num", "2", "--class", "3", "--out", tmp_path / "s.png",
+                     "--save-array", array, "--device", "cpu"))
     images = np.load(array)
     assert images.shape == (2, 3, 32, 32) and images.dtype == np.uint8
     assert images.std() > 10

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from cli_support import TINY_TRAIN, run_cli
-from conftest import REPO, tiny_model
-from test_train import NaNTask, _run, _task
-from vqprior.acceleration import check_compiler
+from conftest import REPO, NaNTask, tiny_model, tiny_pixel_task, train_tiny
 from vqprior.checkpoint import read_checkpoint
 from vqprior.errors import UserError
-from vqprior.layers import Dropout, WNConv2d, drop_mask
+from vqprior.models.layers import Dropout, WNConv2d, drop_mask
+from vqprior.runtime.compiler import check_compiler
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -116,7 +115,7 @@ def test_attention_runs_on_the_fused_kernel(heads, key, value):
     kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from vqprior.attention import CausalSelfAttention, background
+    from vqprior.models.attention import CausalSelfAttention, background
 
     torch.manual_seed(0)
     attn = CausalSelfAttention(4, 16, key, value, heads=heads)
@@ -142,17 +141,17 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(tmp_path):
             return loss, metrics
 
     for clip in (0.0, 1.0):  # the guard reads the same fused norm with and without clipping
-        result = _run(tmp_path / f"run{clip}", 4, task=BadGradient(_task(), 0), grad_clip=clip)
+        result = train_tiny(tmp_path / f"run{clip}", 4, task=BadGradient(tiny_pixel_task(), 0), grad_clip=clip)
         assert result["status"] == "finished" and result["skipped_steps"] == 1
         weights = read_checkpoint(tmp_path / f"run{clip}" / "latest.pt")["model"]
         assert all(torch.isfinite(t).all() for t in weights.values())
 
 
 def test_train_seconds_accumulate_across_resume(tmp_path):
-    _run(tmp_path / "run", 3)
+    train_tiny(tmp_path / "run", 3)
     first = read_checkpoint(tmp_path / "run" / "latest.pt")
     assert first["train_seconds"] > 0
-    _run(tmp_path / "run", 5, checkpoint=first)
+    train_tiny(tmp_path / "run", 5, checkpoint=first)
     assert read_checkpoint(tmp_path / "run" / "latest.pt")["train_seconds"] > first["train_seconds"]
 
 
@@ -215,17 +214,17 @@ def test_time_limit_ends_the_run_on_step_time_and_resume_keeps_it(tmp_path):
     import json
 
     out = tmp_path / "run"
-    result = _run(out, 100_000, time_limit=0.002)  # 0.12 s of step time: a few dozen tiny steps, not 100,000
+    result = train_tiny(out, 100_000, time_limit=0.002)  # 0.12 s of step time: a few dozen tiny steps, not 100,000
     ckpt = read_checkpoint(out / "latest.pt")
     assert result["status"] == "finished" and 0 < result["step"] < 100_000
     assert ckpt["step"] == result["step"] and ckpt["train_seconds"] >= 0.12
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"][-1] == result["step"]  # the final evaluation ran
     # Resumed with the same limit: already reached, so no further step; a larger limit trains on.
-    again = _run(out, 100_000, checkpoint=ckpt, time_limit=0.002)
+    again = train_tiny(out, 100_000, checkpoint=ckpt, time_limit=0.002)
     assert again["step"] == result["step"]
     longer = ckpt["train_seconds"] / 60 + 0.002  # beyond what was spent, however long the last step took
-    more = _run(out, 100_000, checkpoint=read_checkpoint(out / "latest.pt"), time_limit=longer)
+    more = train_tiny(out, 100_000, checkpoint=read_checkpoint(out / "latest.pt"), time_limit=longer)
     assert more["step"] > result["step"]
     assert read_checkpoint(out / "latest.pt")["train_seconds"] >= longer * 60
 
@@ -244,8 +243,8 @@ def test_a_resumed_first_step_on_a_logging_step_reports_its_rate(tmp_path):
     import json
 
     out = tmp_path / "run"
-    _run(out, 9)
-    _run(out, 12, checkpoint=read_checkpoint(out / "latest.pt"))  # the resumed process's first step is step 10
+    train_tiny(out, 9)
+    train_tiny(out, 12, checkpoint=read_checkpoint(out / "latest.pt"))  # the resumed process's first step is step 10
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step10 = [r for r in records if r["split"] == "train" and r["step"] == 10]
     assert len(step10) == 1 and step10[0]["items_per_s"] > 0

@@ -5,46 +5,11 @@ import math
 import pytest
 import torch
 
+from conftest import ImageSet, NaNTask, tiny_pixel_task, train_tiny
 from vqprior.checkpoint import export_checkpoint, load_model, read_checkpoint
-from vqprior.config import DataConfig, TrainConfig, model_config_from_preset
+from vqprior.config import TrainConfig
 from vqprior.errors import UserError
-from vqprior.pixel_task import PixelTask
-from vqprior.run_state import StepBatchSampler
-from vqprior.train import train
-
-
-
-
-class ImageSet(torch.utils.data.Dataset):
-    """Random but fixed 8x8 RGB images with labels."""
-
-    def __init__(self, n=40, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
-        self.labels = torch.arange(n) % 3
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
-
-
-def _task(**overrides):
-    cfg = model_config_from_preset("tiny", height=8, width=8, dropout=0.2, **overrides)
-    return PixelTask(cfg, DataConfig(dataset="synthetic"))
-
-
-def _config(steps, **kw):
-    base = dict(steps=steps, batch_size=4, eval_every=1000, sample_every=1000, checkpoint_every=3, num_samples=2,
-                seed=7, ema=0.9)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _run(out, steps, checkpoint=None, task=None, **kw):
-    return train(task or _task(), ImageSet(), ImageSet(8, seed=1), _config(steps, **kw), out, checkpoint=checkpoint,
-                 progress=False)
+from vqprior.training.run_state import StepBatchSampler
 
 
 def _states_equal(a, b):
@@ -52,11 +17,11 @@ def _states_equal(a, b):
 
 
 def test_resume_equals_uninterrupted_training(tmp_path):
-    _run(tmp_path / "full", 6)
-    _run(tmp_path / "part", 3)  # stops after 3 steps, as if killed after its checkpoint
+    train_tiny(tmp_path / "full", 6)
+    train_tiny(tmp_path / "part", 3)  # stops after 3 steps, as if killed after its checkpoint
     resumed = read_checkpoint(tmp_path / "part" / "latest.pt", "pixels")
     assert resumed["step"] == 3
-    _run(tmp_path / "part", 6, checkpoint=resumed)
+    train_tiny(tmp_path / "part", 6, checkpoint=resumed)
     full = read_checkpoint(tmp_path / "full" / "latest.pt")
     part = read_checkpoint(tmp_path / "part" / "latest.pt")
     assert full["step"] == part["step"] == 6
@@ -95,35 +60,35 @@ def test_train_config_refuses_out_of_range_values(field, value, named):
 def test_a_cooldown_set_on_resume_trains_as_one_run_with_it(tmp_path):
     import json
 
-    _run(tmp_path / "full", 20, cooldown_steps=8, lr=1e-2, lr_decay=0.99)
-    _run(tmp_path / "part", 12, lr=1e-2, lr_decay=0.99)  # the stable part: the same schedule up to step 12
-    _run(tmp_path / "part", 20, checkpoint=read_checkpoint(tmp_path / "part" / "latest.pt"), cooldown_steps=8,
+    train_tiny(tmp_path / "full", 20, cooldown_steps=8, lr=1e-2, lr_decay=0.99)
+    train_tiny(tmp_path / "part", 12, lr=1e-2, lr_decay=0.99)  # the stable part: the same schedule up to step 12
+    train_tiny(tmp_path / "part", 20, checkpoint=read_checkpoint(tmp_path / "part" / "latest.pt"), cooldown_steps=8,
          lr=1e-2, lr_decay=0.99)
     full, part = (read_checkpoint(tmp_path / run / "latest.pt") for run in ("full", "part"))
     assert _states_equal(full["model"], part["model"]) and _states_equal(full["ema"], part["ema"])
     records = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in records if r["split"] == "train"}  # a record's lr is its last step's
     assert lrs[10] == pytest.approx(1e-2 * 0.99 ** 9) and lrs[20] == pytest.approx(1e-2 * 0.99 ** 19 / 8)
-    _run(tmp_path / "plain", 20, lr=1e-2, lr_decay=0.99)  # and the cooldown did change the training
+    train_tiny(tmp_path / "plain", 20, lr=1e-2, lr_decay=0.99)  # and the cooldown did change the training
     assert not _states_equal(read_checkpoint(tmp_path / "plain" / "latest.pt")["model"], part["model"])
 
 
 def test_same_seed_same_checkpoint_and_different_seed_differs(tmp_path):
-    _run(tmp_path / "a", 4)
-    _run(tmp_path / "b", 4)
-    _run(tmp_path / "c", 4, seed=8)
+    train_tiny(tmp_path / "a", 4)
+    train_tiny(tmp_path / "b", 4)
+    train_tiny(tmp_path / "c", 4, seed=8)
     a, b, c = (read_checkpoint(tmp_path / n / "latest.pt")["model"] for n in "abc")
     assert _states_equal(a, b)
     assert not _states_equal(a, c)
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
-    _run(tmp_path / "run", 3)
+    train_tiny(tmp_path / "run", 3)
     data = read_checkpoint(tmp_path / "run" / "latest.pt", "pixels")
     model = load_model(tmp_path / "run" / "latest.pt")
     assert not model.training
     x = ImageSet(4, seed=3).images
-    reference = _task().build_model().eval()
+    reference = tiny_pixel_task().build_model().eval()
     reference.load_state_dict(data["ema"])  # load_model serves the EMA weights
     assert torch.equal(model.log_prob(x), reference.log_prob(x))
     # the exported (fp16) copy is restored to fp32 on load and stays close
@@ -135,7 +100,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    result = _run(tmp_path / "run", 30, ema=0.0, lr=3e-3, eval_every=30)
+    result = train_tiny(tmp_path / "run", 30, ema=0.0, lr=3e-3, eval_every=30)
     records = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert result["status"] == "finished" and result["step"] == 30
     first, last = records[0], [r for r in records if '"train"' in r][-1]
@@ -144,26 +109,10 @@ def test_training_lowers_the_loss(tmp_path):
     assert math.isfinite(result["metrics"]["eval_bpd"])
 
 
-class NaNTask:
-    """Wraps a task so that the loss becomes NaN from a given step on."""
-
-    def __init__(self, task, bad_from):
-        self.task, self.bad_from, self.calls = task, bad_from, 0
-        self.kind = task.kind
-
-    def __getattr__(self, name):
-        return getattr(self.task, name)
-
-    def loss(self, model, batch):
-        self.calls += 1
-        loss, metrics = self.task.loss(model, batch)
-        return (loss * float("nan") if self.calls > self.bad_from else loss), metrics
-
-
 def test_non_finite_losses_never_reach_the_weights_and_stop_the_run(tmp_path):
-    task = NaNTask(_task(), bad_from=3)
+    task = NaNTask(tiny_pixel_task(), bad_from=3)
     with pytest.raises(UserError, match="non-finite"):
-        _run(tmp_path / "run", 40, task=task, max_bad_steps=5)
+        train_tiny(tmp_path / "run", 40, task=task, max_bad_steps=5)
     kept = read_checkpoint(tmp_path / "run" / "latest.pt")
     assert kept["step"] == 3  # the last good checkpoint survives
     for name, tensor in kept["model"].items():
@@ -177,7 +126,7 @@ def test_isolated_non_finite_loss_is_skipped(tmp_path):
             loss, metrics = self.task.loss(model, batch)
             return (loss * float("inf") if self.calls == 2 else loss), metrics
 
-    result = _run(tmp_path / "run", 5, task=OneBad(_task(), 0))
+    result = train_tiny(tmp_path / "run", 5, task=OneBad(tiny_pixel_task(), 0))
     assert result["status"] == "finished" and result["skipped_steps"] == 1
     assert all(torch.isfinite(t).all() for t in read_checkpoint(tmp_path / "run" / "latest.pt")["model"].values())
 
@@ -225,6 +174,6 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path, content):
 
 
 def test_wrong_kind_is_refused(tmp_path):
-    _run(tmp_path / "run", 1)
+    train_tiny(tmp_path / "run", 1)
     with pytest.raises(UserError, match="pixels checkpoint; expected vqvae"):
         read_checkpoint(tmp_path / "run" / "latest.pt", "vqvae")

@@ -46,7 +46,7 @@ def test_the_step_is_of_a_model_initialised_as_training_does():
     wide presets' activations grew into ranges where exp and sigmoid ran many times slower (docs/benchmarks.md)."""
     import torch
 
-    from vqprior.layers import WNConv2d
+    from vqprior.models.layers import WNConv2d
 
     spec = importlib.util.spec_from_file_location("train_speed", REPO / "bench" / "train_speed.py")
     bench = importlib.util.module_from_spec(spec)

@@ -8,11 +8,10 @@ import torch
 from vqprior.checkpoint import build_model, read_checkpoint, save_checkpoint
 from vqprior.config import ConfigError, DataConfig
 from vqprior.errors import UserError
-from vqprior.quantizer import VectorQuantizer, measure_codes
-from vqprior.vqvae import VQVAE, VQVAEConfig, vqvae_config_from_preset
-from vqprior.vqvae_task import VQVAETask, psnr_from_mse
-
-
+from vqprior.evaluation.metrics import psnr_from_mse
+from vqprior.models.quantizer import VectorQuantizer, measure_codes
+from vqprior.models.vqvae import VQVAE, VQVAEConfig, vqvae_config_from_preset
+from vqprior.training.vqvae_task import VQVAETask
 
 
 def make_vqvae(levels=1, channels=3, **overrides) -> VQVAE:

@@ -6,7 +6,7 @@ import torch
 
 from vqprior.config import ConfigError
 from vqprior.levels import level_above, level_names
-from vqprior.vqvae import VQVAE, VQVAEConfig, VQVAEInputError, vqvae_config_from_preset
+from vqprior.models.vqvae import VQVAE, VQVAEConfig, VQVAEInputError, vqvae_config_from_preset
 
 
 def make_vqvae(levels, **overrides) -> VQVAE:
@@ -138,7 +138,7 @@ def _meta(levels, shapes, sizes):
 def test_prior_configs_condition_on_the_level_directly_above():
     from vqprior.config import model_config_from_preset
     from vqprior.errors import UserError
-    from vqprior.prior_task import check_prior_against_cache, prior_model_config
+    from vqprior.training.prior_task import check_prior_against_cache, prior_model_config
 
     meta3 = _meta(3, [[2, 2], [4, 4], [8, 8]], [5, 6, 7])
     base = model_config_from_preset("tiny", head="codes", num_codes=2)

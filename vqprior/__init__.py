@@ -8,13 +8,13 @@ __version__ = "0.1.0"
 
 def load_model(path, device="cpu"):
     """Load a checkpoint's model in eval mode with EMA weights (see ``vqprior.checkpoint.load_model``)."""
-    from .checkpoint import load_model as _load
+    from vqprior.checkpoint import load_model as _load
     return _load(path, device=device)
 
 
 def sample(model, num, method="cached", generator=None, temperature=1.0, **kwargs):
-    """Sample ``num`` images (pixel models) or code maps (priors); see ``vqprior.sampling.sample``."""
-    from .sampling import sample as _sample
+    """Sample ``num`` images (pixel models) or code maps (priors); see ``vqprior.sampling.sampler.sample``."""
+    from vqprior.sampling.sampler import sample as _sample
     return _sample(model, num, method=method, generator=generator, temperature=temperature, **kwargs)
 
 

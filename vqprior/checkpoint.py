@@ -20,62 +20,18 @@ Nothing here is pickled Python objects, so a tampered file cannot run code when 
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from . import __version__
-from .errors import UserError
+from vqprior import __version__
+from vqprior.errors import UserError
+from vqprior.io import atomic_write, torch_save_file
 
 FORMAT_VERSION = 1
 KINDS = ("pixels", "prior", "vqvae")
-
-
-def current_umask() -> int:
-    """The process's file-creation mask (reading it means setting it, so it is set straight back)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` for a temp file beside ``path``, fsync it, then ``os.replace`` it into place.
-
-    An interruption leaves either the old file or the new one, never a partial file.
-    """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"output folder does not exist: {parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs should have the usual permissions
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def torch_save_file(data: Any, tmp: str) -> None:
-    """``torch.save`` into ``tmp``, with write failures (a full disk) raised as the OSError they are."""
-    with open(tmp, "wb") as f:
-        try:
-            torch.save(data, f)
-        except RuntimeError as e:
-            # torch's zip writer reports a failed write as a RuntimeError with the OSError as its context; surface
-            # the OSError so that commands report "File too large" / "No space left on device" in one line.
-            if isinstance(e.__context__, OSError):
-                raise e.__context__ from None
-            raise
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -85,14 +41,6 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     data = {"format_version": FORMAT_VERSION, "vqprior_version": __version__, "storage_dtype": "float32"}
     data.update(payload)
     atomic_write(path, lambda tmp: torch_save_file(data, tmp))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
@@ -198,8 +146,8 @@ def build_model(data: dict[str, Any], use_ema: bool = True, path: str = "<checkp
     config = data.get("config", {})
     state = data.get("ema") if use_ema and data.get("ema") else data["model"]
     if data["kind"] in ("pixels", "prior"):
-        from .config import ModelConfig
-        from .pixelsnail import PixelSNAIL
+        from vqprior.config import ModelConfig
+        from vqprior.models.pixelsnail import PixelSNAIL
 
         model = PixelSNAIL(ModelConfig.from_dict(config["model"]))
         _load_state(model, state, path)
@@ -209,7 +157,7 @@ def build_model(data: dict[str, Any], use_ema: bool = True, path: str = "<checkp
                                             use_ema=False, path=path), vq.get("sha256", ""))
         model.prior_info = dict(config.get("prior", {}))
         return model
-    from .vqvae import VQVAE, VQVAEConfig
+    from vqprior.models.vqvae import VQVAE, VQVAEConfig
 
     model = VQVAE(VQVAEConfig.from_dict(config["model"]))
     _load_state(model, state, path)

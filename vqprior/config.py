@@ -9,11 +9,9 @@ import dataclasses
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from vqprior.errors import UserError
 
-from .errors import UserError
-
-
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # see vqprior.precision
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # see vqprior.runtime.precision
 
 
 class ConfigError(UserError, ValueError):
@@ -132,7 +130,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
-    # Speed/memory switches (vqprior.acceleration); they do not change the objective and may change on resume.
+    # Speed/memory switches (vqprior.training.acceleration); they do not change the objective and may change on resume.
     compile: bool = False  # torch.compile the training model
     checkpoint_activations: bool = False  # recompute each gated block / attention step in the backward pass
     time_limit: float = 0.0  # minutes of step time (train_seconds, resumes included) after which the run ends; 0 = off
@@ -185,7 +183,7 @@ class DataConfig:
     limit: int = 0  # train on the first N training images only (0 = all); a resumed run keeps it
     cache_encoding: str = "raw"  # how the image cache stores images: raw, png (lossless) or jpeg (lossy)
     jpeg_quality: int = 90  # the JPEG quality of a jpeg image cache
-    # Classifier-free guidance training (vqprior.guidance): each label is replaced by the null class with this
+    # Classifier-free guidance training (vqprior.sampling.guidance): each label is replaced by the null class with this
     # probability, so one network learns p(x | y) and p(x). A resumed run keeps it.
     class_dropout: float = 0.0
 
@@ -247,8 +245,8 @@ PRESET_USES: dict[str, tuple[str, dict[str, Any]]] = {
 DEFAULT_PRESET_USE = ("pixel model of 32x32 RGB images", dict(head="pixels", channels=3, height=32, width=32))
 
 
-# VQ-VAE architecture presets (vqprior.vqvae.VQVAEConfig fields; kept here so the CLI can list their names without
-# importing torch). Channels come from the data; levels from the command line unless the preset sets them.
+# VQ-VAE architecture presets (vqprior.models.vqvae.VQVAEConfig fields; kept here so the CLI can list their names
+# without importing torch). Channels come from the data; levels from the command line unless the preset sets them.
 VQVAE_PRESETS: dict[str, dict[str, Any]] = {
     # Tests: 8x8 or 16x16 inputs, milliseconds per step.
     "tiny": dict(codebook_size=16, embed_dim=8, hidden=16, res_blocks=1, res_channels=8, bottom_stride=2,

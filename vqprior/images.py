@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, current_umask
-from .errors import UserError
+from vqprior.errors import UserError
+from vqprior.io import atomic_write, current_umask
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> torch.Tensor:

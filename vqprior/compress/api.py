@@ -14,10 +14,10 @@ import math
 
 import torch
 
-from . import container
-from .coding import Decoder, Encoder, code_codes, code_labels, code_pixels, deterministic_coding
-from ..levels import MAX_LEVELS, level_names
-from .container import CompressedFileError, Header
+from vqprior.compress import container
+from vqprior.compress.coding import Decoder, Encoder, code_codes, code_labels, code_pixels, deterministic_coding
+from vqprior.compress.container import CompressedFileError, Header
+from vqprior.levels import MAX_LEVELS, level_names
 
 DEFAULT_CHUNK = 64
 

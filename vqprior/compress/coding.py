@@ -14,10 +14,11 @@ import contextlib
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..cached import CachedSampler
-from ..determinism import deterministic
-from .tables import PixelConditionals, categorical_table, uniform_table
+from vqprior.compress.tables import categorical_table, pixel_table, uniform_table
+from vqprior.errors import UserError
+from vqprior.models.conditionals import PixelConditionals
+from vqprior.runtime.determinism import deterministic
+from vqprior.sampling.cached import CachedSampler
 
 
 def _constriction():
@@ -74,8 +75,8 @@ class Decoder:
 
 @contextlib.contextmanager
 def deterministic_coding(device: torch.device):
-    """The coder's arithmetic must repeat exactly when decoding: deterministic mode (``vqprior.determinism``: on a
-    GPU, deterministic cuDNN / cuBLAS / index kernels, no autotuning), and on the CPU one torch thread, since a
+    """The coder's arithmetic must repeat exactly when decoding: deterministic mode (``vqprior.runtime.determinism``: on
+    a GPU, deterministic cuDNN / cuBLAS / index kernels, no autotuning), and on the CPU one torch thread, since a
     matrix product's rounding may depend on how it is split between threads."""
     with deterministic():
         if device.type != "cpu":
@@ -109,7 +110,7 @@ def code_pixels(model, side, shape: tuple[int, int, int, int], images: torch.Ten
         mixture = PixelConditionals(sampler.step(p), C, model.config.mixtures)
         for c in range(C):
             known = images[:, c, r, col] if images is not None else None
-            value = torch.from_numpy(side.code(mixture.table(c), known)).to(torch.uint8)
+            value = torch.from_numpy(side.code(pixel_table(mixture, c), known)).to(torch.uint8)
             mixture.observe(c, value)
             out[:, c, r, col] = value
         sampler.append(p, out[:, :, r, col].to(device))

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..levels import MAX_LEVELS
+from vqprior.errors import UserError
+from vqprior.levels import MAX_LEVELS
 
 MAGIC = b"VQPZ"
 FORMAT_VERSION = 1

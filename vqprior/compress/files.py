@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
-from ..errors import UserError
+from vqprior.errors import UserError
+from vqprior.io import atomic_write
 
 _MODES = {"L": 1, "RGB": 3}
 

@@ -7,12 +7,12 @@ environment in a process).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from . import codes, image_cache
+from vqprior.data import codes, image_cache
+from vqprior.data.lmdb_store import begin_read, open_reader
+from vqprior.errors import UserError
 
 
 def _used_bytes(env) -> int:
@@ -23,7 +23,7 @@ def _used_bytes(env) -> int:
 def describe_code_cache(path: Path) -> dict[str, Any]:
     meta = codes.read_code_metadata(path)
     count = int(meta["count"])
-    used = _used_bytes(codes._reader(path))
+    used = _used_bytes(open_reader(path))
     levels = [{"level": name, "shape": list(shape), "codebook_size": int(size)}
               for name, shape, size in zip(meta["level_names"], meta["shapes"], meta["codebook_sizes"])]
     return {"kind": "code cache", "path": str(path), "complete": True, "count": count, "levels": levels,
@@ -37,8 +37,8 @@ def describe_image_cache(path: Path) -> dict[str, Any]:
     if meta is None:
         raise UserError(f"not a vqprior image cache (no metadata record): {path}")
     written = image_cache.count_written(path, meta)
-    with image_cache.begin_read(path):  # adopts a map grown by a build in another process
-        used = _used_bytes(image_cache.open_reader(path))
+    with begin_read(path):  # adopts a map grown by a build in another process
+        used = _used_bytes(open_reader(path))
     count = int(meta["count"])
     return {"kind": "image cache", "path": str(path), "complete": complete, "count": count,
             "written": count if complete else written, "shape": list(meta["shape"]),
@@ -49,22 +49,14 @@ def describe_image_cache(path: Path) -> dict[str, Any]:
 
 
 def _is_code_cache(path: Path) -> bool:
-    """Whether the environment holds a code cache, read through whichever module's handle is already open (py-lmdb
-    refuses a second handle on one environment in a process); a fresh look leaves none open."""
-    pid, _, env = codes._READERS.get(os.path.realpath(path), (None, None, None))
-    if env is not None and pid == os.getpid():
-        return True  # only code caches are opened through the codes module
-    opened = os.path.abspath(path) in image_cache._READERS
-    with image_cache.begin_read(path) as txn:
+    """Whether the environment at ``path`` holds a code cache (its metadata record says so)."""
+    with begin_read(path) as txn:
         raw = txn.get(codes.META_KEY)
     try:
         meta = json.loads(raw) if raw is not None else None
     except (UnicodeDecodeError, json.JSONDecodeError):
         meta = None
-    found = isinstance(meta, dict) and meta.get("format") == codes.FORMAT_NAME
-    if found and not opened:
-        image_cache._close_reader(path)  # let the codes module open it
-    return found
+    return isinstance(meta, dict) and meta.get("format") == codes.FORMAT_NAME
 
 
 def describe_cache(path) -> list[dict[str, Any]]:

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import UserError
+from vqprior.data.lmdb_store import begin_read, close_reader
+from vqprior.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -98,48 +99,30 @@ def check_codebook(cache_meta: dict[str, Any], prior_num_codes: int, level: str)
                         f"models {prior_num_codes}")
 
 
-def _open_env(path: Path, readonly: bool, map_size: int = 1 << 26):
+def _open_writer(path: Path, map_size: int):
     import lmdb
 
     try:
-        if readonly:
-            return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
         return lmdb.open(str(path), map_size=map_size, meminit=False, metasync=False, readahead=False)
     except lmdb.Error as e:
         raise UserError(f"cannot open the code cache {path}: {str(e).splitlines()[0][:160]}") from None
 
 
-# py-lmdb refuses to open one environment twice in a process, so every reader in a process (each CodeDataset,
-# metadata checks) shares one read-only handle per cache: {realpath: (pid, data.mdb inode, env)}.
-_READERS: dict[str, tuple[int, int, Any]] = {}
+def _begin_read(path: Path):
+    """A read transaction on this process's shared handle of the code cache at ``path`` (``lmdb_store``)."""
+    import lmdb
 
-
-def _reader(path: Path):
-    """This process's shared read-only environment for ``path`` (reopened after a fork or if the files changed)."""
-    key = os.path.realpath(path)
-    inode = os.stat(os.path.join(key, "data.mdb")).st_ino
-    pid, ino, env = _READERS.get(key, (None, None, None))
-    if env is not None and pid == os.getpid() and ino == inode:
-        return env
-    if env is not None and pid == os.getpid():
-        env.close()  # the cache was replaced on disk
-    env = _open_env(Path(key), readonly=True)
-    _READERS[key] = (os.getpid(), inode, env)
-    return env
-
-
-def _close_reader(path: Path) -> None:
-    """Close this process's shared reader of ``path`` (before writing to it)."""
-    pid, _, env = _READERS.pop(os.path.realpath(path), (None, None, None))
-    if env is not None and pid == os.getpid():
-        env.close()
+    try:
+        return begin_read(path)
+    except lmdb.Error as e:
+        raise UserError(f"cannot open the code cache {path}: {str(e).splitlines()[0][:160]}") from None
 
 
 def _read_state(path: Path) -> tuple[str, dict[str, Any] | None]:
     """("complete" | "unfinished" | "empty" | "foreign", metadata or None) for an existing folder."""
     if not (path / "data.mdb").exists():
         return ("empty" if not any(path.iterdir()) else "foreign"), None
-    with _reader(path).begin() as txn:
+    with _begin_read(path) as txn:
         raw, complete, entries = txn.get(META_KEY), txn.get(COMPLETE_KEY), txn.stat()["entries"]
     if raw is None:  # killed before the metadata commit: our own empty cache, or someone else's database
         return ("unfinished" if entries == 0 else "foreign"), None
@@ -203,7 +186,7 @@ class CodeDataset(Dataset):
         return self._count
 
     def _txn(self):
-        return _reader(Path(self.path)).begin()  # opened on first use in each process
+        return _begin_read(Path(self.path))  # opened on first use in each process
 
     def _decode(self, i: int, value: bytes | None) -> dict[str, torch.Tensor]:
         where = f"record {i} of {self.path}"
@@ -291,9 +274,9 @@ def extract_codes(vqvae, dataset, out_path: str | os.PathLike, vqvae_sha256: str
             "num_classes": int(getattr(dataset, "num_classes", 0) or 0), "record_header": HEADER.format,
             "code_dtype": CODE_DTYPE.str, "vqvae_path": str(vqvae_path)}
     _prepare_output(path, overwrite)
-    _close_reader(path)  # our own read handle (from the checks above or an earlier CodeDataset) must not stay open
+    close_reader(path)  # our own read handle (from the checks above or an earlier CodeDataset) must not stay open
     record_bytes = HEADER.size + CODE_DTYPE.itemsize * sum(h * w for h, w in shapes)
-    env = _open_env(path, readonly=False, map_size=_estimate_map_size(count, record_bytes))
+    env = _open_writer(path, map_size=_estimate_map_size(count, record_bytes))
     try:
         # Unmark first, in its own transaction: from here until the end the cache reads as unfinished.
         with env.begin(write=True) as txn:

@@ -3,7 +3,7 @@
 Items are ``{"image": uint8 (C, H, W), "label": int64 scalar, "index": int64 scalar}`` (``index`` is the position
 in this dataset, so ``dataset[item["index"]]`` gives the item back); torch's default collate stacks them. Sources:
 
-- ``sample``: the bundled CIFAR-10 subset (``sample/cifar10_sample.npz``, built by ``make_sample``).
+- ``sample``: the bundled CIFAR-10 subset (``sample/cifar10_sample.npz``, built by ``scripts/make_sample.py``).
 - ``cifar10`` / ``mnist``: ``data_dir`` with ``train.npz`` / ``test.npz`` (``images`` uint8 (N, H, W[, C]),
   ``labels``), also accepted one level down in ``data_dir/<name>/``, or torchvision's files
   (``cifar-10-batches-py/``, ``MNIST/raw/``); ``download`` lets torchvision fetch them.
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import UserError
-from ..images import load_image, resize_center_crop
+from vqprior.errors import UserError
+from vqprior.images import load_image, resize_center_crop
 
 DATASETS = ("cifar10", "mnist", "imagenet32", "imagenet64", "folder", "sample")
 SPLITS = ("train", "test")
@@ -241,7 +241,7 @@ def _load_cifar_or_mnist(name, split, data_dir, image_size, download) -> ImageDa
 
 
 def _load_sample(split, image_size) -> ImageDataset:
-    from .make_sample import decode_mosaic_png
+    from vqprior.data.mosaic import decode_mosaic_png
 
     with np.load(SAMPLE_PATH, allow_pickle=False) as z:
         labels = z[f"{split}_labels"]
@@ -358,34 +358,7 @@ def _explain_empty(folder: Path, split: str) -> None:
     raise UserError(f"too few images in {folder} to hold out a {split} split; add a test/ folder")
 
 
-def load_image_dataset(name: str, split: str, data_dir: str | os.PathLike | None = None, image_size: int = 0,
-                       cache: str | os.PathLike | None = None, download: bool = False, limit: int = 0,
-                       progress: bool | None = None, cache_encoding: str = "raw",
-                       jpeg_quality: int = 90) -> ImageDataset:
-    """Load dataset ``name`` (one of ``DATASETS``), split ``train`` or ``test``, as an ``ImageDataset``.
-
-    ``image_size`` > 0 resizes to image_size x image_size; ``limit`` > 0 keeps the first ``limit`` items;
-    ``cache`` = a folder of LMDB image caches, reused when complete (built, with a progress bar when ``progress``,
-    default: stderr is a terminal, when not), storing images as ``cache_encoding`` (raw, png, jpeg at
-    ``jpeg_quality``). ``data_dir`` is ignored for ``sample``.
-    """
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose train or test")
-    image_size, limit = int(image_size or 0), int(limit or 0)  # CLI options may arrive as None
-    if image_size < 0 or limit < 0:
-        raise UserError("image size and limit must be >= 0")
-    if cache:
-        from .image_cache import load_cached_dataset
-
-        return load_cached_dataset(cache, name, split, data_dir, image_size, limit,
-                                   lambda: _load_source(name, split, data_dir, image_size, download, limit),
-                                   progress=progress, encoding=cache_encoding, jpeg_quality=jpeg_quality)
-    return _load_source(name, split, data_dir, image_size, download, limit)
-
-
-def _load_source(name, split, data_dir, image_size, download, limit) -> ImageDataset:
+def load_source(name, split, data_dir, image_size, download, limit) -> ImageDataset:
     if name == "sample":
         dataset = _load_sample(split, image_size)
     elif name in ("cifar10", "mnist"):

@@ -34,7 +34,6 @@ import os
 import shutil
 import struct
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,8 +41,9 @@ from typing import Callable, Iterator
 import lmdb
 import numpy as np
 
-from ..errors import UserError
-from .datasets import ImageDataset
+from vqprior.data.datasets import ImageDataset
+from vqprior.data.lmdb_store import begin_read, close_reader
+from vqprior.errors import UserError
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: raw records, no "encoding" field
@@ -86,46 +86,6 @@ def cache_name(name: str, split: str, image_size: int, data_dir=None, limit: int
 
 def _record_key(record: int) -> bytes:
     return b"%010d" % record
-
-
-# LMDB refuses to open one environment twice in a process, so every reader in a process shares one read-only
-# handle per path. Keyed by pid too: a handle inherited through fork must not be used in the child, and must be
-# closed there before the path can be opened again (closing the child's copy leaves the parent's intact). The
-# data file's inode is kept as well: a cache rebuilt by another process is a new file, and the handle is reopened.
-_READERS: dict[str, tuple[int, int, lmdb.Environment]] = {}
-_READERS_LOCK = threading.Lock()
-
-
-def open_reader(path) -> lmdb.Environment:
-    """This process's shared read-only handle on the environment at ``path``."""
-    key = os.path.abspath(path)
-    inode = os.stat(os.path.join(key, "data.mdb")).st_ino
-    with _READERS_LOCK:
-        entry = _READERS.get(key)
-        if entry is None or entry[:2] != (os.getpid(), inode):
-            if entry is not None:
-                entry[2].close()
-            env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False)
-            _READERS[key] = entry = (os.getpid(), inode, env)
-        return entry[2]
-
-
-def begin_read(path, buffers: bool = False) -> lmdb.Transaction:
-    """A read transaction on this process's handle; when another process (a build) has grown the map beyond this
-    handle's size, adopt the new size (LMDB's MDB_MAP_RESIZED) and begin again."""
-    env = open_reader(path)
-    try:
-        return env.begin(buffers=buffers)
-    except lmdb.MapResizedError:
-        env.set_mapsize(0)
-        return env.begin(buffers=buffers)
-
-
-def _close_reader(path) -> None:
-    with _READERS_LOCK:
-        entry = _READERS.pop(os.path.abspath(path), None)
-    if entry is not None:
-        entry[2].close()
 
 
 def read_cache_state(path) -> tuple[dict | None, bool]:
@@ -196,7 +156,7 @@ class CachedImageDataset(ImageDataset):
 
     def close(self) -> None:
         """Close this process's handle on the cache (every dataset on the same path shares it)."""
-        _close_reader(self.path)
+        close_reader(self.path)
 
 
 def encode_image(array: np.ndarray, encoding: str, jpeg_quality: int = 90) -> bytes:
@@ -251,7 +211,7 @@ def write_image_cache(dataset: ImageDataset, path, metadata: dict | None = None,
             "num_classes": dataset.num_classes, "images_per_record": IMAGES_PER_RECORD, "encoding": encoding,
             **({"jpeg_quality": int(jpeg_quality)} if encoding == "jpeg" else {}), **(metadata or {})}
     first = _resume_point(path, meta)
-    _close_reader(path)
+    close_reader(path)
     if first == 0 and path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     record_bytes = _HEADER.size + IMAGES_PER_RECORD * (12 + c * h * w)
