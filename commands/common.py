@@ -6,15 +6,21 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
 from vqprior.errors import UserError
 
+BUG_LINE = ("vqprior stopped on an internal error, not on your input: please report it with the traceback above "
+            "(vqprior --version names the versions).")
+
 
 def guarded(fn):
-    """Run a command body; user errors become ``Error: <one line>`` on stderr and exit 1 (2 for usage errors)."""
+    """Run a command body. Whose error it is decides what the user sees: a ``UserError`` (bad input, raised where the
+    input is checked) or an ``OSError`` (a missing file, a full disk) becomes ``Error: <one line>`` on stderr and
+    exit 1 (2 for usage errors); anything else is a bug: its traceback, then one line asking to report it."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -25,11 +31,12 @@ def guarded(fn):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
-        except (UserError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                PermissionError) as e:
+        except (UserError, OSError) as e:
             raise click.ClickException(_one_line(e)) from None
-        except OSError as e:  # e.g. a full disk
-            raise click.ClickException(_one_line(e)) from None
+        except Exception:
+            traceback.print_exc()
+            click.echo(BUG_LINE, err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -92,7 +99,6 @@ device_option = click.option("--device", default="auto", show_default=True,
 middle_option = click.option(
     "--middle", type=click.Path(), multiple=True,
     help="Prior of a middle level of a 3+-level VQ-VAE (repeat once per middle level, in any order).")
-seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # vqprior.config.PRECISIONS, spelled out so --help stays fast
 
 

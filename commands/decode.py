@@ -8,17 +8,16 @@ from vqprior.commands.common import apply_precision, check_outputs, device_optio
 
 
 @click.command("decode")
-@click.argument("paths", metavar="CODES", nargs=-1, type=click.Path())
-@click.option("--vqvae", "vqvae_path", type=click.Path(), default=None,
-              help="The VQ-VAE checkpoint, or a prior that embeds it (as for extract-codes). The older spelling "
-                   "`decode VQVAE.pt CODES` still works.")
+@click.argument("codes_path", metavar="CODES", type=click.Path())
+@click.option("--vqvae", "vqvae_path", type=click.Path(), required=True,
+              help="The VQ-VAE checkpoint, or a prior that embeds it (as for extract-codes).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Image grid to write; the format follows the suffix (.png, .jpg, .webp, ...).")
 @click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per grid row.")
 @click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True)
 @device_option
 @guarded
-def decode(paths, vqvae_path, out, nrow, scale, device):
+def decode(codes_path, vqvae_path, out, nrow, scale, device):
     """Decode CODES (int (N, H, W) .npy for one level; .npz with top/bottom for two, top/middle/bottom for three,
     one array per level for more) into an image grid:
     `vqprior decode --vqvae VQVAE.pt CODES --out grid.png`.
@@ -29,14 +28,7 @@ def decode(paths, vqvae_path, out, nrow, scale, device):
     from vqprior.checkpoint import load_model
     from vqprior.commands.arrays import load_codes_file
     from vqprior.images import image_format, save_grid
-    
-    if vqvae_path is None and len(paths) == 2:
-        vqvae_path, paths = paths[0], paths[1:]  # the older positional spelling: decode VQVAE.pt CODES
-    if vqvae_path is None:
-        raise click.UsageError("give the VQ-VAE with --vqvae PATH: vqprior decode --vqvae VQVAE.pt CODES --out X")
-    if len(paths) != 1:
-        raise click.UsageError(f"expected one CODES file, got {len(paths)}")
-    codes_path = paths[0]
+
     device = resolve_device(device)
     apply_precision("fp32")  # exact float32 (TF32 off): codes and coding tables must not depend on the GPU
     check_outputs(out)

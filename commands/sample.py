@@ -36,7 +36,7 @@ def guidance_checks(guidance: float, model, bottom_model, middle_models=()) -> N
     unguided = [name for name, p in lower if p.config.num_classes and not p.config.null_class]
     if guidance and unguided:
         priors = " and ".join(f"the {name} prior" for name in unguided)
-        guided = " and ".join(guided_levels(model, bottom_model, middle_models))
+        guided = " and ".join(guided_levels(bottom_model, middle_models))
         one = len(unguided) == 1
         click.echo(f"--guidance {guidance:g} guides {guided} only: {priors} {'has' if one else 'have'} no null class "
                    f"and {'is' if one else 'are'} sampled given the class, unguided.", err=True)

@@ -59,7 +59,7 @@ CASES = [
     case("receptive-field-suffix-unknown", "receptive-field --preset tiny --out rf.pt", "suffix"),
     case("out-dir-not-empty", "sample {px} --out-dir full", "--overwrite", folder_of_files("full", "keep.txt")),
     case("out-dir-is-a-file", "sample {px} --out-dir afile", "is a file", write_bytes("afile", b"x")),
-    case("decode-out-in-missing-folder", "decode {vq} {px} --out /nonexistent/dir/x.png", "does not exist"),
+    case("decode-out-in-missing-folder", "decode --vqvae {vq} {px} --out /nonexistent/dir/x.png", "does not exist"),
 ]
 
 

@@ -228,7 +228,7 @@ def test_sample_priors_then_decode_the_saved_codes(pipeline, tmp_path):
     # Decoding the saved codes, with the VQ-VAE checkpoint or with the prior that embeds it, redraws the samples.
     for source in (pipeline.vqvae, pipeline.top):
         decoded = tmp_path / f"d_{source.parent.name}.png"
-        assert "decoded 2 code maps" in check_ok(run_cli("decode", source, codes, "--out", decoded,
+        assert "decoded 2 code maps" in check_ok(run_cli("decode", "--vqvae", source, codes, "--out", decoded,
                                                          "--device", "cpu")).output
         np.testing.assert_array_equal(png_array(decoded), sampled)
 

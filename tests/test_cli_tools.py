@@ -236,15 +236,14 @@ def test_out_dir_writes_one_png_per_sample_and_save_array_needs_no_grid(pixel_ck
     check_ok(run_cli("sample", pixel_ckpt, "--num", "1", "--top-k", "0", "--save-array", array, "--device", "cpu"))
 
 
-def test_decode_takes_the_vqvae_like_extract_codes_and_keeps_the_old_spelling(pipeline, tmp_path):
+def test_decode_takes_the_vqvae_like_extract_codes(pipeline, tmp_path):
     codes = tmp_path / "c.npz"
     check_ok(run_cli("sample", pipeline.top, "--bottom", pipeline.bottom, "--num", "2", "--class", "1",
                      "--save-codes", codes, "--out", tmp_path / "s.png", "--device", "cpu"))
-    new, old = tmp_path / "new.png", tmp_path / "old.png"
-    check_ok(run_cli("decode", "--vqvae", pipeline.vqvae, codes, "--out", new, "--device", "cpu"))
-    check_ok(run_cli("decode", pipeline.vqvae, codes, "--out", old, "--device", "cpu"))
-    np.testing.assert_array_equal(image_file(new)[1], image_file(old)[1])
-    np.testing.assert_array_equal(image_file(new)[1], image_file(tmp_path / "s.png")[1])
+    decoded = tmp_path / "decoded.png"
+    check_ok(run_cli("decode", "--vqvae", pipeline.vqvae, codes, "--out", decoded, "--device", "cpu"))
+    np.testing.assert_array_equal(image_file(decoded)[1], image_file(tmp_path / "s.png")[1])
+    assert run_cli("decode", pipeline.vqvae, codes, "--out", decoded).exit_code == 2  # --vqvae is required
 
 
 def test_extract_codes_creates_missing_parent_folders(pipeline, tmp_path):

@@ -92,19 +92,20 @@ def test_other_cpu_kernels_are_refused_with_the_capability_to_select(model_and_i
         decompress_images(model, data)
 
 
-def test_older_gpu_files_have_their_device_kind_checked_only(model_and_images, monkeypatch):
-    """CUDA files written before the GPU record ("torch V cuda constriction V"): refused on the CPU, tried on any
-    GPU (the data hash then decides); CPU files always held what the check needs."""
+def test_a_gpu_record_without_the_gpus_identity_is_refused(model_and_images, monkeypatch):
+    """A CUDA record that names no GPU model cannot show that this GPU computes the same probabilities: refused on
+    any GPU, as on the CPU."""
     model, x = model_and_images
     data = compress_images(model, x)[0]
-    old_cuda = with_environment(data, f"torch {torch.__version__} cuda constriction 0.4.1")
-    assert container.parse_environment(unpack(old_cuda).environment)["legacy"]
-    pretend(monkeypatch, dict(H200, gpu="Some_Other_GPU", cuda="11.8"))
-    assert torch.equal(decompress_images(model, old_cuda)[0], x)
+    unnamed = with_environment(data, f"torch {torch.__version__} cuda constriction 0.4.1")
+    assert "gpu" not in container.parse_environment(unpack(unnamed).environment)
+    pretend(monkeypatch, H200)
+    with pytest.raises(CompressedFileError, match="other GPU"):
+        decompress_images(model, unnamed)
     monkeypatch.undo()
     no_decoding(monkeypatch)
     with pytest.raises(CompressedFileError, match="compressed on CUDA"):
-        decompress_images(model, old_cuda)
+        decompress_images(model, unnamed)
 
 
 def test_a_long_gpu_name_keeps_the_record_readable(monkeypatch):

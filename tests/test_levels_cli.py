@@ -194,7 +194,7 @@ def test_guidance_names_the_unguided_levels(capsys):
         return SimpleNamespace(prior_info={"level": level, "levels": 3}, config=config)
 
     top, middle, bottom = prior("top", True), prior("middle", False), prior("bottom", True)
-    assert guided_levels(top, bottom, [middle]) == ["the top prior", "the bottom prior"]
+    assert guided_levels(bottom, [middle]) == ["the top prior", "the bottom prior"]
     guidance_checks(2.0, top, bottom, [middle])
     assert capsys.readouterr().err.strip() == ("--guidance 2 guides the top prior and the bottom prior only: the "
                                                "middle prior has no null class and is sampled given the class, "

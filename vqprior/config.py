@@ -6,15 +6,15 @@ typo or a checkpoint from an incompatible version fails loudly instead of silent
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
-from vqprior.errors import UserError
+from vqprior.errors import InputError
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # see vqprior.runtime.precision
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(InputError):
     """A configuration value is invalid or unknown (always a user error with a one-line message)."""
 
 
@@ -278,5 +278,4 @@ def model_config_from_preset(preset: str, **overrides: Any) -> ModelConfig:
 
 
 __all__ = ["PRECISIONS", "ConfigError", "ModelConfig", "TrainConfig", "DataConfig", "PRESETS", "PRESET_USES",
-           "DEFAULT_PRESET_USE", "VQVAE_PRESETS", "model_config_from_preset",
-           "replace", "field"]
+           "DEFAULT_PRESET_USE", "VQVAE_PRESETS", "model_config_from_preset"]

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqprior.errors import UserError
+from vqprior.errors import InputError, UserError
 from vqprior.io import atomic_write, current_umask
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
     """uint8 (B, C, H, W) with C in {1, 3} -> one uint8 (3, H', W') grid, ``nrow`` images per row."""
     if images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        raise InputError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
     images = images.cpu()
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
@@ -135,7 +135,7 @@ def save_animation(frames: list[torch.Tensor], path: str | os.PathLike, duration
     """Atomically write uint8 (3, H, W) frames as a looping animation (GIF, or animated PNG / WebP by the suffix;
     the last frame held for a second)."""
     if not frames:
-        raise ValueError("no frames to write")
+        raise InputError("no frames to write")
     fmt = image_format(path, animated=True)
     images = [_to_pil(f, scale) for f in frames]
     durations = [duration_ms] * (len(images) - 1) + [1000]

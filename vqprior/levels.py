@@ -7,13 +7,15 @@ Every level but the top one is modelled by a prior conditioned on the level dire
 """
 from __future__ import annotations
 
+from vqprior.errors import InputError
+
 MAX_LEVELS = 8  # codes sit bottom_stride * top_stride ** (levels - 1) pixels apart: 8 levels is already 512+
 
 
 def level_names(levels: int) -> tuple[str, ...]:
     """The names of a ``levels``-level hierarchy, coarsest first."""
     if not 1 <= int(levels) <= MAX_LEVELS:
-        raise ValueError(f"levels must be in [1, {MAX_LEVELS}], got {levels}")
+        raise InputError(f"levels must be in [1, {MAX_LEVELS}], got {levels}")
     if levels == 1:
         return ("top",)
     if levels == 3:

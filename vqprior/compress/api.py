@@ -17,6 +17,7 @@ import torch
 from vqprior.compress import container
 from vqprior.compress.coding import Decoder, Encoder, code_codes, code_labels, code_pixels, deterministic_coding
 from vqprior.compress.container import CompressedFileError, Header
+from vqprior.errors import InputError
 from vqprior.levels import MAX_LEVELS, level_names
 
 DEFAULT_CHUNK = 64
@@ -156,7 +157,7 @@ def compress_images(model, images: torch.Tensor, chunk: int = DEFAULT_CHUNK,
         raise CompressedFileError(f"the model codes {model.config.channels}-channel images, got "
                                   f"{images.shape[1]} channel(s)")
     if names is not None and len(names) != images.shape[0]:
-        raise ValueError("one name per image")
+        raise InputError("one name per image")
     images = images.cpu()
 
     def code_chunk(side, arrays, label):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vqprior.errors import UserError
+from vqprior.errors import InputError
 from vqprior.levels import MAX_LEVELS
 
 MAGIC = b"VQPZ"
@@ -45,7 +45,7 @@ _FIXED = struct.Struct("<4sBBIIHB")
 _LEVEL = struct.Struct("<32sHHH")
 
 
-class CompressedFileError(UserError, ValueError):
+class CompressedFileError(InputError):
     """A compressed file that cannot be decoded as asked (not ours, damaged, another model, ...)."""
 
 
@@ -115,7 +115,7 @@ def environment(device: torch.device) -> str:
 
 
 def parse_environment(text: str) -> dict | None:
-    """The record as a dict (``legacy: True`` for a GPU file without its GPU's identity), None when unreadable."""
+    """The record as a dict, None when unreadable."""
     words = text.split()
     if len(words) < 3 or words[0] != "torch":
         return None
@@ -126,7 +126,6 @@ def parse_environment(text: str) -> dict | None:
             record["cpu"] = kernels[0]
     else:
         record.update(w.split("=", 1) for w in kernels if "=" in w)
-        record["legacy"] = "gpu" not in record
     return record
 
 
@@ -146,15 +145,14 @@ def describe_environment(record: dict) -> str:
 
 def check_reproducible(recorded: str, device: torch.device, where: str = "the file") -> None:
     """Refuse, before decoding, a file whose probabilities this device cannot recompute exactly: another device
-    kind, or the same kind with other kernels (torch version; the CPU's capability; the GPU model, CUDA or cuDNN).
-    GPU files written before the GPU record have only their device kind checked (the data hash still guards)."""
+    kind, or the same kind with other kernels (torch version; the CPU's capability; the GPU model, CUDA or cuDNN)."""
     record, here = parse_environment(recorded), device_identity(device)
     if record is None:
         return
     differs = []
     if record["device"] != here["device"]:
         differs.append("device")
-    elif not record.get("legacy"):
+    else:
         differs = [_NAMES[k] for k in _KERNELS.get(here["device"], ("torch",)) if record.get(k) != here.get(k)]
     if not differs:
         return

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from vqprior.errors import InputError
+
 
 def bits_per_dim(total_nats: float, num_values: int) -> float:
     """Total NLL in nats over ``num_values`` modelled values (pixels x channels, or codes) -> bits per value."""
@@ -39,7 +41,7 @@ def evaluate_nll(model, loader, device="cpu", key: str = "image", condition_key:
         if limit and examples >= limit:
             break
     if examples == 0:
-        raise ValueError("nothing to evaluate: the split is empty")
+        raise InputError("nothing to evaluate: the split is empty")
     return {"nll_nats": total_nats, "values": values, "examples": examples,
             "bits_per_value": bits_per_dim(total_nats, values)}
 
@@ -53,7 +55,7 @@ class ClassMarginal:
     def __init__(self, model):
         self.num_classes = int(model.config.num_classes)
         if not self.num_classes:
-            raise ValueError("the model is not class-conditional: there are no classes to marginalise over")
+            raise InputError("the model is not class-conditional: there are no classes to marginalise over")
         self.model = model
 
     @torch.no_grad()

@@ -1,20 +1,17 @@
 """ELU, the only nonlinearity of PixelSNAIL's gated blocks, written so that no CPU pays for a slow ``expm1``.
 
 Why not ``F.elu``: on some CPUs its forward kernel's ``expm1`` path costs many times ``torch.exp`` of the same
-tensor (an AMD EPYC with torch 2.14.1 measured 4.4 ms against 0.5 ms for ``exp`` on (16, 64, 32, 32), 24-27% of a
-``small`` training step); on others (the Zen 5 EPYC of docs/benchmarks.md) both cost about the same. This version
-uses ``exp`` on the negative part only, ``elu(x) = max(x, exp(min(x, 0)) - 1)`` (exact because exp(t) - 1 >= t
-for every t, with equality only at 0; the negative part is floored at ``LOW``, below), four passes in place on
-one fresh tensor: on the Zen 5 EPYC it costs what ``F.elu`` costs (239 vs 231 us on (8, 64, 32, 32)), and it
-avoids the slow case.
+tensor, a large share of a training step (docs/benchmarks.md, "Training step"). This version uses ``exp`` on the
+negative part only, ``elu(x) = max(x, exp(min(x, 0)) - 1)`` (exact because exp(t) - 1 >= t for every t, with
+equality only at 0; the negative part is floored at ``LOW``, below), four passes in place on one fresh tensor: where
+``expm1`` is fast it costs what ``F.elu`` costs, and it avoids the slow case.
 
 The backward is computed from the output, as PyTorch's own ``elu_backward(..., is_result=True)`` does
 (d elu / dx = 1 for x > 0, elu(x) + 1 otherwise), so the input is not kept for the backward pass.
 
 Where: on CPU tensors of at least ``SMALL`` elements. Below that (the cached sampler's one-position rows, a few
-thousand elements) the cost is dispatch, not arithmetic: one ``F.elu`` call beats four ops and an autograd node (the
-cached sampler of ``small`` took 0.80 s per batch of 16 through the four-op form, 0.63 s with ``F.elu``, the speed
-it had before). On a GPU ``F.elu`` is one fused elementwise kernel and this form would be four, so ``elu`` calls
+thousand elements) the cost is dispatch, not arithmetic: one ``F.elu`` call beats four ops and an autograd node. On a
+GPU ``F.elu`` is one fused elementwise kernel and this form would be four, so ``elu`` calls
 ``F.elu`` for tensors on any other device, and under ``torch.compile`` (which generates its own fused kernel).
 
 Values: equal to ``F.elu`` to float32 rounding of ``exp(x) - 1`` (absolute error below 1e-7; tests check values
@@ -27,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 SMALL = 1 << 16  # elements; smaller tensors go to F.elu (see the module docstring)
-# exp's floor: below about -87.3 float32 exp returns subnormals or 0, and the CPU kernel then took 40-100x its usual
-# time (an Intel Xeon, torch 2.14.1: 44 ms against 0.4 ms for (8, 256, 32, 32)). An un-initialised paper-cifar10 fed
-# ELU such inputs (1.9 s of a 16 s step); data-initialised and trained models were not seen to, so this is a guard.
+# exp's floor: below about -87.3 float32 exp returns subnormals or 0, which some CPU kernels compute many times more
+# slowly (docs/benchmarks.md). A guard: trained models do not feed ELU such inputs, un-initialised wide ones can.
 # exp(-80) - 1 rounds to -1 in float32 and float64, as exp(x) - 1 does for every x below it: no value changes.
 LOW = -80.0
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqprior.errors import InputError
 from vqprior.models.activation import elu
 
 
@@ -27,9 +28,8 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     """A 1x1 convolution of a contiguous (NCHW) map as one batched matmul: weight (O, C) times each image's (C, H*W).
 
     The same arithmetic as ``F.conv2d`` (up to float summation order). Why, on the CPU: oneDNN runs small-channel
-    1x1 convolutions in NCHW below its matmul speed (the gated 1x1 blocks of ``small``'s attention, 64-138 channels:
-    22 against 27 ms forward per step, the whole training step about 6% faster, on an AVX2 EPYC). Channels-last
-    maps keep ``F.conv2d``, whose 1x1 case is already one matmul over (B*H*W, C).
+    1x1 convolutions in NCHW below its matmul speed (the gated 1x1 blocks around attention; docs/benchmarks.md).
+    Channels-last maps keep ``F.conv2d``, whose 1x1 case is already one matmul over (B*H*W, C).
     """
     B, C, H, W = x.shape
     w = weight.flatten(1).expand(B, -1, -1)
@@ -74,9 +74,8 @@ def drop_mask(shape, p: float, device=None, kept: bool = False) -> torch.Tensor:
 
     On the CPU from 32 random bits per element: one ``random_`` call fills an int64 with 64 uniform bits, read as two
     int32, each compared with a threshold, so the rate is ``p`` rounded to a multiple of 2^-32 (``torch.rand < p``
-    rounds it to 2^-24). Why: the CPU generator costs the same per call whatever it returns, and ``torch.rand(n) < p``
-    spent 3.8 ms on (8, 64, 32, 32) against 1.6 ms this way (an AVX2 EPYC, 2 threads), 7% of a ``small`` training
-    step with dropout. Elsewhere (GPUs, and under ``torch.compile``, which fuses it) the plain ``torch.rand < p``.
+    rounds it to 2^-24). Why: the CPU generator costs the same per call whatever it returns, so half the calls of
+    ``torch.rand(n) < p`` halve the mask's cost, a visible share of a training step with dropout. Elsewhere (GPUs, and under ``torch.compile``, which fuses it) the plain ``torch.rand < p``.
     """
     compare = torch.ge if kept else torch.lt  # kept: not below the threshold, the same draw's complement
     if torch.device(device or "cpu").type != "cpu" or torch.compiler.is_compiling():
@@ -93,14 +92,14 @@ class Dropout(nn.Module):
     """Inverted dropout: each element is zeroed independently with probability ``p``, survivors scaled by 1/(1-p).
 
     The same distribution as ``nn.Dropout``, but the mask comes from ``drop_mask`` (above), never from
-    ``aten::bernoulli_``: on CPU that costs ~4x ``torch.rand`` of the same size (26 vs 6 ms for (8, 256, 32, 32)) and
-    was the largest single item of a paper-cifar10 training step's profile.
+    ``aten::bernoulli_``, which on the CPU costs several times ``torch.rand`` of the same size and tops the profile
+    of a wide model's training step (docs/benchmarks.md).
     """
 
     def __init__(self, p: float):
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+            raise InputError(f"dropout rate must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,10 +195,10 @@ class _Gate(torch.autograd.Function):
 def gate(h: torch.Tensor) -> torch.Tensor:
     """The gated blocks' output a * sigmoid(b) for [a, b] = h.chunk(2, 1), keeping only h for the backward pass
     (``a * torch.sigmoid(b)`` also kept sigmoid(b): a third more memory per gated block). ``F.glu`` is that op, but
-    on channels-last maps its CPU kernel took 3x as long as the two-op form (33 vs 11 ms forward and backward for
-    (8, 512, 32, 32), an AVX2 EPYC), so those go through ``_Gate``, the same arithmetic in layout-preserving ops.
-    Not under ``torch.compile``: inductor fuses ``F.glu`` and chooses what to keep itself, and torch 2.13's dynamo
-    broke the graph on ``_Gate``'s ``out=`` into a channels-last view (every wide model's blocks then ran eagerly)."""
+    on channels-last maps its CPU kernel is several times slower than the two-op form, so those go through
+    ``_Gate``, the same arithmetic in layout-preserving ops. Not under ``torch.compile``: inductor fuses ``F.glu`` and
+    chooses what to keep itself, and some torch versions' dynamo break the graph on ``_Gate``'s ``out=`` into a
+    channels-last view (the blocks would then run eagerly)."""
     return F.glu(h, 1) if h.is_contiguous() or torch.compiler.is_compiling() else _Gate.apply(h)
 
 
@@ -249,11 +248,11 @@ class GatedResBlock(nn.Module):
         out = 0.0
         if self.class_embedding is not None:
             if label is None:
-                raise ValueError("this model is class-conditional: a label is required")
+                raise InputError("this model is class-conditional: a label is required")
             out = out + self.class_embedding(label)[:, :, None, None]
         if self.cond is not None:
             if cond is None:
-                raise ValueError("this model is conditioned on a code map: condition codes are required")
+                raise InputError("this model is conditioned on a code map: condition codes are required")
             out = out + self.cond(cond)
         return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from vqprior.config import ModelConfig
-from vqprior.errors import UserError
+from vqprior.errors import InputError, UserError
 
 EMBEDDING_SUFFIX = "class_embedding.weight"  # the per-block class biases of layers.GatedResBlock
 
@@ -32,7 +32,7 @@ def drop_labels(label: torch.Tensor | None, config: ModelConfig, probability: fl
     if label is None or not probability:
         return label
     if not config.null_class:
-        raise ValueError("class dropout needs a model with a null class (ModelConfig.null_class)")
+        raise InputError("class dropout needs a model with a null class (ModelConfig.null_class)")
     drop = torch.rand(label.shape, device=label.device) < probability
     return torch.where(drop, torch.full_like(label, config.num_classes), label)
 
@@ -47,11 +47,11 @@ def add_null_class(weights: dict[str, torch.Tensor], config: ModelConfig) -> dic
     the trained network never received.
     """
     if config.null_class or not config.num_classes:
-        raise ValueError("add_null_class takes the weights of a class-conditional model without a null class")
+        raise InputError("add_null_class takes the weights of a class-conditional model without a null class")
     out = dict(weights)
     for name, w in weights.items():
         if name.endswith(EMBEDDING_SUFFIX):
             if w.shape[0] != config.num_classes:
-                raise ValueError(f"{name} has {w.shape[0]} rows, expected {config.num_classes}")
+                raise InputError(f"{name} has {w.shape[0]} rows, expected {config.num_classes}")
             out[name] = torch.cat([w, w.mean(0, keepdim=True)], 0)
     return out

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vqprior.config import ModelConfig
+from vqprior.errors import InputError
 from vqprior.models.activation import elu
 from vqprior.models.attention import CausalSelfAttention, background
 from vqprior.models.distributions import uint8_to_unit
@@ -107,31 +108,31 @@ class PixelSNAIL(nn.Module):
         c = self.config
         if c.head == "pixels":
             if x.dim() != 4 or x.shape[1] != c.channels:
-                raise ValueError(f"expected images of shape (B, {c.channels}, H, W), got {tuple(x.shape)}")
+                raise InputError(f"expected images of shape (B, {c.channels}, H, W), got {tuple(x.shape)}")
         else:
             if x.dim() != 3:
-                raise ValueError(f"expected codes of shape (B, H, W), got {tuple(x.shape)}")
+                raise InputError(f"expected codes of shape (B, H, W), got {tuple(x.shape)}")
             if x.dtype.is_floating_point:
-                raise ValueError("codes must be an integer tensor")
+                raise InputError("codes must be an integer tensor")
             if x.numel() and (x.min() < 0 or x.max() >= c.num_codes):
-                raise ValueError(f"codes outside the codebook: values must be in [0, {c.num_codes - 1}], "
+                raise InputError(f"codes outside the codebook: values must be in [0, {c.num_codes - 1}], "
                                  f"got [{int(x.min())}, {int(x.max())}]")
         if c.num_classes:
             if label is None:
-                raise ValueError("this model is class-conditional: pass a label")
+                raise InputError("this model is class-conditional: pass a label")
             label = torch.as_tensor(label)
             if label.numel() and (label.min() < 0 or label.max() >= c.class_rows):
                 null = f" or the null class {c.num_classes}" if c.null_class else ""
-                raise ValueError(f"label outside [0, {c.num_classes - 1}]{null}")
+                raise InputError(f"label outside [0, {c.num_classes - 1}]{null}")
         if c.cond_num_codes:
             if condition is None:
-                raise ValueError("this is a bottom (or middle) prior conditioned on top codes (the codes of the level "
+                raise InputError("this is a bottom (or middle) prior conditioned on top codes (the codes of the level "
                                  "above): pass them")
             if condition.dim() != 3 or tuple(condition.shape[1:]) != (c.cond_height, c.cond_width):
-                raise ValueError(f"top codes must have shape (B, {c.cond_height}, {c.cond_width}), "
+                raise InputError(f"top codes must have shape (B, {c.cond_height}, {c.cond_width}), "
                                  f"got {tuple(condition.shape)}")
             if condition.min() < 0 or condition.max() >= c.cond_num_codes:
-                raise ValueError(f"top codes outside the codebook [0, {c.cond_num_codes - 1}]")
+                raise InputError(f"top codes outside the codebook [0, {c.cond_num_codes - 1}]")
 
     def embed_input(self, x: torch.Tensor) -> torch.Tensor:
         """The raw input map (B, Cr, H, W): pixels scaled to [-1, 1] (uint8 or already-scaled float), or code
@@ -149,11 +150,10 @@ class PixelSNAIL(nn.Module):
         return self.condition(condition, size)
 
     def memory_format(self) -> torch.memory_format:
-        """Speed: wide models run with channels-last (NHWC) activations. oneDNN's 2x2 convolution from 256 to 512
-        channels takes 149 ms forward+backward in NHWC against 342 ms in NCHW on CPU (batch 8, 32x32), and a
-        paper-cifar10 fp32 step 39.5 s against 45.8 s; at 64 filters the layout copies around attention cost more
-        than the convolutions gain (0.55 vs 0.49 s per `small` step), so narrow models stay NCHW. Every op of the
-        forward pass keeps the layout it is given; only the summation order inside the convolutions differs."""
+        """Speed: wide models run with channels-last (NHWC) activations, where oneDNN's wide 2x2 convolutions run
+        about twice as fast on the CPU; at 64 filters the layout copies around attention cost more than the
+        convolutions gain, so narrow models stay NCHW (docs/benchmarks.md). Every op of the forward pass keeps the
+        layout it is given; only the summation order inside the convolutions differs."""
         return torch.channels_last if self.config.filters >= 128 else torch.contiguous_format
 
     def stem_features(self, raw: torch.Tensor) -> torch.Tensor:
@@ -194,10 +194,6 @@ class PixelSNAIL(nn.Module):
         if params.dtype != torch.float64:
             params = params.float()  # the likelihood itself in fp32 even under bf16 autocast
         return self.head.log_prob(params, x)
-
-    def dims_per_example(self, x: torch.Tensor) -> int:
-        """Number of modelled values per example: C*H*W for pixels (bits/dim), H*W for codes (bits/code)."""
-        return int(x[0].numel())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

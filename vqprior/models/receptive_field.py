@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from vqprior.config import replace
+from vqprior.errors import InputError
 from vqprior.models.pixelsnail import PixelSNAIL
 
 # Colours (RGB) that the heat ramp (black -> red -> yellow -> white) never produces.
@@ -60,7 +60,7 @@ def compute_receptive_field(model: PixelSNAIL, position: tuple[int, int], height
     H, W = height or c.height, width or c.width
     r, col = position
     if not (0 <= r < H and 0 <= col < W):
-        raise ValueError(f"position ({r}, {col}) is outside the {H}x{W} map")
+        raise InputError(f"position ({r}, {col}) is outside the {H}x{W} map")
     net = copy_model_float64(model)
     with torch.no_grad():
         if c.head == "pixels":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqprior.config import VQVAE_PRESETS, ConfigError, _strict_from_dict  # VQVAE_PRESETS re-exported
-from vqprior.errors import UserError
+from vqprior.errors import InputError
 from vqprior.levels import MAX_LEVELS, level_names
 from vqprior.models.distributions import uint8_to_unit, unit_to_uint8
 from vqprior.models.quantizer import VectorQuantizer
@@ -31,7 +31,7 @@ from vqprior.models.quantizer import VectorQuantizer
 LEVEL_NAMES = {n: level_names(n) for n in range(1, MAX_LEVELS + 1)}  # {1: ("top",), 2: ("top", "bottom"), ...}
 
 
-class VQVAEInputError(UserError, ValueError):
+class VQVAEInputError(InputError):
     """Images or codes that do not fit the VQ-VAE (a one-line message)."""
 
 

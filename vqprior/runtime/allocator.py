@@ -4,27 +4,24 @@ with activation checkpointing) give it back at once.
 Why: a training step on the CPU allocates and frees the same large activation tensors every step. glibc's malloc
 serves blocks above ``M_MMAP_THRESHOLD`` (128 KiB at start, raised dynamically) with fresh ``mmap`` and gives the
 top of the heap back above ``M_TRIM_THRESHOLD``; either way the next step touches new pages and the kernel zero-fills
-them one page fault at a time. A profile of a ``small`` PixelSNAIL step (docs/benchmarks.md) put a large share of
-the step in those faults, spread over whichever op touched the memory first (1x1 convolutions looked 2x slower than
-the same matmul, only because they ran first on fresh output buffers).
+them one page fault at a time: a profile of a training step (docs/benchmarks.md) puts a large share of it in those
+faults, spread over whichever op touches the memory first.
 
 ``retain_freed_memory()`` sets, through ``mallopt``, a fixed mmap threshold at glibc's maximum (32 MiB on 64-bit:
 smaller blocks come from the heap and are reused) and a trim threshold and top pad large enough that freed heap
 memory stays mapped. The process then keeps its peak heap (it does not return freed memory to the system until it
-exits), which is the right trade for a training or sampling process and is why this is called by the commands that
-run one (``vqprior.training.loop.train``, the CLI) and never at import. Where the C library is not glibc (musl, macOS,
+exits), which is the right trade for a training or sampling process and is why the CLI's entry point calls it (a
+command is a process that runs one job) and the library never does. Where the C library is not glibc (musl, macOS,
 Windows) it does nothing. A user's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_``
 environment settings, or a preloaded allocator (tcmalloc, jemalloc), take precedence: then nothing is changed.
 
 ``return_freed_memory()`` is the opposite trade, for training with ``--checkpoint-activations`` (memory before
 speed): a fixed mmap threshold of 1 MiB, so every activation-sized block is mapped when allocated and unmapped when
 freed, and glibc's default trim threshold and top pad. The process's resident memory then follows its live
-tensors. Kept in the heap instead, blocks freed in the middle of it stay resident (glibc can only give back the top):
-the checkpointed 89M-parameter bottom prior of docs/vqvae2-256.md, before its other memory savings, peaked 438 MB
-higher per image of the batch with glibc's defaults and 205 MB higher with a 1 MiB threshold, for the same tensors.
-The price is the page faults ``retain_freed_memory`` avoids, small next to a step of a model that needs the option.
-Calling one after the other switches (``train`` does, after the CLI's ``retain_freed_memory``); blocks already in
-the heap stay there.
+tensors. Kept in the heap instead, blocks freed in the middle of it stay resident (glibc can only give back the top),
+and a checkpointed large prior's peak grows by hundreds of MB per image of the batch. The price is the page faults
+``retain_freed_memory`` avoids, small next to a step of a model that needs the option. Calling one after the other
+switches (the train commands do, after the CLI's ``retain_freed_memory``); blocks already in the heap stay there.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from vqprior.errors import InputError
 from vqprior.models.activation import elu
 from vqprior.models.attention import background
 from vqprior.models.distributions import uint8_to_unit
@@ -50,7 +51,7 @@ class CachedSampler:
                  condition: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
                  static: bool = False):
         if model.training:
-            raise ValueError("cached sampling needs the model in eval mode (call model.eval())")
+            raise InputError("cached sampling needs the model in eval mode (call model.eval())")
         c = model.config
         self.model, self.batch, self.static = model, batch_size, static
         self.height, self.width = height or c.height, width or c.width
@@ -106,14 +107,14 @@ class CachedSampler:
             bias = conv2.bias.detach().expand(B, -1)
             if g.class_embedding is not None:
                 if label is None:
-                    raise ValueError("this model is class-conditional: a label is required")
+                    raise InputError("this model is class-conditional: a label is required")
                 bias = bias + g.class_embedding.weight.detach()[label]
             static.append(bias)
         static = torch.stack(static, 1)
         self.cond_rows = None
         if model.condition is not None:
             if condition is None:
-                raise ValueError("this model is conditioned on a code map: condition codes are required")
+                raise InputError("this model is conditioned on a code map: condition codes are required")
             feats = model.condition_features(condition, (H, W))  # (B, cond_channels, H, W)
             self.cond_rows = feats.flatten(2).transpose(1, 2).contiguous()  # (B, L, cond_channels)
             self.cond_w = torch.cat([conv_matrix(g.cond) for g in gated], 1)  # (cond_channels, G * 2F)
@@ -277,9 +278,6 @@ class CachedSampler:
                 if attn is not None:
                     attn.fill(captured[blk.attn.kv_proj], start)
         self.position = start
-
-
-# ---- the sampling loop ----------------------------------------------------------------------------------------------
 
 
 __all__ = ["CachedSampler"]

@@ -188,7 +188,7 @@ def prior_chain(model, bottom=None, middle=()) -> list:
     return [model, *(by_level[name] for name in names[1:-1]), *([bottom] if bottom is not None else [])]
 
 
-def guided_levels(model, bottom=None, middle=()) -> list[str]:
+def guided_levels(bottom=None, middle=()) -> list[str]:
     """The models ``--guidance`` guides: the one sampled (it must have a null class), and each lower prior that has
     one too (a lower prior without one is sampled unguided, given the class as before)."""
     if bottom is None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from vqprior.errors import UserError
+from vqprior.errors import InputError
 from vqprior.sampling.cached import CachedSampler
 from vqprior.sampling.guidance import Guidance, Unguided, check_guidance
 
 METHODS = ("cached", "naive")
 
 
-class SamplingError(UserError, ValueError):
+class SamplingError(InputError):
     """Bad arguments to a sampler (a user error with a one-line message)."""
 
 

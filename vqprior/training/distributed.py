@@ -12,15 +12,13 @@ instead of leaving the others waiting forever (NCCL's watchdog and gloo both enf
 from __future__ import annotations
 
 import atexit
-import contextlib
 import inspect
 import os
 from datetime import timedelta
-from typing import Iterator
 
 import torch
 
-from vqprior.errors import UserError
+from vqprior.errors import InputError, UserError
 
 DEFAULT_TIMEOUT_MINUTES = 30.0  # room for rank 0's grid and checkpoint of a big model; PyTorch's NCCL default is 10
 
@@ -45,11 +43,6 @@ def get_world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size()
-
-
-def is_main() -> bool:
-    """True on rank 0 (and in a single-process run): the one process that writes files and prints."""
-    return get_rank() == 0
 
 
 def world_size_from_env() -> int:
@@ -100,15 +93,6 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def distributed_session(device: torch.device | str) -> Iterator[tuple[int, int, torch.device]]:
-    """``init_distributed`` for the body of a command, leaving the group on the way out (also on errors)."""
-    try:
-        yield init_distributed(device)
-    finally:
-        cleanup()
-
-
 def barrier() -> None:
     if _group_ready():
         import torch.distributed as dist
@@ -138,7 +122,7 @@ def reduce_weighted_means(metrics: dict[str, float], count: int, device: torch.d
     buf = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
     total = float(buf[-1])
     if total <= 0:
-        raise ValueError("nothing to evaluate: the split is empty")
+        raise InputError("nothing to evaluate: the split is empty")
     return {k: float(buf[i]) / total for i, k in enumerate(keys)}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from vqprior.config import DataConfig
+from vqprior.errors import InputError
 from vqprior.evaluation.metrics import psnr_from_mse
 from vqprior.models.quantizer import code_perplexity, counts_to_usage
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
@@ -62,7 +63,7 @@ class VQVAETask:
             for i, codes in enumerate(out["codes"]):
                 counts[i] += torch.bincount(codes.reshape(-1), minlength=K)
         if values == 0:
-            raise ValueError("nothing to evaluate: the split is empty")
+            raise InputError("nothing to evaluate: the split is empty")
         mse = sq_err / values
         result = {"mse": mse, "psnr": psnr_from_mse(mse)}
         for name, c in zip(vq.level_names, counts):
