@@ -75,7 +75,8 @@ def drop_mask(shape, p: float, device=None, kept: bool = False) -> torch.Tensor:
     On the CPU from 32 random bits per element: one ``random_`` call fills an int64 with 64 uniform bits, read as two
     int32, each compared with a threshold, so the rate is ``p`` rounded to a multiple of 2^-32 (``torch.rand < p``
     rounds it to 2^-24). Why: the CPU generator costs the same per call whatever it returns, so half the calls of
-    ``torch.rand(n) < p`` halve the mask's cost, a visible share of a training step with dropout. Elsewhere (GPUs, and under ``torch.compile``, which fuses it) the plain ``torch.rand < p``.
+    ``torch.rand(n) < p`` halve the mask's cost, a visible share of a training step with dropout. Elsewhere (GPUs, and
+    under ``torch.compile``, which fuses it) the plain ``torch.rand < p``.
     """
     compare = torch.ge if kept else torch.lt  # kept: not below the threshold, the same draw's complement
     if torch.device(device or "cpu").type != "cpu" or torch.compiler.is_compiling():
