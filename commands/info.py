@@ -21,6 +21,13 @@ VQVAE_PRESET_FIELDS = ("levels", "codebook_size", "embed_dim", "hidden", "res_bl
                        "top_stride", "decay", "commitment")
 
 
+def _training(train: dict) -> dict:
+    """The stored training config, with the effective batch (micro-batch x accumulation) spelled out."""
+    if not train:
+        return train
+    return {**train, "effective_batch": int(train.get("batch_size", 0)) * int(train.get("grad_accum", 1))}
+
+
 def _fields_text(values: dict, indent: str = "  ") -> str:
     """``{a: 1, b: 2}`` -> wrapped ``a=1, b=2`` lines (floats shortest-exact, so what is printed can be typed back)."""
     text = ", ".join(f"{k}={v}" for k, v in values.items()) or "(none)"
@@ -40,7 +47,7 @@ def describe_checkpoint(data: dict) -> dict:
              else "training checkpoint (model, EMA weights, optimizer and RNG state: --resume continues it)",
              "storage_dtype": data.get("storage_dtype", "float32"),
              "vqprior_version": data.get("vqprior_version", ""), "format_version": data["format_version"],
-             "architecture": config.get("model", {}), "training": config.get("train", {}),
+             "architecture": config.get("model", {}), "training": _training(config.get("train", {})),
              "data": config.get("data", {}), "metrics": dict(data.get("metrics", {}))}
     if data["kind"] == "vqvae":
         facts["levels"] = _levels(model)

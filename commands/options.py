@@ -47,7 +47,12 @@ def train_options(fn=None, **defaults):
     opts = [
         click.option("--steps", type=click.IntRange(min=1), default=d.steps, show_default=True,
                      help="Total optimisation steps (with --resume: the new total)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
+                     help="Images (code maps) per micro-batch, over all processes of a torchrun run."),
+        click.option("--grad-accum", type=click.IntRange(min=1), default=d.grad_accum, show_default=True,
+                     metavar="N",
+                     help="Sum the gradients of N micro-batches before each step: the effective batch is N x "
+                          "--batch-size at the memory of one micro-batch (no all-reduce on the N-1 inner ones)."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=d.lr, show_default=True,
                      help="Adam learning rate."),
         click.option("--lr-decay", type=click.FloatRange(0, 1), default=d.lr_decay, show_default=True,
@@ -106,9 +111,9 @@ def train_options(fn=None, **defaults):
     return fn
 
 
-TRAIN_FIELDS = ("steps", "batch_size", "lr", "lr_decay", "cooldown_steps", "ema", "grad_clip", "eval_every",
-                "sample_every", "checkpoint_every", "eval_limit", "num_samples", "seed", "precision", "compile",
-                "checkpoint_activations", "time_limit")
+TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "lr", "lr_decay", "cooldown_steps", "ema", "grad_clip",
+                "eval_every", "sample_every", "checkpoint_every", "eval_limit", "num_samples", "seed", "precision",
+                "compile", "checkpoint_activations", "time_limit")
 
 
 def train_config_from_options(ctx: click.Context, kwargs: dict, checkpoint: dict | None, device) -> TrainConfig:

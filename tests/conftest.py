@@ -96,7 +96,7 @@ def tiny_pixel_task(**overrides):
     from vqprior.config import DataConfig
     from vqprior.training.pixel_task import PixelTask
 
-    cfg = model_config_from_preset("tiny", height=8, width=8, dropout=0.2, **overrides)
+    cfg = model_config_from_preset("tiny", **{"height": 8, "width": 8, "dropout": 0.2, **overrides})
     return PixelTask(cfg, DataConfig(dataset="synthetic"))
 
 

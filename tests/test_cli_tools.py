@@ -46,7 +46,9 @@ def test_info_describes_a_training_checkpoint_and_its_export(pixel_ckpt, tmp_pat
     facts = json.loads(check_ok(run_cli("info", pixel_ckpt, "--json")).output)
     n_params = sum(p.numel() for p in __import__("vqprior").load_model(pixel_ckpt).parameters())
     assert (facts["kind"], facts["step"], facts["parameters"]) == ("pixels", 2, n_params)
-    assert facts["architecture"] == data["config"]["model"] and facts["training"] == data["config"]["train"]
+    train = data["config"]["train"]
+    assert facts["architecture"] == data["config"]["model"]
+    assert facts["training"] == {**train, "effective_batch": train["batch_size"] * train["grad_accum"]}
     assert facts["data"] == data["config"]["data"] and facts["metrics"] == pytest.approx(data["metrics"])
     assert "training checkpoint" in facts["file"] and facts["storage_dtype"] == "float32"
     text = check_ok(run_cli("info", pixel_ckpt)).output

@@ -115,7 +115,8 @@ class TrainConfig:
     """The optimisation loop (docs/design.md section 3: Adam(0.95, 0.9995), lr decay per step, Polyak EMA)."""
 
     steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 8  # images (or code maps) per micro-batch; a step sees batch_size * grad_accum
+    grad_accum: int = 1  # micro-batches whose gradients are summed before each optimizer step
     lr: float = 1e-3
     lr_decay: float = 0.999998  # multiplied into the learning rate every step
     beta1: float = 0.95
@@ -137,8 +138,8 @@ class TrainConfig:
     cooldown_steps: int = 0  # the last N steps before `steps` take the learning rate linearly down to 0; 0 = off
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "sample_every", "checkpoint_every", "num_samples",
-                     "max_bad_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "sample_every", "checkpoint_every",
+                     "num_samples", "max_bad_steps"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -151,6 +152,11 @@ class TrainConfig:
             raise ConfigError(f"cooldown-steps must be between 0 and steps ({self.steps}), got {self.cooldown_steps}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be fp32, tf32, bf16 or fp16, got {self.precision!r}")
+
+    @property
+    def effective_batch(self) -> int:
+        """Images (or code maps) per optimizer step: ``batch_size`` times ``grad_accum``."""
+        return self.batch_size * self.grad_accum
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based): ``lr * lr_decay**step``, and over the last ``cooldown_steps``

@@ -1,15 +1,17 @@
 """Training-speed switches, kept out of the loop (vqprior.training.loop) so the plain path stays readable:
-``torch.compile`` of the training model, the optimizer's fused kernel, and the gradient norm that the non-finite guard
-and clipping share. None of them changes the objective; each was chosen from a profile (bench/train_speed.py,
-docs/benchmarks.md "Training step").
+``torch.compile`` of the training model, the optimizer's fused kernel, gradient accumulation over micro-batches, and
+the gradient norm that the non-finite guard and clipping share. None of them changes the objective; the speed
+switches were chosen from a profile (bench/train_speed.py, docs/benchmarks.md "Training step").
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
 from vqprior.runtime.compiler import check_compiler
+from vqprior.runtime.precision import autocast
 
 
 def compile_model(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -26,6 +28,25 @@ def make_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float]
     device_type = next(model.parameters()).device.type
     fused = device_type in ("cpu", "cuda")
     return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=fused)
+
+
+def accumulate_gradients(task, model, batch: dict[str, torch.Tensor], config, scaler, ddp=None):
+    """Forward and backward over ``config.grad_accum`` equal micro-batches of ``batch``, their gradients summed (each
+    micro-batch's mean loss divided by their number: the gradient of the whole batch's mean loss, at the activation
+    memory of one micro-batch). Under DistributedDataParallel (``ddp``) the gradients are all-reduced once, with the
+    last micro-batch. Returns the summed loss and the mean of each metric, on the device."""
+    n = config.grad_accum
+    micro = [dict(zip(batch, parts)) for parts in zip(*(v.tensor_split(n) for v in batch.values()))]
+    device = next(iter(batch.values())).device
+    loss_sum, totals = 0.0, {}
+    for i, part in enumerate(micro):
+        with ddp.no_sync() if ddp is not None and i < n - 1 else contextlib.nullcontext():
+            with autocast(device, config.precision):
+                loss, metrics = task.loss(model, part)
+            scaler.scale(loss / n).backward()
+        loss_sum = loss_sum + loss.detach()
+        totals = {k: totals.get(k, 0) + v for k, v in metrics.items()}
+    return loss_sum, {k: v / n for k, v in totals.items()}
 
 
 def clip_and_measure(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

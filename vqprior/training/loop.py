@@ -13,51 +13,53 @@ What is trained is described by a *task* object (``PixelTask``, ``PriorTask``, `
     extra_checkpoint() -> dict                  e.g. {"vqvae": {...}} for priors
 
 Resume is exact: the batch order is a pure function of (seed, step), the learning rate of the step, and the RNG
-state is saved with the model, optimizer and EMA, so a resumed run equals an uninterrupted one.
+state is saved with the model, optimizer and EMA. A step's batch is ``batch_size * grad_accum`` images, run as
+``grad_accum`` micro-batches whose gradients are summed (``acceleration.accumulate_gradients``).
 
-Distributed (a process group initialised by ``vqprior.training.distributed.init_distributed``): every rank builds the
-same model and runs the data-dependent init on the same full global batch 0; rank r trains on ``global_batch[r::N]`` and
-DDP averages the gradients, so N processes train the model one process would with the same global batch. Rank 0
-alone writes checkpoints, metrics and PNGs; eval runs on rank shards of the held-out set and is reduced; the stop
-flag, the time limit and the non-finite check are agreed by an all-reduce each step so every rank leaves the loop at
-the same step. Codebooks (VQ-VAE buffers) are kept identical by the quantizer's own all-reduce and broadcasts, so
-DDP does not re-broadcast buffers every step.
+Distributed (torchrun; ``distributed.init_distributed``): every rank builds the same model and runs the data-dependent
+init on the same global batch 0; rank r trains on ``global_batch[r::N]`` and DDP averages the gradients, so N
+processes train the model one process would. Rank 0 alone writes files; eval runs on rank shards and is reduced; the
+stop flag, time limit and non-finite check are agreed by one all-reduce per step. VQ-VAE codebooks are kept identical
+by the quantizer's own collectives, so DDP does not re-broadcast buffers.
 
-Host syncs: a single-process step reads nothing back from the device between logging steps (vqprior.training.
-step_guard keeps metrics, guard and counters there); a distributed step reads its all-reduced flags once.
+Host syncs: a single-process step reads nothing back from the device between logging steps (``step_guard`` keeps
+metrics, guard and counters there); a distributed step reads its all-reduced flags once.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from vqprior.checkpoint import save_checkpoint
 from vqprior.config import TrainConfig
 from vqprior.errors import UserError
-from vqprior.images import make_grid, save_grid
 from vqprior.runtime.determinism import autotuned_convolutions
 from vqprior.runtime.device import pin_memory
-from vqprior.runtime.precision import autocast, grad_scaler, precision_policy
+from vqprior.runtime.precision import grad_scaler, precision_policy
 from vqprior.training import distributed
-from vqprior.training.acceleration import StepTimer, Throughput, clip_and_measure, compile_model, make_optimizer
+from vqprior.training.acceleration import (
+    StepTimer,
+    Throughput,
+    accumulate_gradients,
+    clip_and_measure,
+    compile_model,
+    make_optimizer,
+)
+from vqprior.training.outputs import RunOutputs, StepResult
 from vqprior.training.run_state import (
     CHECKPOINT_NAME,
     EMA,
     StepBatchSampler,
     StopFlag,
-    append_jsonl,
-    rng_state,
     set_rng_state,
     to_device,
     truncate_metrics,
 )
-from vqprior.training.step_guard import NonFiniteGuard, read_values, step_unless
+from vqprior.training.step_guard import NonFiniteGuard, step_unless
 
 log = logging.getLogger(__name__)
 
@@ -87,27 +89,20 @@ def train(task, train_set, val_set, config: TrainConfig, out_dir: str | os.PathL
         return run.finish(status, step)
 
 
-@dataclass
-class _StepResult:
-    stop: bool  # SIGINT/SIGTERM received (on any rank)
-    time_up: bool  # --time-limit reached before this step (on any rank)
-    items: int  # images or code maps in the global batch
-    lr: float
-    metrics: dict[str, torch.Tensor]  # 0-d device tensors, read at logging steps only
-
-
-class TrainingRun:
+class TrainingRun(RunOutputs):
     """One process's part of a training run: the model, its EMA and eval copies, the optimizer, the loaders, the
-    step timer and what it writes (checkpoint, metrics.jsonl, grids, TensorBoard). ``train`` drives it."""
+    step timer and what it writes (``RunOutputs``: checkpoint, metrics.jsonl, grids, TensorBoard). ``train``
+    drives it."""
 
     def __init__(self, task, config: TrainConfig, out_dir: str | os.PathLike, device: torch.device, *,
                  progress: bool, num_workers: int):
         self.task, self.config, self.device = task, config, device
         self.progress, self.num_workers = progress, num_workers
         self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+        self.ddp = None  # the DistributedDataParallel wrapper of a torchrun run
         self.main = self.rank == 0
         if config.batch_size % self.world:
-            raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
+            raise UserError(f"--batch-size {config.batch_size} (the global micro-batch) must be divisible by the "
                             f"{self.world} processes")
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +144,7 @@ class TrainingRun:
         if val_set is not None and config.eval_limit and len(val_set) > config.eval_limit:
             val_set = torch.utils.data.Subset(val_set, range(config.eval_limit))
         self.val_set = val_set
-        self.sampler = StepBatchSampler(len(train_set), config.batch_size, config.seed, self.start_step,
+        self.sampler = StepBatchSampler(len(train_set), config.effective_batch, config.seed, self.start_step,
                                         config.steps, rank=self.rank, world_size=self.world)
         pin = pin_memory(self.device)  # pinned batches: the non-blocking copies in to_device overlap the step
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=self.num_workers,
@@ -168,7 +163,8 @@ class TrainingRun:
             if init_weights is not None:
                 model.load_state_dict(init_weights, strict=True)  # fine-tuning: the weights are already initialised
             else:
-                first = to_device(next(iter(DataLoader(train_set, batch_sampler=[self.sampler.global_batch(0)],
+                micro = self.sampler.global_batch(0)[:config.batch_size]  # one micro-batch: what memory allows
+                first = to_device(next(iter(DataLoader(train_set, batch_sampler=[micro],
                                                        generator=self.loader_rng()))), self.device)
                 self.task.init_model(model, first)  # weight-norm data-dependent init (the same batch on every rank)
             self.ema = EMA(model, config.ema)
@@ -188,7 +184,8 @@ class TrainingRun:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # No buffer broadcast before every forward pass: the only buffers (VQ-VAE codebooks) are kept identical
             # on every rank by the quantizer's all-reduce (vqprior.models.quantizer), PixelSNAIL has none.
-            self.train_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+            self.train_model = self.ddp = DistributedDataParallel(model, device_ids=device_ids,
+                                                                  broadcast_buffers=False)
         if config.compile:
             # Compiled around DDP (not inside it) so that DDP's bucketed all-reduce still overlaps the backward pass.
             self.train_model = compile_model(self.train_model, self.device)
@@ -204,97 +201,6 @@ class TrainingRun:
         CUDA generator from (seed, step), so the resumed run is reproducible too."""
         seed = hash((self.config.seed, self.start_step)) & 0x7FFF_FFFF
         set_rng_state(checkpoint["rng"], self.device, seed=seed)
-
-    # ---- what the run writes ---------------------------------------------------------------------------------------
-    def save(self, step: int) -> None:
-        if not self.main:
-            return
-        payload = {"kind": self.task.kind, "config": {**self.task.config_dicts(), "train": self.config.to_dict()},
-                   "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                   "step": step, "rng": rng_state(self.device), "metrics": self.last_metrics,
-                   "train_seconds": self.timer.seconds}
-        if self.scaler.is_enabled():
-            payload["scaler"] = self.scaler.state_dict()
-        payload.update(self.task.extra_checkpoint())
-        save_checkpoint(self.out / CHECKPOINT_NAME, payload)
-
-    def evaluate(self, step: int, final: bool = False) -> None:
-        """Held-out metrics of the EMA weights: a metrics.jsonl record, a log line, TensorBoard scalars."""
-        from tqdm import tqdm
-
-        if self.val_loader is None:
-            return
-        self.eval_model.load_state_dict(self.ema.state_dict())
-        with torch.no_grad(), autocast(self.device, self.config.precision):
-            if self.world > 1:
-                result = distributed.evaluate_sharded(self.task, self.eval_model, self.val_set, self.eval_batch,
-                                                      self.num_workers, self.loader_rng, self.device)
-            else:  # the final evaluation (often the whole held-out split) shows its own progress bar
-                batches = tqdm(self.val_loader, desc="final evaluation", unit="batch", leave=False,
-                               dynamic_ncols=True, disable=not (self.progress and final))
-                result = self.task.evaluate(self.eval_model, batches)
-        self.last_metrics.update({f"eval_{k}": v for k, v in result.items()})
-        if self.main:
-            append_jsonl(self.metrics_path, {"step": step, "split": "eval", "train_seconds": self.timer.seconds,
-                                             **result})
-            if self.board:
-                self.board.scalars("eval", step, result)
-            log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-
-    def sample_grid(self, step: int) -> None:
-        """samples_stepN.png from the EMA weights (reconstructions for the VQ-VAE), seeded by (seed, step)."""
-        if not self.main:
-            return
-        self.eval_model.load_state_dict(self.ema.state_dict())
-        g = torch.Generator(device=self.device).manual_seed(self.config.seed + step)
-        with torch.no_grad():
-            images = self.task.grid(self.eval_model, to_device(self.sample_batch, self.device), g)
-        nrow = getattr(self.task, "grid_nrow", None)
-        save_grid(images, self.out / f"samples_step{step}.png", nrow=nrow)
-        if self.board:
-            self.board.image("samples", step, make_grid(images, nrow))
-
-    def read_step(self, result: _StepResult) -> dict[str, float]:
-        """The step's metrics and the guard's counters, read from the device in one transfer (logging steps)."""
-        values = read_values({**result.metrics, **{f"guard.{k}": v for k, v in self.guard.tensors().items()}})
-        skipped = int(values.pop("guard.skipped"))
-        self.new_skipped = skipped - self.skipped
-        if self.new_skipped:
-            log.warning("%d step(s) skipped since the last report (non-finite loss or gradient; %d in all)",
-                        self.new_skipped, skipped)
-        self.skipped, self.worst = skipped, int(values.pop("guard.worst"))
-        self.last_skipped = bool(values.pop("guard.last"))
-        values.pop("guard.run")
-        return values
-
-    def log_train(self, step: int, result: _StepResult, metrics: dict[str, float], rate: float, bar) -> None:
-        """A train record every 10 steps: lr, items/s, skipped steps, step time, the batch's metrics."""
-        if self.world > 1:
-            metrics = distributed.reduce_weighted_means(metrics, 1, self.device)
-        bar.set_postfix(**{k: round(v, 4) for k, v in metrics.items()}, img_s=f"{rate:.1f}")
-        if self.main:
-            record = {"lr": result.lr, "items_per_s": rate, "skipped_steps": self.skipped,
-                      "train_seconds": self.timer.seconds, **metrics}
-            append_jsonl(self.metrics_path, {"step": step, "split": "train", **record})
-            if self.board:
-                self.board.scalars("train", step, record)
-
-    def reads_at(self, step: int) -> bool:
-        """Whether ``step`` reads the device (logging, eval, grid or checkpoint step)."""
-        c = self.config
-        return any(step % every == 0 for every in (10, c.eval_every, c.sample_every, c.checkpoint_every)) \
-            or step == c.steps
-
-    def periodic(self, step: int) -> None:
-        """Eval, sample grid and checkpoint when ``step`` is one of their multiples (the last step's eval and grid
-        are the final ones, written by ``finish``)."""
-        config = self.config
-        if step % config.eval_every == 0 and step < config.steps:
-            self.evaluate(step)
-        if step % config.sample_every == 0 and step < config.steps:
-            self.sample_grid(step)
-        if step % config.checkpoint_every == 0:
-            self.save(step)
 
     # ---- training --------------------------------------------------------------------------------------------------
     def out_of_time(self) -> bool:
@@ -314,7 +220,7 @@ class TrainingRun:
         agreed = distributed.all_reduce_sum(flags).tolist()
         return agreed[1] > 0, agreed[2] > 0, flags[0] > 0
 
-    def train_step(self, batch: dict[str, torch.Tensor], step: int, stop: StopFlag) -> _StepResult:
+    def train_step(self, batch: dict[str, torch.Tensor], step: int, stop: StopFlag) -> StepResult:
         """One optimisation step; a non-finite loss or gradient skips it on the device (vqprior.training.step_guard):
         the weights, optimizer state and EMA never see it. Reads nothing back from the device in one process."""
         config, opt, scaler = self.config, self.opt, self.scaler
@@ -327,11 +233,9 @@ class TrainingRun:
             group["lr"] = lr
         batch = to_device(batch, self.device)
         self.train_model.train()
-        with autocast(self.device, config.precision):
-            loss, metrics = self.task.loss(self.train_model, batch)
-        stop_now, time_up, bad_loss = self.agree(stop, ~torch.isfinite(loss.detach()))
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss_sum, metrics = accumulate_gradients(self.task, self.train_model, batch, config, scaler, self.ddp)
+        stop_now, time_up, bad_loss = self.agree(stop, ~torch.isfinite(loss_sum))
         if scaler.is_enabled():
             scaler.unscale_(opt)  # clipping and the guard see the true gradient
         # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
@@ -343,7 +247,7 @@ class TrainingRun:
         self.ema.update(self.model, step, applied=(~skip).float())
         self.guard.record(skip, bad_loss if scaler.is_enabled() else skip)
         items = len(next(iter(batch.values()))) * self.world
-        return _StepResult(stop_now, time_up, items, lr, metrics)
+        return StepResult(stop_now, time_up, items, lr, metrics)
 
     def loop(self) -> tuple[str, int]:
         """Steps until --steps, a stop signal, the time limit or too many non-finite losses; (status, step)."""
@@ -384,7 +288,7 @@ class TrainingRun:
     def finish(self, status: str, step: int) -> dict[str, Any]:
         """The final evaluation and grid (finished runs), the last checkpoint, and the run's summary."""
         checkpoint = self.out / CHECKPOINT_NAME
-        self.read_step(_StepResult(False, False, 0, 0.0, {}))  # the guard's final counts
+        self.read_step(StepResult(False, False, 0, 0.0, {}))  # the guard's final counts
         if status == "diverged":
             kept = (f"the last good checkpoint is kept in {checkpoint}" if checkpoint.exists()
                     else "no checkpoint had been written yet")
