@@ -217,7 +217,14 @@ def resolve_cache_encoding(kw: dict, default: tuple[str, int] = ("raw", 90),
     return encoding, int(kw["jpeg_quality"] or default[1])
 
 
-def load_checkpoint_split(data, dataset, data_dir, split: str, limit: int, cache, cache_encoding, jpeg_quality):
+download_option = click.option(
+    "--download", is_flag=True,
+    help="cifar10, mnist: download into --data-dir when it holds no data (torchvision checks the archive; each "
+         "split is converted once to train.npz / test.npz there).")
+
+
+def load_checkpoint_split(data, dataset, data_dir, split: str, limit: int, cache, cache_encoding, jpeg_quality,
+                          download: bool = False):
     """A split of the images a checkpoint was trained on (its ``DataConfig`` ``data``), or of ``dataset`` /
     ``data_dir`` when given, through the image cache ``cache`` (encoding: the options', else the checkpoint's)."""
     from vqprior.data.loader import load_image_dataset
@@ -226,7 +233,7 @@ def load_checkpoint_split(data, dataset, data_dir, split: str, limit: int, cache
     encoding, quality = resolve_cache_encoding(options, (data.cache_encoding, data.jpeg_quality))
     name = dataset or data.dataset
     return load_image_dataset(name, split, data_dir=data_dir or (data.data_dir if name == data.dataset else None)
-                              or None, image_size=data.image_size, cache=cache, limit=limit,
+                              or None, image_size=data.image_size, cache=cache, limit=limit, download=download,
                               cache_encoding=encoding, jpeg_quality=quality)
 
 
@@ -234,8 +241,10 @@ def check_dataset_options(dataset: str, ctx: click.Context | None = None) -> Non
     """Data options that do not apply to ``dataset`` are errors, not silently dropped."""
     if dataset == "sample":
         refuse_unused(("data_dir",), "with --dataset sample (the bundled images need no folder)", ctx)
-    if dataset not in ("cifar10", "mnist"):
-        refuse_unused(("download",), f"with --dataset {dataset} (only cifar10 and mnist download)", ctx)
+    from vqprior.data.download import TORCHVISION_CLASSES
+
+    if dataset not in TORCHVISION_CLASSES:
+        refuse_unused(("download",), f"with --dataset {dataset} (only {', '.join(TORCHVISION_CLASSES)} download)", ctx)
 
 
 def check_outputs(*paths):

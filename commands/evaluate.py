@@ -10,6 +10,7 @@ from vqprior.commands.common import (
     check_dataset_options,
     deterministic_option,
     device_option,
+    download_option,
     guarded,
     load_checkpoint_split,
     precision_option,
@@ -35,6 +36,7 @@ from vqprior.commands.options import DATASETS
 @click.option("--class", "class_", type=click.Choice(["label", "none"]), default=None,
               help="Class-conditional models: score given each item's own label (label, the default), or given "
                    "the null class (none: the unconditional p(x) of a model trained with --class-dropout, one pass).")
+@download_option
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
 @cache_encoding_options
 @precision_option()
@@ -42,8 +44,8 @@ from vqprior.commands.options import DATASETS
 @deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
-def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, marginal, class_, cache, cache_encoding,
-             jpeg_quality, precision, device, quiet):
+def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, marginal, class_, download, cache,
+             cache_encoding, jpeg_quality, precision, device, quiet):
     """Print the negative log-likelihood of a split in bits/dim (pixels) or bits/code (priors), EMA weights (the
     likelihood itself is float32 under --precision bf16); for a VQ-VAE, the reconstruction MSE (0..255 scale) and
     PSNR, and codebook usage and perplexity per level."""
@@ -71,7 +73,7 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
     if class_ == "none":
         null_label(model.config, "--class none")
     if kind == "prior":
-        refuse_unused(("dataset", "data_dir", "split", "cache", "cache_encoding", "jpeg_quality"),
+        refuse_unused(("dataset", "data_dir", "split", "download", "cache", "cache_encoding", "jpeg_quality"),
                       "for a prior (it is scored on the --codes cache)")
     else:
         check_dataset_options(dataset or data.dataset)
@@ -79,7 +81,8 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
         if codes:
             raise click.UsageError("--codes is for priors; a VQ-VAE is evaluated on images (--dataset)")
         with autocast(device, precision):
-            ds = load_checkpoint_split(data, dataset, data_dir, split, limit, cache, cache_encoding, jpeg_quality)
+            ds = load_checkpoint_split(data, dataset, data_dir, split, limit, cache, cache_encoding, jpeg_quality,
+                                       download)
             _evaluate_vqvae(model, data, ds, f"{dataset or data.dataset} {split}", batch_size, quiet)
         return
     scored, labelled = (ClassMarginal(model), False) if marginal else (model, bool(model.config.num_classes))
@@ -89,7 +92,8 @@ def evaluate(checkpoint, dataset, data_dir, split, codes, limit, batch_size, mar
     if kind == "pixels":
         if codes:
             raise click.UsageError("--codes is for priors; this is a pixel model")
-        ds = load_checkpoint_split(data, dataset, data_dir, split, limit, cache, cache_encoding, jpeg_quality)
+        ds = load_checkpoint_split(data, dataset, data_dir, split, limit, cache, cache_encoding, jpeg_quality,
+                                       download)
         if (ds.channels, ds.height, ds.width) != (model.config.channels, model.config.height, model.config.width):
             raise click.ClickException(
                 f"dataset images are {ds.channels}x{ds.height}x{ds.width} but the model was trained on "

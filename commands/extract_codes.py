@@ -9,6 +9,7 @@ from vqprior.commands.common import (
     check_dataset_options,
     deterministic_option,
     device_option,
+    download_option,
     guarded,
     load_checkpoint_split,
     removes_new_folder_on_error,
@@ -29,6 +30,7 @@ from vqprior.commands.options import DATASETS
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
               help="Encode only the first N images (0: all).")
+@download_option
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="LMDB image cache folder.")
 @cache_encoding_options
 @device_option
@@ -36,8 +38,8 @@ from vqprior.commands.options import DATASETS
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @guarded
 @removes_new_folder_on_error("out", discard=lambda folder: True)  # a failed extraction is rebuilt from scratch
-def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_size, limit, cache, cache_encoding,
-                  jpeg_quality, device, quiet):
+def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_size, limit, download, cache,
+                  cache_encoding, jpeg_quality, device, quiet):
     """Encode every image of a split into VQ-VAE codes (uint16 per level + label + source index per record).
 
     The cache is marked complete only at the very end: an interrupted run is never taken as finished, and
@@ -56,7 +58,8 @@ def extract_codes(vqvae_path, dataset, data_dir, split, out, overwrite, batch_si
     model = load_model(vqvae_path, device, kind="vqvae")
     name = dataset or data.dataset
     check_dataset_options(name)
-    ds = load_checkpoint_split(data, dataset, data_dir, split, limit, cache, cache_encoding, jpeg_quality)
+    ds = load_checkpoint_split(data, dataset, data_dir, split, limit, cache, cache_encoding, jpeg_quality,
+                               download)
     meta = extract(model, ds, out, file_sha256(vqvae_path), name, split, batch_size=batch_size, device=device,
                    overwrite=overwrite, progress=not quiet, vqvae_path=str(Path(vqvae_path).resolve()))
     shapes = " + ".join(f"{n} {h}x{w}" for n, (h, w) in zip(meta["level_names"], meta["shapes"]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from vqprior.commands.common import precision_option
+from vqprior.commands.common import download_option, precision_option
 from vqprior.config import PRESETS, TrainConfig
 
 _TRAIN_DEFAULTS = TrainConfig()
@@ -156,7 +156,7 @@ def data_options(fn):
                      help="Resize/crop to this size (0: native; required for mixed-size folders)."),
         click.option("--cache", type=click.Path(file_okay=False), default=None,
                      help="LMDB folder caching decoded images for later runs."),
-        click.option("--download", is_flag=True, help="Let torchvision download cifar10/mnist if missing."),
+        download_option,
         click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Use only the first N training images (0: all)."),
     ]

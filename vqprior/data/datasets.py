@@ -219,21 +219,25 @@ def _load_cifar_or_mnist(name, split, data_dir, image_size, download) -> ImageDa
     expected = f"train.npz / test.npz (arrays images, labels) or torchvision's {layout}/"
     if download and data_dir:
         Path(data_dir).expanduser().mkdir(parents=True, exist_ok=True)
-    root = _require_dir(name, data_dir, expected)
-    for candidate in (root / f"{split}.npz", root / name / f"{split}.npz"):
+    root = _require_dir(name, data_dir, expected + (" (with --download: the folder to download into)" if download
+                                                    else ", or pass --download with a folder to download into"))
+    candidates = (root / f"{split}.npz", root / name / f"{split}.npz")
+    if download and not any(c.is_file() for c in candidates):
+        from vqprior.data.download import download_as_npz
+
+        download_as_npz(name, root)  # torchvision fetches and checks the archive; converted once to npz
+    for candidate in candidates:
         if candidate.is_file():
             images, labels = _read_npz_images(candidate, channels)
             return ArrayImageDataset(name, split, images, labels, 10, image_size)
-    if not (download or (root / layout).is_dir()):
+    if not (root / layout).is_dir():
         raise UserError(f"no {name} data in {root}: expected {expected}, or pass --download")
     try:
-        import torchvision.datasets as tvd
+        from vqprior.data.download import torchvision_class
 
-        cls = tvd.CIFAR10 if name == "cifar10" else tvd.MNIST
-        source = cls(str(root), train=split == "train", download=download)
-    except Exception as e:  # torchvision raises RuntimeError, URLError, ... : one line for the user
-        action = "download" if download else "read"
-        raise UserError(f"could not {action} {name} in {root}: {' '.join(str(e).split()) or type(e).__name__}") \
+        source = torchvision_class(name)(str(root), train=split == "train", download=False)
+    except Exception as e:  # torchvision raises RuntimeError, OSError, ... : one line for the user
+        raise UserError(f"could not read {name} in {root}: {' '.join(str(e).split()) or type(e).__name__}") \
             from None
     images = torch.as_tensor(np.asarray(source.data, dtype=np.uint8))
     images = images[..., None] if images.dim() == 3 else images
