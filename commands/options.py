@@ -13,8 +13,11 @@ from vqprior.config import PRESETS, TrainConfig
 _TRAIN_DEFAULTS = TrainConfig()
 
 
-def model_options(fn):
-    """--preset plus one option per architecture field (unset = the preset's value)."""
+def model_options(fn=None, pixel_head: bool = True):
+    """--preset plus one option per architecture field (unset = the preset's value); --mixtures with the pixel
+    head only."""
+    if fn is None:
+        return lambda f: model_options(f, pixel_head)
     opts = [
         click.option("--preset", type=click.Choice(list(PRESETS)), default="small", show_default=True,
                      help="Architecture preset; the options below override single fields."),
@@ -28,8 +31,9 @@ def model_options(fn):
         click.option("--key-channels", type=click.IntRange(min=1), help="Attention key/query channels."),
         click.option("--value-channels", type=click.IntRange(min=1), help="Attention value channels."),
         click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True), help="Dropout rate."),
-        click.option("--mixtures", type=click.IntRange(min=1), help="Logistic mixture components (pixel head)."),
     ]
+    if pixel_head:
+        opts.append(click.option("--mixtures", type=click.IntRange(min=1), help="Logistic mixture components."))
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
@@ -37,6 +41,7 @@ def model_options(fn):
 
 MODEL_FIELDS = ("filters", "blocks", "res_blocks", "kernel_size", "attention", "attn_heads", "key_channels",
                 "value_channels", "dropout", "mixtures")
+PRIOR_MODEL_FIELDS = MODEL_FIELDS[:-1]  # a code prior's head is categorical: no --mixtures
 
 
 def train_options(fn=None, **defaults):

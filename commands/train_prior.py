@@ -12,7 +12,7 @@ from vqprior.commands.common import (
     removes_new_folder_on_error,
 )
 from vqprior.commands.options import (
-    MODEL_FIELDS,
+    PRIOR_MODEL_FIELDS,
     class_dropout_option,
     model_options,
     train_config_from_options,
@@ -32,7 +32,7 @@ from vqprior.commands.run_start import (
 )
 from vqprior.levels import MAX_LEVELS, level_names
 
-PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *MODEL_FIELDS)  # with --preset: the architecture
+PRIOR_FIELDS = ("embed_dim", "cond_channels", "cond_layers", *PRIOR_MODEL_FIELDS)  # with --preset: the architecture
 LEVELS = ["top", *dict.fromkeys(n for k in range(3, MAX_LEVELS + 1) for n in level_names(k)[1:-1]), "bottom"]
 
 
@@ -54,7 +54,7 @@ LEVELS = ["top", *dict.fromkeys(n for k in range(3, MAX_LEVELS + 1) for n in lev
               help="Bottom (and middle) priors: width of the condition stack over the codes of the level above.")
 @click.option("--cond-layers", type=click.IntRange(min=0), default=None,
               help="Bottom (and middle) priors: residual 3x3 conv layers in the condition stack.")
-@model_options
+@model_options(pixel_head=False)
 @train_options
 @device_option
 @deterministic_option
@@ -90,7 +90,6 @@ def train_prior(ctx, **kw):
             model_config = ModelConfig.from_dict(start.init["config"]["model"])
             level = start.init["config"].get("prior", {}).get("level", "top")
             refuse_with_init(arch_conflicts(ctx, kw, model_config, level), kw["init_from"])
-        refuse_unused(("mixtures",), "for a code prior (the logistic mixture is the pixel head's)", ctx)
         if level == "top":
             refuse_unused(("cond_channels", "cond_layers"), "for a top prior (only a bottom prior has a "
                                                             "condition stack)", ctx)  # (or a middle prior)

@@ -75,7 +75,7 @@ CASES = [
     case("evaluate-prior-with-dataset", "evaluate {top} --codes {test_codes} --dataset sample", "for a prior"),
     case("evaluate-prior-with-split", "evaluate {top} --codes {test_codes} --split train", "--split"),
     case("mixtures-for-code-prior", f"train-prior --codes {{train_codes}} --mixtures 3 --out run {PRIOR}",
-         "code prior"),
+         "no such option .--mixtures"),
     case("condition-stack-for-top-prior", f"train-prior --codes {{train_codes}} --cond-layers 1 --out run {PRIOR}",
          "top prior"),
     case("top-stride-with-one-level", "train-vqvae --preset tiny --top-stride 4 --steps 1 --out run --quiet",
