@@ -1,5 +1,5 @@
 """The LMDB image cache at 256x256: build speed (images/s), bytes per image and read speed for raw, PNG and JPEG
-records, and an interrupted build resumed (issue 20, point 3).
+records, and an interrupted build resumed (docs/vqvae2-256.md, "The image cache").
 
 The source is a folder of 256x256 JPEG files (quality 95) written first, untimed, into ``--work`` (outside the
 repository; it is deleted at the end unless ``--keep``). Two kinds of picture bracket real photographs, since the

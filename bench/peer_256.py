@@ -1,4 +1,4 @@
-"""VQ-VAE-2 at 256x256 side by side with rosinality's vq-vae-2-pytorch at its defaults (issue 20, points 5 and 6).
+"""VQ-VAE-2 at 256x256 side by side with rosinality's vq-vae-2-pytorch at its defaults (docs/vqvae2-256.md).
 
 The peer is NOT part of this repository: fetch it yourself and pass its folder with ``--peer`` (its ``vqvae.py`` and
 ``pixelsnail.py`` are imported from there; its ``sample.py`` needs torchvision, so its sampling loop body is quoted
@@ -35,7 +35,7 @@ row's process; the ceiling column is the fastest our step could run here (its FL
 measured time per image: no speed-up target above it can be met on this machine.
 
 Usage (the full run takes ~10 minutes on 2 cores; time it on an idle machine):
-    python bench/peer_256.py --peer /work/peer/vq-vae-2-pytorch
+    python bench/peer_256.py --peer ../vq-vae-2-pytorch
     python bench/peer_256.py --peer PATH --quick      # tiny widths and 32x32 images: checks the script in seconds
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ def train_row(side: str, row: str, s: dict, batch: int, steps: int, peer_allocat
             label = torch.randint(0, 10, (batch,))
             # Initialised as train-prior initialises it (weight norm's data-dependent init on the batch): without
             # it the activations grow with depth into ranges where exp and sigmoid run many times slower on some
-            # CPUs (docs/benchmarks.md, "On an Intel Xeon"), a step no training run takes.
+            # CPUs (float32 results in the subnormal range), a step no training run takes.
             from vqprior.models.layers import data_dependent_init
             data_dependent_init(model, target, **(dict(label=label) if level == "top" else dict(condition=top)))
 

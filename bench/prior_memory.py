@@ -1,5 +1,5 @@
 """What holds memory at the peak of a prior's training step: live tensors grouped by the op and source lines that
-allocated them, at batch 1 and 2, and the difference (memory per image). Issue 20, point 5 (docs/vqvae2-256.md).
+allocated them, at batch 1 and 2, and the difference (memory per image; docs/vqvae2-256.md).
 
 One warm-up step (forward, backward; gradients kept), then one step under ``torch.profiler`` with
 ``profile_memory``: every allocation and free of PyTorch's CPU allocator in that step is replayed in time order, and

@@ -205,7 +205,7 @@ def build_step(spec: dict):
     # Initialised as training initialises it (weight norm's data-dependent init on the batch), so the activations
     # are in the range a training step sees. Without it the wide presets' activations grew with depth (paper-cifar10:
     # two thirds of the gate inputs beyond +-80), where float32 exp and sigmoid run many times slower on some CPUs
-    # (docs/benchmarks.md, "On an Intel Xeon"): a step no training run takes.
+    # (float32 results in the subnormal range): a step no training run takes.
     data_dependent_init(model, x)
     if spec["variant"] == "checkpoint":
         model.checkpoint_activations = True

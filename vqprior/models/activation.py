@@ -1,10 +1,10 @@
 """ELU, the only nonlinearity of PixelSNAIL's gated blocks, written so that no CPU pays for a slow ``expm1``.
 
 Why not ``F.elu``: on some CPUs its forward kernel's ``expm1`` path costs many times ``torch.exp`` of the same
-tensor, a large share of a training step (docs/benchmarks.md, "Training step"). This version uses ``exp`` on the
-negative part only, ``elu(x) = max(x, exp(min(x, 0)) - 1)`` (exact because exp(t) - 1 >= t for every t, with
-equality only at 0; the negative part is floored at ``LOW``, below), four passes in place on one fresh tensor: where
-``expm1`` is fast it costs what ``F.elu`` costs, and it avoids the slow case.
+tensor, a large share of a training step. This version uses ``exp`` on the negative part only,
+``elu(x) = max(x, exp(min(x, 0)) - 1)`` (exact because exp(t) - 1 >= t for every t, with equality only at 0; the
+negative part is floored at ``LOW``, below), four passes in place on one fresh tensor: where ``expm1`` is fast it
+costs what ``F.elu`` costs, and it avoids the slow case.
 
 The backward is computed from the output, as PyTorch's own ``elu_backward(..., is_result=True)`` does
 (d elu / dx = 1 for x > 0, elu(x) + 1 otherwise), so the input is not kept for the backward pass.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 SMALL = 1 << 16  # elements; smaller tensors go to F.elu (see the module docstring)
 # exp's floor: below about -87.3 float32 exp returns subnormals or 0, which some CPU kernels compute many times more
-# slowly (docs/benchmarks.md). A guard: trained models do not feed ELU such inputs, un-initialised wide ones can.
+# slowly. A guard: trained models do not feed ELU such inputs, un-initialised wide ones can.
 # exp(-80) - 1 rounds to -1 in float32 and float64, as exp(x) - 1 does for every x below it: no value changes.
 LOW = -80.0
 

@@ -28,7 +28,7 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     """A 1x1 convolution of a contiguous (NCHW) map as one batched matmul: weight (O, C) times each image's (C, H*W).
 
     The same arithmetic as ``F.conv2d`` (up to float summation order). Why, on the CPU: oneDNN runs small-channel
-    1x1 convolutions in NCHW below its matmul speed (the gated 1x1 blocks around attention; docs/benchmarks.md).
+    1x1 convolutions in NCHW below its matmul speed (the gated 1x1 blocks around attention).
     Channels-last maps keep ``F.conv2d``, whose 1x1 case is already one matmul over (B*H*W, C).
     """
     B, C, H, W = x.shape
@@ -94,7 +94,7 @@ class Dropout(nn.Module):
 
     The same distribution as ``nn.Dropout``, but the mask comes from ``drop_mask`` (above), never from
     ``aten::bernoulli_``, which on the CPU costs several times ``torch.rand`` of the same size and tops the profile
-    of a wide model's training step (docs/benchmarks.md).
+    of a wide model's training step.
     """
 
     def __init__(self, p: float):

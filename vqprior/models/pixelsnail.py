@@ -152,7 +152,7 @@ class PixelSNAIL(nn.Module):
     def memory_format(self) -> torch.memory_format:
         """Speed: wide models run with channels-last (NHWC) activations, where oneDNN's wide 2x2 convolutions run
         about twice as fast on the CPU; at 64 filters the layout copies around attention cost more than the
-        convolutions gain, so narrow models stay NCHW (docs/benchmarks.md). Every op of the forward pass keeps the
+        convolutions gain, so narrow models stay NCHW. Every op of the forward pass keeps the
         layout it is given; only the summation order inside the convolutions differs."""
         return torch.channels_last if self.config.filters >= 128 else torch.contiguous_format
 

@@ -4,7 +4,7 @@ with activation checkpointing) give it back at once.
 Why: a training step on the CPU allocates and frees the same large activation tensors every step. glibc's malloc
 serves blocks above ``M_MMAP_THRESHOLD`` (128 KiB at start, raised dynamically) with fresh ``mmap`` and gives the
 top of the heap back above ``M_TRIM_THRESHOLD``; either way the next step touches new pages and the kernel zero-fills
-them one page fault at a time: a profile of a training step (docs/benchmarks.md) puts a large share of it in those
+them one page fault at a time: a profile of a training step (``torch.profiler``) puts a large share of it in those
 faults, spread over whichever op touches the memory first.
 
 ``retain_freed_memory()`` sets, through ``mallopt``, a fixed mmap threshold at glibc's maximum (32 MiB on 64-bit:

@@ -1,7 +1,7 @@
 """Training-speed switches, kept out of the loop (vqprior.training.loop) so the plain path stays readable:
 ``torch.compile`` of the training model, the optimizer's fused kernel, gradient accumulation over micro-batches, and
 the gradient norm that the non-finite guard and clipping share. None of them changes the objective; the speed
-switches were chosen from a profile (bench/train_speed.py, docs/benchmarks.md "Training step").
+switches were chosen from profiles of the step (bench/train_speed.py times it).
 """
 from __future__ import annotations
 
