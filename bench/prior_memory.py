@@ -64,9 +64,27 @@ def live_at_peak(prof) -> tuple[int, dict[str, int]]:
     return peak, dict(groups)
 
 
+def profiled_step(step) -> tuple[int, dict[str, int]]:
+    """One warm-up call of ``step`` (the gradients exist from there on, as in training), then one under
+    ``torch.profiler``: (peak bytes of live tensors, bytes per allocation site alive at the peak)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
+        step()
+    return live_at_peak(prof)
+
+
+def run_json(cmd: list[str]) -> dict:
+    """Run ``cmd`` (a worker printing one JSON line last) in a fresh process; its parsed last line, or exit."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd[1:])} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def worker(args) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from vqprior.config import model_config_from_preset
     from vqprior.models.pixelsnail import PixelSNAIL
@@ -85,10 +103,7 @@ def worker(args) -> dict:
     def step():
         (-model.log_prob(codes, condition=top).mean()).backward()
 
-    step()  # warm-up: the gradients exist from here on, as in training
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
-        step()
-    peak, groups = live_at_peak(prof)
+    peak, groups = profiled_step(step)
     return dict(params=model.num_parameters(), peak=peak, groups=groups)
 
 
@@ -99,10 +114,7 @@ def main(args) -> None:
                str(args.size), "--threads", str(args.threads), "--blocks", str(args.blocks or 0),
                "--res-blocks", str(args.res_blocks or 0), "--top", str(args.top)]
         cmd += ["--checkpoint-activations"] if args.checkpoint_activations else []
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"batch {batch} failed:\n{done.stderr[-3000:]}")
-        results[batch] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[batch] = run_json(cmd)
     mb = 2 ** 20
     one, two = results[1], results[2]
     print(f"# bench/prior_memory.py: {args.preset} ({one['params']:,} parameters) over {args.size}x{args.size} codes, "
