@@ -75,5 +75,5 @@ def deterministic():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
-__all__ = ["CUBLAS_WORKSPACE_CONFIG", "autotuned_convolutions", "check_cublas_workspace", "deterministic", "is_deterministic",
-           "set_deterministic"]
+__all__ = ["CUBLAS_WORKSPACE_CONFIG", "autotuned_convolutions", "check_cublas_workspace", "deterministic",
+           "is_deterministic", "set_deterministic"]
