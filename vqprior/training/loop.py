@@ -23,8 +23,8 @@ flag, the time limit and the non-finite check are agreed by an all-reduce each s
 the same step. Codebooks (VQ-VAE buffers) are kept identical by the quantizer's own all-reduce and broadcasts, so
 DDP does not re-broadcast buffers every step.
 
-Host syncs: a single-process step reads nothing back from the device between logging steps (vqprior.training.
-step_guard keeps metrics, guard and counters there); a distributed step reads its all-reduced flags once.
+Host syncs: a single-process step reads nothing back between logging steps (step_guard keeps metrics, guard and
+counters on the device); a distributed step reads its all-reduced flags once, after the backward pass.
 """
 from __future__ import annotations
 
@@ -109,12 +109,9 @@ class TrainingRun:
         if config.batch_size % self.world:
             raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
                             f"{self.world} processes")
-        self.out = Path(out_dir)
+        self.out, self.metrics_path = Path(out_dir), Path(out_dir) / "metrics.jsonl"
         self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.out / "metrics.jsonl"
-        self.board = None
-        self.last_metrics: dict[str, float] = {}
-        self.timer = StepTimer()
+        self.board, self.last_metrics, self.timer = None, {}, StepTimer()
         self.skipped = self.worst = 0  # the guard's counters as last read
         self.last_skipped = False
 
@@ -171,7 +168,6 @@ class TrainingRun:
                 first = to_device(next(iter(DataLoader(train_set, batch_sampler=[self.sampler.global_batch(0)],
                                                        generator=self.loader_rng()))), self.device)
                 self.task.init_model(model, first)  # weight-norm data-dependent init (the same batch on every rank)
-            self.ema = EMA(model, config.ema)
         else:
             self.opt.load_state_dict(checkpoint["optimizer"])  # torch moves its state to the parameters' device
             if self.scaler.is_enabled() and "scaler" in checkpoint:
@@ -189,6 +185,8 @@ class TrainingRun:
             # No buffer broadcast before every forward pass: the only buffers (VQ-VAE codebooks) are kept identical
             # on every rank by the quantizer's all-reduce (vqprior.models.quantizer), PixelSNAIL has none.
             self.train_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        if checkpoint is None:  # after DDP broadcast rank 0's weights: every rank averages from the same start
+            self.ema = EMA(model, config.ema)
         if config.compile:
             # Compiled around DDP (not inside it) so that DDP's bucketed all-reduce still overlaps the backward pass.
             self.train_model = compile_model(self.train_model, self.device)
@@ -329,9 +327,10 @@ class TrainingRun:
         self.train_model.train()
         with autocast(self.device, config.precision):
             loss, metrics = self.task.loss(self.train_model, batch)
-        stop_now, time_up, bad_loss = self.agree(stop, ~torch.isfinite(loss.detach()))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        # Agreed once the backward pass is queued: a distributed run's read then waits for it, not for the forward.
+        stop_now, time_up, bad_loss = self.agree(stop, ~torch.isfinite(loss.detach()))
         if scaler.is_enabled():
             scaler.unscale_(opt)  # clipping and the guard see the true gradient
         # After DDP's all-reduce the gradients are identical on every rank, so this check agrees too.
