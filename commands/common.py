@@ -83,14 +83,20 @@ def _one_line(e: BaseException) -> str:
 
 
 def resolve_device(name: str):
-    """``auto`` -> cuda when available, else cpu; otherwise the named device, checked up front
+    """``auto`` -> cuda when available, else cpu, with one warning line when the machine has a GPU torch cannot use
+    (vqprior.runtime.device.cuda_unusable); otherwise the named device, checked up front
     (vqprior.runtime.device.check_device: cpu, cuda or cuda:N with N an existing GPU)."""
     import torch
 
-    from vqprior.runtime.device import check_device
+    from vqprior.runtime.device import check_device, cuda_unusable
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        unusable = cuda_unusable()
+        if unusable:
+            click.echo(f"Warning: {unusable}; running on the CPU", err=True)
+        return torch.device("cpu")
     return check_device(name)
 
 

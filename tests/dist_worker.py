@@ -4,6 +4,8 @@
 
 MODE ``quantizer``: a few codebook updates where rank 1's encoder output is non-finite at the second one.
 MODE ``train``: a 4-step VQ-VAE training run through the real loop (DDP) where rank 1's batch is non-finite at step 2.
+MODE ``ema``: a 1-step run whose init differs on rank 1 (as GPU kernels may in the last bits): the EMA each rank starts
+from, and whether the step's flags were agreed after the backward pass (gradients present).
 Each rank writes what it ended with to OUT_DIR/rankR.pt, so the test can compare the ranks.
 """
 from __future__ import annotations
@@ -79,6 +81,38 @@ def train_run(rank: int, out: Path) -> dict:
             "broadcast_buffers": run.train_model.broadcast_buffers}
 
 
+class InitDiffersOnRank1(VQVAETask):
+    def init_model(self, model, batch):
+        super().init_model(model, batch)
+        if dist.get_rank() == 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1e-3)
+
+
+def ema_run(rank: int, out: Path) -> dict:
+    from vqprior.training.loop import TrainingRun
+
+    task = InitDiffersOnRank1(vqvae_config_from_preset("tiny", levels=2), DataConfig(dataset="synthetic"))
+    config = TrainConfig(steps=1, batch_size=4, num_samples=2, eval_every=100, sample_every=100,
+                         checkpoint_every=100)
+    run = TrainingRun(task, config, out / "run", torch.device("cpu"), progress=False, num_workers=0)
+    data = Images()
+    run.build_model(None, tensorboard=False)
+    run.build_loaders(data, None)
+    run.initialise(data, None, None)
+    start = {k: v.clone() for k, v in run.ema.state_dict().items()}
+    grads_at_agree, agree = [], run.agree
+
+    def spy(*args):
+        grads_at_agree.append(all(p.grad is not None for p in run.model.parameters() if p.requires_grad))
+        return agree(*args)
+
+    run.agree = spy
+    run.loop()
+    return {"ema_start": start, "grads_at_agree": grads_at_agree}
+
+
 def run_result_placeholder():
     from vqprior.training.loop import _StepResult
 
@@ -90,7 +124,9 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
-        result = quantizer_run(rank) if mode == "quantizer" else train_run(rank, out)
+        runs = {"quantizer": lambda: quantizer_run(rank), "train": lambda: train_run(rank, out),
+                "ema": lambda: ema_run(rank, out)}
+        result = runs[mode]()
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -141,3 +141,36 @@ def test_the_cli_builds_its_generator_on_the_models_device(pixel_run, tmp_path, 
     check_ok(run_cli("complete", pixel_run, "--image", tmp_path / "in.png", "--keep-rows", "2", "--num", "1",
                      "--out", tmp_path / "c.png", "--device", "cpu"))
     assert len(seen) == 2 and all(g == m for g, m in seen)
+
+
+def test_a_process_that_multiplies_first_then_enters_deterministic_mode_has_the_workspace_set(tmp_path):
+    """cuBLAS takes its workspace setting at the process's first GPU matrix product: importing vqprior sets it, so
+    that a product before deterministic mode (compress encodes with the VQ-VAE first) already runs with it."""
+    import subprocess
+    import sys
+
+    script = ("import os, torch\n"
+              "from vqprior.runtime.determinism import deterministic\n"
+              "seen = os.environ.get('CUBLAS_WORKSPACE_CONFIG')\n"
+              "x = torch.ones(4, 4)\n"
+              "x @ x\n"
+              "with deterministic():\n"
+              "    x @ x\n"
+              "print(seen)\n")
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [":4096:8"]
+
+
+def test_deterministic_mode_after_cuda_work_without_the_workspace_is_one_line_error(monkeypatch, restore_switches):
+    from vqprior.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(UserError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8 before the process's first CUDA work"):
+        set_deterministic(True)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    set_deterministic(True)
+    assert is_deterministic()

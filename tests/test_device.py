@@ -66,16 +66,79 @@ def test_batches_are_pinned_for_a_gpu_only(tmp_path):
     assert not any(loader.pin_memory for loader in loaders_for("cpu", tmp_path))
 
 
-def test_training_turns_the_cudnn_autotuner_on_unless_deterministic(tmp_path):
+def test_training_turns_the_cudnn_autotuner_on_unless_deterministic(tmp_path, monkeypatch):
+    """On during the training steps (off under deterministic mode), and the previous setting restored after."""
     from cli_support import train_pixel_run
 
+    seen = []
+    real = TrainingRun.train_step
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingRun, "train_step", spy)
     saved = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
         train_pixel_run(tmp_path / "run", steps=1, limit=8)
-        assert torch.backends.cudnn.benchmark is True
+        assert seen == [True] and torch.backends.cudnn.benchmark is False
         with deterministic():
             train_pixel_run(tmp_path / "run-deterministic", steps=1, limit=8)
-            assert torch.backends.cudnn.benchmark is False
+            assert seen == [True, False]
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+DRIVER_TOO_OLD = ("CUDA initialization: The NVIDIA driver on your system is too old (found version 12020). "
+                  "Please update your GPU driver.")
+
+
+@pytest.fixture
+def old_driver(monkeypatch, tmp_path):
+    """A CUDA 13 build of torch on a machine whose NVIDIA driver is too old for it, as torch reports it."""
+    import warnings
+
+    import vqprior.runtime.device as device_module
+
+    def unavailable():
+        warnings.warn(DRIVER_TOO_OLD)
+        return False
+
+    driver = tmp_path / "nvidia-version"
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n")
+    monkeypatch.setattr(device_module, "NVIDIA_DRIVER_FILE", str(driver))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", unavailable)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return driver
+
+
+def test_auto_on_a_gpu_torch_cannot_use_says_so_in_one_warning_line(old_driver, capsys):
+    from vqprior.commands.common import resolve_device
+
+    assert resolve_device("auto") == torch.device("cpu")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Warning: CUDA is present but unusable: NVIDIA driver 535.104.05")
+    assert f"torch {torch.__version__} built for CUDA 13.0" in lines[0] and "too old" in lines[0]
+    assert lines[0].endswith("running on the CPU")
+
+
+def test_cuda_on_a_gpu_torch_cannot_use_is_one_error_line(old_driver, tmp_path):
+    result = run_cli("train-pixels", "--dataset", "sample", "--steps", "1", "--quiet", "--out", tmp_path / "run",
+                     "--device", "cuda")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "NVIDIA driver 535.104.05" in errors[0] and "built for CUDA 13.0" in errors[0]
+
+
+def test_no_warning_on_a_machine_without_a_gpu_driver(old_driver, monkeypatch, capsys):
+    from vqprior.commands.common import resolve_device
+    from vqprior.runtime.device import cuda_unusable
+
+    old_driver.unlink()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_unusable() is None and resolve_device("auto") == torch.device("cpu")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every GPU hidden on purpose: silence too
+    assert cuda_unusable() is None

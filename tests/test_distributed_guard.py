@@ -98,3 +98,12 @@ def test_the_process_group_gets_a_timeout_and_its_gpu(monkeypatch):
     (args, kwargs), = calls
     assert args == ("gloo",) and "device_id" not in kwargs
     assert kwargs["timeout"] == timedelta(minutes=distributed.DEFAULT_TIMEOUT_MINUTES)
+
+
+def test_ranks_start_the_same_ema_and_agree_on_the_flags_after_the_backward_pass(tmp_path):
+    """Each rank's init may differ in the last bits on a GPU; DDP broadcasts rank 0's weights, and the EMA must be
+    built from those, not from the rank's own init. The flags' all-reduce, the step's one read, comes after the
+    backward pass is queued (gradients present), not between forward and backward."""
+    ranks = run_ranks(tmp_path, "ema")
+    assert states_equal(ranks[0]["ema_start"], ranks[1]["ema_start"])
+    assert ranks[0]["grads_at_agree"] == ranks[1]["grads_at_agree"] == [True]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vqprior.models.distributions import LOG_SCALE_MIN, sample_categorical, sample_logistic_mixture, unit_to_uint8
-from vqprior.runtime.precision import PRECISIONS, apply_precision_policy
+from vqprior.runtime.precision import PRECISIONS, apply_precision_policy, precision_policy
 
 DRAWS = 200_000
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
@@ -121,12 +121,12 @@ def test_unknown_precision_is_a_user_error():
 
 
 def test_commands_apply_the_policy(tmp_path, restore_tf32_flags):
-    """sample, evaluate and a train command leave the switches as their --precision says."""
+    """sample and evaluate leave the switches as their --precision says (a train command restores them)."""
     from cli_support import check_ok, run_cli, train_pixel_run
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    train_pixel_run(tmp_path / "run", steps=1, limit=16)  # default --precision fp32
-    assert tf32_flags() == (False, False)
+    train_pixel_run(tmp_path / "run", steps=1, limit=16)  # a training run restores the switches it found
+    assert tf32_flags() == (True, True)
     ckpt = tmp_path / "run" / "latest.pt"
     check_ok(run_cli("sample", ckpt, "--num", "1", "--precision", "tf32", "--out", tmp_path / "a.png",
                      "--device", "cpu"))
@@ -137,4 +137,18 @@ def test_commands_apply_the_policy(tmp_path, restore_tf32_flags):
     assert tf32_flags() == (True, True)
     check_ok(run_cli("complete", ckpt, "--image", tmp_path / "a.png", "--keep-rows", "4", "--num", "1",
                      "--out", tmp_path / "c.png", "--device", "cpu"))
+    assert tf32_flags() == (False, False)
+
+
+def test_policies_in_turn_never_mix_torchs_two_tf32_apis(restore_tf32_flags):
+    """A precision_policy block restored the switches through torch.set_float32_matmul_precision too; the next
+    apply_precision_policy (legacy switches) then left torch 2.14 in a mixed state in which the following
+    precision_policy raised RuntimeError: a run of commands in one process (bench/gpu_check.py) would crash."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    with precision_policy("fp32"):
+        pass
+    apply_precision_policy("tf32")
+    apply_precision_policy("fp32")
+    with precision_policy("tf32"):
+        assert tf32_flags() == (True, True)
     assert tf32_flags() == (False, False)

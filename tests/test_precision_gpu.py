@@ -127,3 +127,37 @@ def test_codes_and_coding_run_in_exact_fp32(bad_input_artefacts, tmp_path, tf32_
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         check_ok(run_cli(*command, "--device", "cpu"))
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False), command
+
+
+def test_bf16_is_judged_on_the_requested_gpu_not_the_current_one(monkeypatch):
+    """cuda:1 an Ampere GPU, cuda:0 (the current device) an older one: bf16 runs on cuda:1, is refused on cuda:0."""
+    capabilities = {0: (7, 0), 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: capabilities[0 if device is None else torch.device(device).index or 0])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "an older GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    check_precision("bf16", torch.device("cuda", 1))
+    with pytest.raises(UserError, match="only emulates bfloat16"):
+        check_precision("bf16", torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bfloat16_instructions_is_one_warning_line_naming_the_cost(native, monkeypatch,
+                                                                                         caplog):
+    import vqprior.runtime.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
+    precision._warn_emulated_cpu_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="vqprior"):
+        check_precision("bf16", torch.device("cpu"))
+        check_precision("bf16", torch.device("cpu"))  # once per process
+        check_precision("fp32", torch.device("cpu"))
+    lines = [r.getMessage() for r in caplog.records]
+    if native:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and "\n" not in lines[0] and "emulated" in lines[0] and "slower" in lines[0]
+    precision._warn_emulated_cpu_bf16.cache_clear()

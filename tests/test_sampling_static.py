@@ -144,3 +144,64 @@ def test_compiled_sampling_runs_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = sample(model, 2, label=label, condition=cond, compile={"backend": "eager"})
     assert out.shape == (2, H, W) and 0 <= out.min() and out.max() < model.config.num_codes
+
+
+@pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2"])
+def test_static_step_projects_the_head_in_float32_and_samples_as_eager_under_bf16(variant):
+    """Under bf16 autocast the eager cached step projects the head in float32 (as training does); the static step
+    behind ``--compile`` does the same, so compiled bf16 sampling draws what eager bf16 sampling draws."""
+    model = make_model(variant, dtype=torch.float32)
+    x, label, cond = make_inputs(model, batch=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for static in (False, True):
+            s = CachedSampler(model, 2, label, cond, static=static)
+            assert s.step(0).dtype == torch.float32
+    draw = dict(label=label, condition=cond)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runs = [sample(model, 2, generator=torch.Generator().manual_seed(3), **kw, **draw)
+                for kw in ({"compile": {"backend": "eager"}}, {})]
+    assert torch.equal(runs[0], runs[1])
+
+
+class StaticInputs:
+    """A torch.compile backend that records, for each graph, its tensor inputs (by source name) with whether
+    dynamo marked them as static addresses (what CUDA-graph trees neither copy nor re-record), and the inputs the
+    graph writes in place."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        static, written = {}, set()
+        for node in graph_module.graph.find_nodes(op="placeholder"):
+            if isinstance(node.meta.get("example_value"), torch.Tensor):
+                kind = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+                static[node._dynamo_source.name] = kind is not None
+        for node in graph_module.graph.nodes:
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_"):
+                target = node.args[0]
+                if target.op == "placeholder":
+                    written.add(target._dynamo_source.name)
+        self.graphs.append((static, written))
+        return graph_module.forward
+
+
+@pytest.mark.parametrize("variant", ["rgb", "codes-class-cond-k3-heads2", "codes-cond-no-attn"])
+def test_compiled_step_reads_every_weight_and_table_as_a_static_input(variant):
+    """CUDA graphs copy every graph input that is not a static address into their own buffer at each replay: the
+    compiled step and append must see all of the sampler's tensors as static, and write only to such inputs. The
+    only others are the position and the appended raw values (a few bytes)."""
+    model = make_model(variant, dtype=torch.float32)
+    _, label, cond = make_inputs(model, batch=2)
+    backend = StaticInputs()
+    torch._dynamo.reset()
+    sample(model, 2, label=label, condition=cond, compile={"backend": backend})
+    assert len(backend.graphs) == 2
+    (step, step_writes), (append, append_writes) = backend.graphs
+    assert len(step) > 10 and append_writes
+    for static, written in backend.graphs:
+        dynamic = sorted(name for name, is_static in static.items() if not is_static)
+        assert all(name in ("L['p']", "L['raw']") for name in dynamic), dynamic
+        assert written and all(static[name] for name in written), written

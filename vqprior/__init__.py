@@ -3,7 +3,14 @@
 The public API is small and imported lazily so that ``vqprior --help`` stays fast:
 ``load_model(path)`` and ``sample(model, num, ...)``.
 """
+import os
+
 __version__ = "0.1.0"
+
+# cuBLAS takes its workspace setting once, at a process's first matrix product on a GPU, and deterministic mode
+# (vqprior.runtime.determinism, which the lossless coder always enters) needs this one: set before any vqprior code
+# can run GPU work. The same workspace size torch picks by default on recent GPUs; a user's own setting is kept.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def load_model(path, device="cpu"):

@@ -3,8 +3,10 @@
 ``set_deterministic(True)`` turns on ``torch.use_deterministic_algorithms`` (ops without a deterministic kernel
 raise instead of varying; scatter/index kernels take their deterministic paths), cuDNN's deterministic algorithms
 with its autotuner (``cudnn.benchmark``) off, and a fixed cuBLAS workspace (``CUBLAS_WORKSPACE_CONFIG``, which
-torch requires in this mode and cuBLAS reads when it starts: set here before any CUDA work when it is not set
-already). ``deterministic()`` is the same for the duration of a ``with`` block (the lossless coder runs in it).
+torch requires in this mode). cuBLAS takes that setting once, at the process's first matrix product on a GPU, so
+importing ``vqprior`` sets it (when the environment does not); a process that did GPU work with another setting
+before gets a one-line error here instead of torch's traceback at the next matrix product. ``deterministic()`` is
+the same for the duration of a ``with`` block (the lossless coder runs in it).
 
 What it guarantees, and where: the same results from the same inputs, seeds, batch sizes and thread count on the
 same device model with the same torch / CUDA / cuDNN versions. It does not make a GPU agree with a CPU or with
@@ -17,13 +19,26 @@ import os
 
 import torch
 
+from vqprior.errors import UserError
+
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # one of the two settings torch documents for deterministic cuBLAS
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def check_cublas_workspace() -> None:
+    """One-line UserError when deterministic mode cannot hold on a GPU: CUDA already initialised in this process
+    without a deterministic cuBLAS workspace setting (its first matrix product fixed the workspace)."""
+    if torch.cuda.is_initialized() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in DETERMINISTIC_CUBLAS:
+        raise UserError("deterministic mode on a GPU needs CUBLAS_WORKSPACE_CONFIG=:4096:8 before the process's "
+                        "first CUDA work: import vqprior before using CUDA, or set it in the environment")
 
 
 def set_deterministic(enabled: bool = True) -> None:
     """Turn deterministic mode on (or back off: torch's defaults, cuDNN autotuning left off)."""
     if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+        if not torch.cuda.is_initialized():
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+        check_cublas_workspace()
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     if enabled:
@@ -60,5 +75,5 @@ def deterministic():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
-__all__ = ["CUBLAS_WORKSPACE_CONFIG", "autotuned_convolutions", "deterministic", "is_deterministic",
-           "set_deterministic"]
+__all__ = ["CUBLAS_WORKSPACE_CONFIG", "autotuned_convolutions", "check_cublas_workspace", "deterministic",
+           "is_deterministic", "set_deterministic"]

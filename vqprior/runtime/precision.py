@@ -22,6 +22,9 @@ The switches are process-wide (they are PyTorch's): the CLI applies a command's 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import platform
 
 import torch
 
@@ -29,7 +32,9 @@ from vqprior.config import PRECISIONS
 from vqprior.errors import UserError
 
 __all__ = ["PRECISIONS", "apply_precision_policy", "autocast", "grad_scaler", "precision_policy",
-           "resolve_training_precision", "check_precision", "native_bf16"]
+           "resolve_training_precision", "check_precision", "cpu_native_bf16", "native_bf16"]
+
+log = logging.getLogger(__name__)
 
 AMPERE = (8, 0)  # the first CUDA capability with TF32 and native bfloat16
 
@@ -48,31 +53,56 @@ def apply_precision_policy(precision: str, device: torch.device | str | None = N
 @contextlib.contextmanager
 def precision_policy(precision: str, device: torch.device | str | None = None):
     """``apply_precision_policy`` for the duration of a ``with`` block; PyTorch's switches restored after it."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
+    # Only the two switches apply_precision_policy sets, through the same (legacy) API: restoring through
+    # torch.set_float32_matmul_precision as well mixed torch's two APIs, after which torch 2.14 raises at the next
+    # get_float32_matmul_precision (a later precision_policy in the same process).
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     apply_precision_policy(precision, device)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether CUDA ``device`` computes in bfloat16 natively (not emulated through float32, as before Ampere)."""
+    """Whether CUDA ``device`` (that GPU, not the current one) computes in bfloat16 natively: compute capability
+    8.0 (Ampere) and later; before, bfloat16 is emulated through float32."""
+    return torch.cuda.get_device_capability(device) >= AMPERE
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (x86: AVX512-BF16 or AMX; ARM: the BF16 extension), which torch's
+    CPU kernels use for bf16 matrix products; without them bf16 is emulated and slower than fp32. Unknown: True."""
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if any(check is not None for check in checks):
+            return any(check() for check in checks if check is not None)
+        wanted = {"avx512_bf16", "amx_bf16"}
+    else:
+        wanted = {"bf16"}  # ARM's /proc/cpuinfo "Features"
     try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # a torch without the keyword: judge by the capability
-        return torch.cuda.get_device_capability(device) >= AMPERE
+        with open("/proc/cpuinfo") as f:
+            return bool(wanted & set(f.read().split()))
+    except OSError:
+        return True
 
 
 def check_precision(precision: str, device: torch.device | str) -> None:
-    """UserError (one line) for a precision ``device`` cannot run as asked: bf16 on a GPU that only emulates it."""
+    """UserError (one line) for a precision ``device`` cannot run as asked: bf16 on a GPU that only emulates it.
+    bf16 on a CPU without bfloat16 instructions runs, emulated, after one warning line naming the cost."""
     device = torch.device(device)
     if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
         name = torch.cuda.get_device_name(device)
         raise UserError(f"--precision bf16: {name} only emulates bfloat16 (slower than fp32); use --precision fp16 "
                         f"(autocast with loss scaling) or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_native_bf16():
+        _warn_emulated_cpu_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_emulated_cpu_bf16() -> None:
+    log.warning("Warning: --precision bf16 on a CPU without bfloat16 instructions (no AVX512-BF16, AMX or ARM BF16) "
+                "is emulated: several times slower than --precision fp32, with bf16's rounding (docs/gpu.md)")
 
 
 def resolve_training_precision(precision: str, device: torch.device | str) -> str:

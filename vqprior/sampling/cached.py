@@ -150,13 +150,14 @@ class CachedSampler:
     def compile(self, **options) -> "CachedSampler":
         """Compile the static step and append with ``torch.compile(fullgraph=True, dynamic=False, **options)``:
         one graph each for every position (a batch of another size compiles once more). On CUDA pass
-        ``mode="reduce-overhead"`` for CUDA graphs; the maps that steps write are marked as static addresses so
-        that the graphs can update them in place."""
+        ``mode="reduce-overhead"`` for CUDA graphs. Every tensor the two read or write (``_graph_tensors``) is
+        marked as a static address: CUDA graphs then read the weights and tables and update the maps in place,
+        where they would otherwise copy each unmarked input into a buffer of their own at every replay (the
+        weights are plain tensors here, not module parameters, which torch.compile would treat as static)."""
         if not self.static:
             raise ValueError("compile() needs a CachedSampler built with static=True")
-        if self.inputs.device.type == "cuda":
-            for t in self._state():
-                torch._dynamo.mark_static_address(t, guard=False)
+        for t in self._graph_tensors():
+            torch._dynamo.mark_static_address(t, guard=False)
         settings = dict(fullgraph=True, dynamic=False, **options)
         self._step_at = torch.compile(self._step_static, **settings)
         self._append_at = torch.compile(self._append_static, **settings)
@@ -169,14 +170,26 @@ class CachedSampler:
         self._step_at = self._append_at = None
         self.compiled = False
 
-    def _state(self) -> list[torch.Tensor]:
-        """Every tensor a step writes."""
-        out = [self.inputs]
-        for res_blocks, attn, _ in self.blocks:
-            out += [t for res in res_blocks for t in (res.in_flat, res.mid_flat)]
-            if attn is not None:
-                out += [attn.keys_t, attn.values, attn.block_out_buffer]
-        return out
+    def _graph_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the static step and append can read or write, each once: the maps and key/value caches
+        they write (``inputs_flat`` included: the view they write through, not only its base), the weights, biases
+        and per-position tables of this sampler and of its layers' steps."""
+        found: dict[int, torch.Tensor] = {}
+
+        def visit(value):
+            if isinstance(value, torch.Tensor):
+                found.setdefault(id(value), value)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    visit(v)
+            elif isinstance(value, dict):
+                for v in value.values():
+                    visit(v)
+            elif isinstance(value, (NinGatedStep, DownRightGatedStep, AttentionStep)):
+                visit(vars(value))
+
+        visit([v for k, v in vars(self).items() if k not in ("model", "label", "condition")])
+        return list(found.values())
 
     def _biases(self, p):
         """An iterator over each gated block's (B, 2F) conv2 bias at position p (an int or a 0-d tensor)."""
@@ -197,7 +210,12 @@ class CachedSampler:
                 h = res.static(h, *at[res.k], next(biases))
             if attn is not None:
                 h = out(h, attn.attend_static(h, p), next(biases))
-        return torch.addmm(self.head_b, elu(h), self.head_w)
+        return self._head(h)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's last projection, in float32 under any autocast, as vqprior.models.heads projects in training."""
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.addmm(self.head_b, elu(h).to(self.head_w.dtype), self.head_w)
 
     def _append_static(self, p: torch.Tensor, raw: torch.Tensor) -> None:
         """Write the raw input ``raw`` (B, Cr) at the position held by the 0-d device tensor ``p``."""
@@ -227,8 +245,7 @@ class CachedSampler:
             if attn is not None:
                 h = out(h, attn.attend(h, p), next(biases))
         self._stepped = p
-        with torch.autocast(h.device.type, enabled=False):  # the head projects in float32, as vqprior.models.heads does
-            return torch.addmm(self.head_b, elu(h).to(self.head_w.dtype), self.head_w)
+        return self._head(h)
 
     def append(self, p: int, value: torch.Tensor) -> None:
         """Record the value sampled at p (pixels uint8 (B, C), codes int64 (B,)) and the keys/values it yields."""

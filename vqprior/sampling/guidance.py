@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vqprior.errors import UserError
-from vqprior.models.distributions import sample_categorical
+from vqprior.models.distributions import _gumbel, sample_categorical
 from vqprior.models.null_class import null_label
 
 
@@ -86,17 +86,24 @@ class Guidance(Unguided):
             return self._pixels(cond, uncond)
 
     def _pixels(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """(B, C) uint8 values, sub-pixel by sub-pixel from the guided table of each channel given the earlier ones."""
-        from vqprior.models.conditionals import PixelConditionals
+        """(B, C) uint8 values, sub-pixel by sub-pixel from the guided table of each channel given the earlier ones
+        (float64 host arithmetic), by Gumbel-max. The noise of every channel is drawn at once on the device from
+        the sampler's generator; it and both streams' parameters reach the host in one copy, and the values go back
+        in one: a position waits for the device once, not once per channel and stream."""
+        from vqprior.models.conditionals import LEVELS, PixelConditionals
 
-        c = self.model.config
+        c, (B, P), device = self.model.config, cond.shape, cond.device
         generator, temperature = self.controls.get("generator"), self.controls.get("temperature", 1.0)
+        noise = _gumbel((c.channels, B, LEVELS), generator, device, cond.dtype)
+        host = torch.cat([cond.flatten(), uncond.flatten(), noise.flatten()]).cpu()
+        cond, uncond, noise = host[:B * P].view(B, P), host[B * P:2 * B * P].view(B, P), host[2 * B * P:]
+        noise = noise.view(c.channels, B, LEVELS)
         streams = [PixelConditionals(p, c.channels, c.mixtures, temperature) for p in (cond, uncond)]
         out = []
         for ch in range(c.channels):
-            log_p = guided_log_probs(streams[0].log_pmf(ch), streams[1].log_pmf(ch), self.scale)  # (B, 256) CPU
-            value = sample_categorical(log_p.to(cond.device, cond.dtype), generator)  # Gumbel-max, on the device
+            log_p = guided_log_probs(streams[0].log_pmf(ch), streams[1].log_pmf(ch), self.scale)  # (B, 256)
+            value = torch.argmax(log_p.to(noise.dtype) + noise[ch], -1)
             for s in streams:
-                s.observe(ch, value.cpu())
+                s.observe(ch, value)
             out.append(value)
-        return torch.stack(out, 1).to(torch.uint8)
+        return torch.stack(out, 1).to(device, torch.uint8)

@@ -22,8 +22,8 @@ processes train the model one process would. Rank 0 alone writes files; eval run
 stop flag, time limit and non-finite check are agreed by one all-reduce per step. VQ-VAE codebooks are kept identical
 by the quantizer's own collectives, so DDP does not re-broadcast buffers.
 
-Host syncs: a single-process step reads nothing back from the device between logging steps (``step_guard`` keeps
-metrics, guard and counters there); a distributed step reads its all-reduced flags once.
+Host syncs: a single-process step reads nothing back between logging steps (step_guard keeps metrics, guard and
+counters on the device); a distributed step reads its all-reduced flags once, after the backward pass.
 """
 from __future__ import annotations
 
@@ -104,12 +104,9 @@ class TrainingRun(RunOutputs):
         if config.batch_size % self.world:
             raise UserError(f"--batch-size {config.batch_size} (the global micro-batch) must be divisible by the "
                             f"{self.world} processes")
-        self.out = Path(out_dir)
+        self.out, self.metrics_path = Path(out_dir), Path(out_dir) / "metrics.jsonl"
         self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.out / "metrics.jsonl"
-        self.board = None
-        self.last_metrics: dict[str, float] = {}
-        self.timer = StepTimer()
+        self.board, self.last_metrics, self.timer = None, {}, StepTimer()
         self.skipped = self.worst = 0  # the guard's counters as last read
         self.last_skipped = False
 
@@ -167,7 +164,6 @@ class TrainingRun(RunOutputs):
                 first = to_device(next(iter(DataLoader(train_set, batch_sampler=[micro],
                                                        generator=self.loader_rng()))), self.device)
                 self.task.init_model(model, first)  # weight-norm data-dependent init (the same batch on every rank)
-            self.ema = EMA(model, config.ema)
         else:
             self.opt.load_state_dict(checkpoint["optimizer"])  # torch moves its state to the parameters' device
             if self.scaler.is_enabled() and "scaler" in checkpoint:
@@ -186,6 +182,8 @@ class TrainingRun(RunOutputs):
             # on every rank by the quantizer's all-reduce (vqprior.models.quantizer), PixelSNAIL has none.
             self.train_model = self.ddp = DistributedDataParallel(model, device_ids=device_ids,
                                                                   broadcast_buffers=False)
+        if checkpoint is None:  # after DDP broadcast rank 0's weights: every rank averages from the same start
+            self.ema = EMA(model, config.ema)
         if config.compile:
             # Compiled around DDP (not inside it) so that DDP's bucketed all-reduce still overlaps the backward pass.
             self.train_model = compile_model(self.train_model, self.device)
@@ -235,6 +233,7 @@ class TrainingRun(RunOutputs):
         self.train_model.train()
         opt.zero_grad(set_to_none=True)
         loss_sum, metrics = accumulate_gradients(self.task, self.train_model, batch, config, scaler, self.ddp)
+        # Agreed once the backward passes are queued: a distributed run's read then waits for them, not the forward.
         stop_now, time_up, bad_loss = self.agree(stop, ~torch.isfinite(loss_sum))
         if scaler.is_enabled():
             scaler.unscale_(opt)  # clipping and the guard see the true gradient

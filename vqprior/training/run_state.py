@@ -84,11 +84,14 @@ class EMA:
             self._model = model
             self._pairs = ([self.state[n] for n in self.names], [params[n].detach() for n in self.names])
             self._buffers = [(self.state[name], buf) for name, buf in model.named_buffers()]
-        if applied is None:
-            torch._foreach_lerp_(*self._pairs, 1.0 - decay)  # one fused pass over every parameter
-        else:  # the weight as a device tensor: a skipped step (applied 0) lerps by 0
-            weight = applied * (1.0 - decay)
-            torch._foreach_lerp_(*self._pairs, [weight] * len(self.names))
+        # average += weight * (live - average) over every parameter in fused multi-tensor kernels. The weight is a
+        # device tensor when ``applied`` is given (a skipped step moves by 0): one 0-d tensor for all parameters,
+        # not a list of them, which CUDA's fused foreach kernels do not take (one kernel per parameter instead).
+        weight = 1.0 - decay if applied is None else applied * (1.0 - decay)
+        averages, live = self._pairs
+        steps = torch._foreach_sub(live, averages)
+        torch._foreach_mul_(steps, weight)
+        torch._foreach_add_(averages, steps)
         for averaged, buf in self._buffers:
             averaged.copy_(buf)
 
