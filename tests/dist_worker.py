@@ -114,9 +114,9 @@ def ema_run(rank: int, out: Path) -> dict:
 
 
 def run_result_placeholder():
-    from vqprior.training.loop import _StepResult
+    from vqprior.training.outputs import StepResult
 
-    return _StepResult(False, False, 0, 0.0, {})
+    return StepResult(False, False, 0, 0.0, {})
 
 
 def main():
