@@ -228,8 +228,8 @@ def check_dataset_options(dataset: str, ctx: click.Context | None = None) -> Non
     """Data options that do not apply to ``dataset`` are errors, not silently dropped."""
     if dataset == "sample":
         refuse_unused(("data_dir",), "with --dataset sample (the bundled images need no folder)", ctx)
-    if dataset not in ("cifar10", "mnist"):
-        refuse_unused(("download",), f"with --dataset {dataset} (only cifar10 and mnist download)", ctx)
+    if dataset not in ("cifar10", "mnist", "fashion-mnist"):
+        refuse_unused(("download",), f"with --dataset {dataset} (only cifar10, mnist and fashion-mnist download)", ctx)
 
 
 def check_outputs(*paths):
