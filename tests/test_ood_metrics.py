@@ -48,3 +48,17 @@ def test_separation_reads_the_shared_columns_and_refuses_empty_or_foreign_tables
         auroc([], [1.0])
     with pytest.raises(UserError, match="finite"):
         auroc([np.nan], [1.0])
+
+
+def test_the_ood_sets_script_draws_digits_as_rgb_without_changing_a_pixel():
+    from conftest import load_script
+
+    sets = load_script("ood_sets")
+    digits = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    rgb = sets.padded_rgb(digits)
+    assert rgb.shape == (3, 3, 32, 32) and rgb.dtype == np.uint8
+    assert (rgb[:, :, 2:30, 2:30] == digits[:, None]).all() and rgb.sum() == 3 * digits.astype(np.int64).sum()
+    constant = sets.synthetic("constant", 4, np.random.default_rng(0))
+    assert constant.shape == (4, 3, 32, 32) and (constant == constant[:, :, :1, :1]).all()
+    noise = sets.synthetic("noise", 4, np.random.default_rng(0))
+    assert noise.dtype == np.uint8 and len(np.unique(noise)) > 200
