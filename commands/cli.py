@@ -16,6 +16,7 @@ from vqprior.commands.info import info, presets
 from vqprior.commands.plot import plot
 from vqprior.commands.receptive_field import receptive_field
 from vqprior.commands.sample import sample
+from vqprior.commands.score import ood_eval, score
 from vqprior.commands.train_pixels import train_pixels
 from vqprior.commands.train_prior import train_prior
 from vqprior.commands.train_vqvae import train_vqvae
@@ -52,12 +53,13 @@ def cli():
     Sharing:  export (a small fp16 inference copy of any checkpoint)
     Looking:  info CKPT or CACHE, presets, evaluate VQVAE.pt, receptive-field
     Coding:   compress / decompress (lossless files of -log2 p(x) bits)
+    OOD:      score (per-image bits, likelihood ratio, input complexity) -> ood-eval (AUROC, AUPR, FPR95)
     Curves:   plot (held-out and training metrics of run folders)
     """
 
 
 for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate, sample, complete, decode,
-                receptive_field, export, info, presets, compress, decompress, plot):
+                receptive_field, export, info, presets, compress, decompress, plot, score, ood_eval):
     command.params.append(click.Option(
         ["--threads"], type=click.IntRange(min=1), default=None, expose_value=False, callback=_set_threads,
         help="CPU threads for torch (torch.set_num_threads; default: torch's choice)."))

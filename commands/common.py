@@ -225,8 +225,8 @@ def resolve_cache_encoding(kw: dict, default: tuple[str, int] = ("raw", 90),
 
 download_option = click.option(
     "--download", is_flag=True,
-    help="cifar10, mnist: download into --data-dir when it holds no data (torchvision checks the archive; each "
-         "split is converted once to train.npz / test.npz there).")
+    help="cifar10, mnist, fashion-mnist: download into --data-dir when it holds no data (torchvision checks the "
+         "archive; each split is converted once to train.npz / test.npz there).")
 
 
 def load_checkpoint_split(data, dataset, data_dir, split: str, limit: int, cache, cache_encoding, jpeg_quality,

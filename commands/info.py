@@ -128,6 +128,9 @@ def info(checkpoint, as_json):
         null = ("with a null class (p(x) too: sample --guidance, evaluate --class none)"
                 if facts["architecture"].get("null_class") else "without a null class (no --guidance)")
         lines.append(f"class-conditional over {classes} classes, {null}")
+    if facts["data"].get("perturb"):
+        lines.append(f"background model: trained with {facts['data']['perturb']} of the sub-pixels replaced by "
+                     f"uniform noise (score --background)")
     if "levels" in facts:
         lines.append(f"levels, coarsest first: {_levels_text(facts['levels'])}")
     sections = [("architecture", facts["architecture"]), ("training", facts["training"]), ("data", facts["data"])]

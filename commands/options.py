@@ -147,7 +147,7 @@ def class_dropout_option(fn):
                              "(0.1-0.2 is usual). With --init-from a model without a null class, adds one.")(fn)
 
 
-DATASETS = ["sample", "cifar10", "mnist", "imagenet32", "imagenet64", "folder"]
+DATASETS = ["sample", "cifar10", "mnist", "fashion-mnist", "imagenet32", "imagenet64", "folder"]
 
 
 def data_options(fn):

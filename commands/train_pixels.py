@@ -41,6 +41,11 @@ ARCHITECTURE = ("preset", "class_conditional", *MODEL_FIELDS)  # fixed by a resu
 @data_options
 @click.option("--class-conditional", is_flag=True, help="Condition on the dataset's class labels.")
 @class_dropout_option
+@click.option("--perturb", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
+              metavar="P",
+              help="Train a background model for `score --background`: replace a fraction P of the sub-pixels of "
+                   "each training batch by uniform random values 0..255 (Ren et al. 2019 use 0.1-0.3). Held-out "
+                   "bits/dim stay on clean images. A resumed run keeps it.")
 @model_options
 @train_options
 @device_option
@@ -65,7 +70,8 @@ def train_pixels(ctx, **kw):
         data_config = DataConfig.from_dict(checkpoint["config"]["data"])
         model_config = ModelConfig.from_dict(checkpoint["config"]["model"])
         refuse_on_resume(arch_conflicts(ctx, kw, model_config) + data_conflicts(ctx, kw, data_config)
-                         + class_dropout_conflicts(ctx, kw, data_config), kw["out_dir"])
+                         + class_dropout_conflicts(ctx, kw, data_config)
+                         + differing(ctx, kw, {"perturb": data_config.perturb}), kw["out_dir"])
         data_config = resumed_data_config(ctx, kw, data_config)
     else:
         encoding, quality = resolve_cache_encoding(kw, ctx=ctx)
@@ -78,8 +84,8 @@ def train_pixels(ctx, **kw):
         data_config = DataConfig(dataset=kw["dataset"], data_dir=kw["data_dir"] or "", image_size=kw["image_size"],
                                  cache=kw["cache"] or "", download=kw["download"], class_conditional=conditional,
                                  limit=kw["limit"], class_dropout=kw["class_dropout"], cache_encoding=encoding,
-                                 jpeg_quality=quality)
-    announce(start, ctx, kw, ARCHITECTURE + DATA_FIXED + ("class_dropout",))  # a resumed run keeps these
+                                 jpeg_quality=quality, perturb=kw["perturb"])
+    announce(start, ctx, kw, ARCHITECTURE + DATA_FIXED + ("class_dropout", "perturb"))  # a resumed run keeps these
     train_set = load_split(data_config, "train")
     val_set = load_split(data_config, "test")
     if start.init is not None:

@@ -128,7 +128,7 @@ def test_shipped_checkpoints_carry_no_machine_paths():
     import torch
 
     shipped = sorted(CHECKPOINTS.glob("*.pt"))
-    assert len(shipped) == 8
+    assert len(shipped) == 10
     for path in shipped:
         data = torch.load(path, map_location="cpu", weights_only=True)
         assert not absolute_paths_in(data), (path.name, absolute_paths_in(data))

@@ -192,10 +192,15 @@ class DataConfig:
     # Classifier-free guidance training (vqprior.sampling.guidance): each label is replaced by the null class with this
     # probability, so one network learns p(x | y) and p(x). A resumed run keeps it.
     class_dropout: float = 0.0
+    # Background models for the likelihood ratio (docs/ood.md): this fraction of the sub-pixels of each training batch
+    # is replaced by uniform random values 0..255 (Ren et al. 2019's mu). Held-out evaluation stays on clean data.
+    perturb: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"class-dropout must be in [0, 1), got {self.class_dropout}")
+        if not 0.0 <= self.perturb < 1.0:
+            raise ConfigError(f"perturb must be in [0, 1), got {self.perturb}")
         if self.class_dropout and not self.class_conditional:
             raise ConfigError("class-dropout needs a class-conditional model")
 

@@ -4,9 +4,9 @@ Items are ``{"image": uint8 (C, H, W), "label": int64 scalar, "index": int64 sca
 in this dataset, so ``dataset[item["index"]]`` gives the item back); torch's default collate stacks them. Sources:
 
 - ``sample``: the bundled CIFAR-10 subset (``sample/cifar10_sample.npz``, built by ``scripts/make_sample.py``).
-- ``cifar10`` / ``mnist``: ``data_dir`` with ``train.npz`` / ``test.npz`` (``images`` uint8 (N, H, W[, C]),
-  ``labels``), also accepted one level down in ``data_dir/<name>/``, or torchvision's files
-  (``cifar-10-batches-py/``, ``MNIST/raw/``); ``download`` lets torchvision fetch them.
+- ``cifar10`` / ``mnist`` / ``fashion-mnist``: ``data_dir`` with ``train.npz`` / ``test.npz`` (``images`` uint8
+  (N, H, W[, C]), ``labels``), also accepted one level down in ``data_dir/<name>/``, or torchvision's files
+  (``cifar-10-batches-py/``, ``MNIST/raw/``, ``FashionMNIST/raw/``); ``download`` lets torchvision fetch them.
 - ``imagenet32`` / ``imagenet64``: van den Oord et al.'s PNG folders ``train_32x32/`` and ``valid_32x32/``
   (unlabeled), or the classification variant's npz batches (``train_data_batch_N.npz``, ``val_data.npz``; ``data``
   (N, 3*S*S) CHW-flattened, 1-based ``labels``), directly in ``data_dir`` or one folder down. ``test`` is ``valid``.
@@ -30,12 +30,12 @@ from torch.utils.data import Dataset
 from vqprior.errors import UserError
 from vqprior.images import load_image, resize_center_crop
 
-DATASETS = ("cifar10", "mnist", "imagenet32", "imagenet64", "folder", "sample")
+DATASETS = ("cifar10", "mnist", "fashion-mnist", "imagenet32", "imagenet64", "folder", "sample")
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 SAMPLE_PATH = Path(__file__).resolve().parent / "sample" / "cifar10_sample.npz"
 FOLDER_HOLDOUT_EVERY = 20  # without a test/ or val/ folder, every 20th file (5 %) is held out for testing
-_TORCHVISION_LAYOUT = {"cifar10": "cifar-10-batches-py", "mnist": "MNIST/raw"}
+_TORCHVISION_LAYOUT = {"cifar10": "cifar-10-batches-py", "mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw"}
 
 
 class ImageDataset(Dataset):
@@ -365,7 +365,7 @@ def _explain_empty(folder: Path, split: str) -> None:
 def load_source(name, split, data_dir, image_size, download, limit) -> ImageDataset:
     if name == "sample":
         dataset = _load_sample(split, image_size)
-    elif name in ("cifar10", "mnist"):
+    elif name in _TORCHVISION_LAYOUT:
         dataset = _load_cifar_or_mnist(name, split, data_dir, image_size, download)
     elif name in ("imagenet32", "imagenet64"):
         dataset = _load_imagenet(name, split, data_dir, image_size)

@@ -31,3 +31,54 @@ def load_image_dataset(name: str, split: str, data_dir: str | os.PathLike | None
                                    lambda: load_source(name, split, data_dir, image_size, download, limit),
                                    progress=progress, encoding=cache_encoding, jpeg_quality=jpeg_quality)
     return load_source(name, split, data_dir, image_size, download, limit)
+
+
+def load_image_files(paths, channels: int) -> tuple[ImageDataset, list[str]]:
+    """Images given as files, as an unlabelled in-memory ``ImageDataset`` and one name per item: each path an image
+    file, a folder (its images, searched recursively, sorted; hidden entries skipped) or a ``.npy`` uint8 array
+    (N, C, H, W) or (N, H, W) whose items are named ``file.npy:i``. Files are converted to ``channels`` (1 or 3);
+    every image must have the size of the first."""
+    from pathlib import Path
+
+    import torch
+
+    from vqprior.data.datasets import IMAGE_EXTENSIONS, ArrayImageDataset, _scan_images
+    from vqprior.images import load_image
+
+    images, names = [], []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise UserError(f"image input not found: {path}")
+        if path.suffix.lower() == ".npy" and path.is_file():
+            array = _read_image_array(path, channels)
+            images += list(torch.from_numpy(array))
+            names += [f"{path}:{i}" for i in range(len(array))]
+            continue
+        files = [path / f for f in _scan_images(path)] if path.is_dir() else [path]
+        if not files:
+            raise UserError(f"no images in {path} (looked for {'/'.join(IMAGE_EXTENSIONS)}, in subfolders too)")
+        images += [load_image(f, channels) for f in files]
+        names += [str(f) for f in files]
+    if not images:
+        raise UserError("no images given")
+    shapes = sorted({tuple(im.shape) for im in images})
+    if len(shapes) > 1:
+        raise UserError(f"the images differ in size ({', '.join('x'.join(map(str, s)) for s in shapes[:3])}); "
+                        "scoring needs one size (the model's)")
+    stacked = torch.stack(images).permute(0, 2, 3, 1).contiguous()  # (N, H, W, C), as ArrayImageDataset holds them
+    return ArrayImageDataset("files", "given", stacked, torch.zeros(len(images), dtype=torch.int64), 0), names
+
+
+def _read_image_array(path, channels: int):
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as a .npy array ({type(e).__name__})") from None
+    if array.ndim == 3 and channels == 1:
+        array = array[:, None]
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != channels:
+        raise UserError(f"{path}: expected uint8 images (N, {channels}, H, W), got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array)

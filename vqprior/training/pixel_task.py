@@ -32,7 +32,7 @@ class PixelTask:
         data_dependent_init(model, batch["image"], label=self._label(batch))
 
     def loss(self, model, batch):
-        x = batch["image"]
+        x = perturb_images(batch["image"], self.data_config.perturb)  # a background model's noisy inputs
         label = drop_labels(self._label(batch), self.model_config, self.data_config.class_dropout)  # null class
         params = model(x, label=label)
         head = getattr(model, "module", model).head  # DistributedDataParallel keeps PixelSNAIL in .module
@@ -58,3 +58,14 @@ class PixelTask:
 
     def extra_checkpoint(self) -> dict:
         return {}
+
+
+def perturb_images(images: torch.Tensor, fraction: float) -> torch.Tensor:
+    """uint8 ``images`` with each sub-pixel replaced, with probability ``fraction``, by a uniform random value 0..255
+    (the input perturbation of Ren et al. 2019's background model). Draws from the global RNG of the images' device,
+    like dropout, so a resumed run continues the same stream. Unchanged when ``fraction`` is 0."""
+    if not fraction:
+        return images
+    replace = torch.rand(images.shape, device=images.device) < fraction
+    noise = torch.randint(0, 256, images.shape, device=images.device, dtype=images.dtype)
+    return torch.where(replace, noise, images)
