@@ -39,8 +39,8 @@ def test_final_evaluation_shows_a_progress_bar_unless_quiet(tmp_path):
 def test_sampling_progress_counts_every_position(prior_pipeline, capsys):
     top, bottom = load_model(prior_pipeline.top), load_model(prior_pipeline.bottom)
     generate(top, 3, bottom=bottom, batch_size=2, label=1, progress=True)
-    # Two batches (2 + 1 samples) over a 4x4 top and an 8x8 bottom map.
-    assert re.search(r"sample: .*\b160/160 \[", capsys.readouterr().err)
+    positions = 2 * (4 * 4 + 8 * 8)  # two batches (2 + 1 samples), each over a 4x4 top and an 8x8 bottom map
+    assert re.search(rf"sample: .*\b{positions}/{positions} \[", capsys.readouterr().err)
     generate(top, 3, bottom=bottom, label=1, progress=False)
     assert capsys.readouterr().err == ""
 
