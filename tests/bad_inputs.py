@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_support import TINY_TRAIN, TRAIN_FAST, build_prior_pipeline, check_ok, run_cli, train_pixel_run
+from cli_support import TINY_TRAIN, TRAIN_FAST, PixelRun, PriorPipeline, check_ok, run_cli, snapshot
 
 
 def write_images(folder: Path, count: int, size=(8, 8), seed: int = 0) -> None:
@@ -33,12 +33,11 @@ def write_images(folder: Path, count: int, size=(8, 8), seed: int = 0) -> None:
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
 
 
-def build_artefacts(root: Path) -> dict[str, Path]:
-    """Tiny real artefacts: a pixel run, a 2-level VQ-VAE pipeline (class-conditional top prior), and a 1-level
-    VQ-VAE with 8 codes (a different codebook) with its own code cache; plus an unlabeled image folder and a
-    1-channel 'mnist' folder."""
-    train_pixel_run(root / "px", steps=1, limit=16)
-    p = build_prior_pipeline(root, steps=1, train_items=16, test_items=8)
+def build_artefacts(root: Path, pixel_run: PixelRun, pipeline: PriorPipeline) -> dict[str, Path]:
+    """Tiny real artefacts: the session's pixel run and 2-level VQ-VAE pipeline (class-conditional top prior), and a
+    1-level VQ-VAE with 8 codes (a different codebook) with its own code cache; plus an unlabeled image folder and a
+    1-channel 'mnist' folder. ``roots`` are the folders whose content no case may change."""
+    p = pipeline
     check_ok(run_cli("train-vqvae", "--dataset", "sample", "--image-size", "16", "--levels", "1", "--codebook-size",
                      "8", "--limit", "16", "--steps", "1", *TINY_TRAIN, "--out", root / "vq1"))
     check_ok(run_cli("extract-codes", "--vqvae", root / "vq1" / "latest.pt", "--split", "test", "--limit", "8",
@@ -47,10 +46,10 @@ def build_artefacts(root: Path) -> dict[str, Path]:
     (root / "mnist").mkdir()
     for split in ("train", "test"):
         np.savez(root / "mnist" / f"{split}.npz", images=np.zeros((8, 28, 28), np.uint8), labels=np.zeros(8, np.int64))
-    return {"root": root, "px": root / "px" / "latest.pt", "px_dir": root / "px", "vq": p.vqvae,
-            "top": p.top, "bottom": p.bottom, "train_codes": p.train_codes, "test_codes": p.test_codes,
-            "vq1": root / "vq1" / "latest.pt", "other_codes": root / "other.lmdb", "images": root / "images",
-            "mnist": root / "mnist"}
+    return {"roots": (root, pixel_run.folder, p.vqvae.parent.parent), "px": pixel_run.checkpoint,
+            "px_dir": pixel_run.folder, "vq": p.vqvae, "top": p.top, "bottom": p.bottom, "train_codes": p.train_codes,
+            "test_codes": p.test_codes, "vq1": root / "vq1" / "latest.pt", "other_codes": root / "other.lmdb",
+            "images": root / "images", "mnist": root / "mnist"}
 
 
 # --- bad files, written by a case's setup into the test's folder -------------------------------------------------
@@ -176,22 +175,12 @@ TRAIN = " ".join(TRAIN_FAST)
 PRIOR = " ".join(a for a in TRAIN_FAST if a not in ("--image-size", "8"))  # no image size for codes
 
 
-def snapshot(folder: Path) -> dict[str, tuple]:
-    """Every entry under ``folder`` with size and mtime (LMDB lock files only by name: readers may touch them)."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        st = p.lstat()
-        out[rel] = (p.is_dir(),) if p.is_dir() or p.name == "lock.mdb" else (st.st_size, st.st_mtime_ns)
-    return out
-
-
 def check_bad_input(bad: Case, artefacts: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     """Run one case: a one-line Error, a non-zero clean exit, the test folder and the shared artefacts unchanged."""
     monkeypatch.chdir(tmp_path)
     if bad.setup:
         bad.setup(tmp_path, artefacts)
-    before, shared_before = snapshot(tmp_path), snapshot(artefacts["root"])
+    before, shared_before = snapshot(tmp_path), [snapshot(root) for root in artefacts["roots"]]
     args = [a.format(**artefacts) for a in bad.args]
 
     result = run_cli(*args)
@@ -203,6 +192,6 @@ def check_bad_input(bad: Case, artefacts: dict[str, Path], tmp_path: Path, monke
     assert len(errors) == 1, result.output
     assert re.search(bad.word, errors[0], re.IGNORECASE), errors[0]
     assert snapshot(tmp_path) == before  # no output, temp file or run folder left behind
-    assert snapshot(artefacts["root"]) == shared_before  # inputs untouched
+    assert [snapshot(root) for root in artefacts["roots"]] == shared_before  # inputs untouched
     if bad.check:
         bad.check(tmp_path)

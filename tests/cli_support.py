@@ -4,6 +4,7 @@ priors) that the tests share. Not a test module itself.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,41 @@ TINY_TRAIN = ["--preset", "tiny", "--batch-size", "8", "--eval-limit", "16", "--
 # One step of a tiny model on 8x8 images: for commands that must fail (or just run) as fast as possible.
 TRAIN_FAST = ["--preset", "tiny", "--image-size", "8", "--steps", "1", "--batch-size", "4", "--num-samples", "2",
               "--eval-limit", "4", "--quiet", "--device", "cpu"]
+
+
+# The README's commands, run by the tests at reduced size (the five-minute tour in test_doc_commands.py, the 256x256
+# walkthrough in test_walkthrough.py): README text -> its stand-in. Only whole options are replaced (``--steps 100``,
+# not the start of ``--steps 1000``), and each entry must still occur in the README (test_walkthrough.py checks), so
+# an edit there cannot leave a test running something else.
+README_REDUCED = {
+    "--image-size 256": "--image-size 16",
+    "--preset vqvae2-256": "--preset tiny --levels 2",  # 16x16 -> 8x8 bottom and 4x4 top codes of 16
+    "--preset vqvae2-top": "--preset tiny",
+    "--preset vqvae2-bottom": "--preset tiny",
+    "--batch-size 16": "--batch-size 4",
+    "--keep-rows 128": "--keep-rows 8",
+    "--steps 100": "--steps 2",
+    "--steps 150": "--steps 3",  # the tour's resume: one step further
+    "--steps 200": "--steps 2",
+    "--num 16": "--num 2",
+    "--num 4": "--num 2",
+    "--num 20": "--num 10",  # --class-rows: a multiple of the 10 classes
+    "--num 100": "--num 10",
+    "--limit 100": "--limit 8",
+    "--keep-rows 16": "--keep-rows 28",  # 32x32 images: the last 4 rows are sampled
+}
+
+
+def whole_option(text: str) -> re.Pattern:
+    """``text`` as whole words of a command line."""
+    return re.compile(rf"(?<!\S){re.escape(text)}(?!\S)")
+
+
+def reduced(text: str) -> str:
+    """``text`` with every README_REDUCED substitution made."""
+    for original, stand_in in README_REDUCED.items():
+        text = whole_option(original).sub(stand_in, text)
+    return text
 
 
 def run_cli(*args) -> Result:
@@ -51,23 +87,54 @@ def absolute_paths_in(obj) -> list[str]:
     return [obj] if isinstance(obj, str) and (obj.startswith(("/", "~")) or "\\" in obj) else []
 
 
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every entry under ``folder`` with size and mtime (LMDB lock files only by name: readers may touch them)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(folder))] = (p.is_dir(),) if p.is_dir() or p.name == "lock.mdb" else \
+            (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@dataclass
+class PixelRun:
+    """A ``train_pixel_run`` folder: its checkpoint, the command's result, and what it was asked for."""
+    folder: Path
+    result: Result
+    steps: int
+    limit: int
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "latest.pt"
+
+
+def build_pixel_run(out: Path, *extra, steps: int = 2, limit: int = 16) -> PixelRun:
+    """A tiny pixel run that the session shares (conftest's ``pixel_run``, ``conditional_run``): 8x8 images of the
+    bundled sample."""
+    return PixelRun(out, train_pixel_run(out, *extra, steps=steps, limit=limit), steps, limit)
+
+
 @dataclass
 class PriorPipeline:
     """The artefacts of train-vqvae (2 levels) -> extract-codes train/test -> train-prior top and bottom, with the
-    result of every command (for their messages)."""
+    result of every command (for their messages) and the sizes it was built with."""
     vqvae: Path
     train_codes: Path
     test_codes: Path
     top: Path
     bottom: Path
+    steps: int
+    train_items: int
+    test_items: int
     results: dict[str, Result] = field(default_factory=dict)
 
 
-def build_prior_pipeline(root: Path, steps: int = 4, train_items: int = 64, test_items: int = 32,
-                         class_conditional_top: bool = True) -> PriorPipeline:
+def build_prior_pipeline(root: Path, steps: int = 2, train_items: int = 16, test_items: int = 16) -> PriorPipeline:
     """16x16 images -> VQ-VAE codes: top 4x4 and bottom 8x8, 16 codes each (the tiny VQ-VAE preset)."""
     p = PriorPipeline(root / "vq" / "latest.pt", root / "train.lmdb", root / "test.lmdb", root / "top" / "latest.pt",
-                      root / "bottom" / "latest.pt")
+                      root / "bottom" / "latest.pt", steps, train_items, test_items)
     train = ["--steps", steps, *TINY_TRAIN]
     p.results["train-vqvae"] = check_ok(run_cli(
         "train-vqvae", "--dataset", "sample", "--image-size", "16", "--levels", "2", "--limit", train_items,
@@ -77,9 +144,8 @@ def build_prior_pipeline(root: Path, steps: int = 4, train_items: int = 64, test
             "extract-codes", "--vqvae", p.vqvae, "--split", split, "--limit", n, "--out", out, "--quiet",
             "--device", "cpu"))
     codes = ["--codes", p.train_codes, "--val-codes", p.test_codes]
-    top_flags = ["--class-conditional"] if class_conditional_top else []
     p.results["train-prior-top"] = check_ok(run_cli(
-        "train-prior", *codes, "--level", "top", *top_flags, *train, "--out", p.top.parent))
+        "train-prior", *codes, "--level", "top", "--class-conditional", *train, "--out", p.top.parent))
     p.results["train-prior-bottom"] = check_ok(run_cli(
         "train-prior", *codes, "--level", "bottom", *train, "--out", p.bottom.parent))
     return p

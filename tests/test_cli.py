@@ -1,6 +1,6 @@
 """End-to-end tests of the ``vqprior`` CLI with click's CliRunner on tiny configs: exit codes, the files each
 command writes and what is in them. The expensive artefacts (a pixel run; a VQ-VAE with code caches and priors)
-are built once per module and shared; tests that change a run work on a copy.
+are the session's shared ones (conftest.py); tests that change a run work on a copy.
 """
 import json
 import math
@@ -15,30 +15,11 @@ import torch
 from PIL import Image
 
 import vqprior
-from cli_support import build_prior_pipeline, check_ok, run_cli, train_pixel_run
+from cli_support import check_ok, run_cli, train_pixel_run
 from vqprior.checkpoint import read_checkpoint
 from vqprior.commands.cli import cli
 from vqprior.data.codes import read_code_metadata
 from vqprior.images import make_grid
-
-
-@pytest.fixture(scope="module")
-def pixel_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pixels") / "run"
-    result = train_pixel_run(out, steps=4)
-    return out, result
-
-
-@pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("conditional") / "run"
-    train_pixel_run(out, "--class-conditional", steps=2, limit=32)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return build_prior_pipeline(tmp_path_factory.mktemp("priors"))
 
 
 def read_metrics(run):
@@ -89,17 +70,17 @@ def test_version():
 # --- pixel models -------------------------------------------------------------------------------------------------
 
 def test_train_pixels_writes_grid_metrics_and_checkpoint(pixel_run):
-    run, result = pixel_run
-    assert re.search(r"step 4: held-out [\d.]+ bits/dim", result.output)
-    grid = png_array(run / "samples_step4.png")
+    run, n = pixel_run.folder, pixel_run.steps
+    assert re.search(rf"step {n}: held-out [\d.]+ bits/dim", pixel_run.result.output)
+    grid = png_array(run / f"samples_step{n}.png")
     assert grid.shape == grid_of(np.zeros((4, 3, 8, 8), np.uint8)).shape  # --num-samples 4 images of 8x8
     records = read_metrics(run)
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval"]
-    assert [r["step"] for r in train] == [4] and [r["step"] for r in evals] == [4]
+    assert [r["step"] for r in train] == [n] and [r["step"] for r in evals] == [n]
     assert np.isfinite(evals[0]["bpd"]) and evals[0]["bpd"] > 0
     data = read_checkpoint(run / "latest.pt")
-    assert data["kind"] == "pixels" and data["step"] == 4
+    assert data["kind"] == "pixels" and data["step"] == n
     model = vqprior.load_model(run / "latest.pt")
     assert (model.config.channels, model.config.height, model.config.width) == (3, 8, 8)
     assert not model.training
@@ -107,30 +88,30 @@ def test_train_pixels_writes_grid_metrics_and_checkpoint(pixel_run):
 
 
 def test_resume_continues_from_the_saved_step(pixel_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(pixel_run[0], run)
-    result = train_pixel_run(run, "--resume", steps=6)
-    assert "Resuming" in result.output and "from step 4" in result.output
-    assert "step 6:" in result.output
-    assert read_checkpoint(run / "latest.pt")["step"] == 6
+    run, n = tmp_path / "run", pixel_run.steps
+    shutil.copytree(pixel_run.folder, run)
+    result = train_pixel_run(run, "--resume", steps=n + 2, limit=pixel_run.limit)
+    assert "Resuming" in result.output and f"from step {n}" in result.output
+    assert f"step {n + 2}:" in result.output
+    assert read_checkpoint(run / "latest.pt")["step"] == n + 2
     records = read_metrics(run)
-    assert [(r["split"], r["step"]) for r in records] == [("train", 4), ("eval", 4), ("train", 6), ("eval", 6)]
-    assert (run / "samples_step6.png").exists()
+    assert [(r["split"], r["step"]) for r in records] == [("train", n), ("eval", n), ("train", n + 2),
+                                                           ("eval", n + 2)]
+    assert (run / f"samples_step{n + 2}.png").exists()
 
 
 def test_evaluate_matches_the_trainers_held_out_score(pixel_run):
-    run, _ = pixel_run
-    result = check_ok(run_cli("evaluate", run / "latest.pt", "--limit", "16", "--quiet", "--device", "cpu"))
+    result = check_ok(run_cli("evaluate", pixel_run.checkpoint, "--limit", "16", "--quiet", "--device", "cpu"))
     match = re.search(r"([\d.]+) bits/dim on sample test: (\d+) items", result.output)
     assert match, result.output
     assert int(match.group(2)) == 16
     # The trainer evaluated the same EMA weights on the same first 16 held-out images (--eval-limit 16).
-    trained_bpd = [r for r in read_metrics(run) if r["split"] == "eval"][-1]["bpd"]
+    trained_bpd = [r for r in read_metrics(pixel_run.folder) if r["split"] == "eval"][-1]["bpd"]
     assert float(match.group(1)) == pytest.approx(trained_bpd, abs=2e-4)
 
 
 def test_sample_writes_grid_array_and_animation(pixel_run, tmp_path):
-    ckpt = pixel_run[0] / "latest.pt"
+    ckpt = pixel_run.checkpoint
     out, array, gif = tmp_path / "s.png", tmp_path / "s.npy", tmp_path / "s.gif"
     result = check_ok(run_cli("sample", ckpt, "--num", "3", "--seed", "1", "--out", out, "--save-array", array,
                               "--animate", gif, "--device", "cpu"))
@@ -144,7 +125,7 @@ def test_sample_writes_grid_array_and_animation(pixel_run, tmp_path):
 
 
 def test_naive_and_cached_sampling_agree_for_the_same_seed(pixel_run, tmp_path):
-    ckpt = pixel_run[0] / "latest.pt"
+    ckpt = pixel_run.checkpoint
     arrays = {}
     for method, seed in (("cached", 3), ("naive", 3), ("cached", 4)):
         path = tmp_path / f"{method}{seed}.npy"
@@ -158,7 +139,7 @@ def test_naive_and_cached_sampling_agree_for_the_same_seed(pixel_run, tmp_path):
 # The naive sampler runs the network's convolutions; the cached one its per-position matrix products.
 @pytest.mark.parametrize("method,module,op", [("cached", torch, "addmm"), ("naive", torch.nn.functional, "conv2d")])
 def test_bf16_sampling_runs_the_network_in_bfloat16(pixel_run, tmp_path, monkeypatch, method, module, op):
-    ckpt = pixel_run[0] / "latest.pt"
+    ckpt = pixel_run.checkpoint
     real, dtypes = getattr(module, op), {}
 
     def spy(*args, **kwargs):
@@ -179,7 +160,7 @@ def test_bf16_sampling_runs_the_network_in_bfloat16(pixel_run, tmp_path, monkeyp
 
 
 def test_class_conditional_training_and_sampling_a_class(conditional_run, tmp_path):
-    ckpt = conditional_run / "latest.pt"
+    ckpt = conditional_run.checkpoint
     assert read_checkpoint(ckpt)["config"]["model"]["num_classes"] == 10  # the sample data is CIFAR-10
     check_ok(run_cli("sample", ckpt, "--num", "2", "--class", "3", "--out", tmp_path / "c3.png",
                      "--save-array", tmp_path / "c3.npy", "--device", "cpu"))
@@ -190,19 +171,20 @@ def test_class_conditional_training_and_sampling_a_class(conditional_run, tmp_pa
 
 # --- VQ-VAE and code priors ---------------------------------------------------------------------------------------
 
-def test_vqvae_and_code_caches(pipeline):
-    vq = read_checkpoint(pipeline.vqvae)
+def test_vqvae_and_code_caches(prior_pipeline):
+    vq = read_checkpoint(prior_pipeline.vqvae)
     assert vq["kind"] == "vqvae" and vq["config"]["model"]["levels"] == 2
-    assert list(pipeline.vqvae.parent.glob("samples_step*.png"))
-    assert "top 4x4 + bottom 8x8, 16 codes" in pipeline.results["extract-train"].output
-    for path, count in ((pipeline.train_codes, 64), (pipeline.test_codes, 32)):
+    assert list(prior_pipeline.vqvae.parent.glob("samples_step*.png"))
+    assert "top 4x4 + bottom 8x8, 16 codes" in prior_pipeline.results["extract-train"].output
+    for path, count in ((prior_pipeline.train_codes, prior_pipeline.train_items),
+                        (prior_pipeline.test_codes, prior_pipeline.test_items)):
         meta = read_code_metadata(path)
         assert meta["count"] == count and meta["level_names"] == ["top", "bottom"]
         assert meta["shapes"] == [[4, 4], [8, 8]] and meta["codebook_sizes"] == [16, 16]
 
 
-def test_priors_are_trained_per_level(pipeline):
-    for path, level, size, classes in ((pipeline.top, "top", 4, 10), (pipeline.bottom, "bottom", 8, 0)):
+def test_priors_are_trained_per_level(prior_pipeline):
+    for path, level, size, classes in ((prior_pipeline.top, "top", 4, 10), (prior_pipeline.bottom, "bottom", 8, 0)):
         data = read_checkpoint(path)
         assert data["kind"] == "prior" and data["config"]["prior"]["level"] == level
         assert data["config"]["model"]["num_classes"] == classes
@@ -213,9 +195,9 @@ def test_priors_are_trained_per_level(pipeline):
         assert evals and np.isfinite(evals[-1]["bits_per_code"])
 
 
-def test_sample_priors_then_decode_the_saved_codes(pipeline, tmp_path):
+def test_sample_priors_then_decode_the_saved_codes(prior_pipeline, tmp_path):
     out, codes, gif = tmp_path / "s.png", tmp_path / "c.npz", tmp_path / "a.gif"
-    check_ok(run_cli("sample", pipeline.top, "--bottom", pipeline.bottom, "--num", "2", "--class", "1",
+    check_ok(run_cli("sample", prior_pipeline.top, "--bottom", prior_pipeline.bottom, "--num", "2", "--class", "1",
                      "--out", out, "--save-codes", codes, "--animate", gif, "--device", "cpu"))
     sampled = png_array(out)
     assert sampled.shape == grid_of(np.zeros((2, 3, 16, 16), np.uint8)).shape
@@ -226,7 +208,7 @@ def test_sample_priors_then_decode_the_saved_codes(pipeline, tmp_path):
     assert 0 <= top.min() and max(top.max(), bottom.max()) < 16
     assert gif_frames(gif)[0] >= 2
     # Decoding the saved codes, with the VQ-VAE checkpoint or with the prior that embeds it, redraws the samples.
-    for source in (pipeline.vqvae, pipeline.top):
+    for source in (prior_pipeline.vqvae, prior_pipeline.top):
         decoded = tmp_path / f"d_{source.parent.name}.png"
         assert "decoded 2 code maps" in check_ok(run_cli("decode", "--vqvae", source, codes, "--out", decoded,
                                                          "--device", "cpu")).output
@@ -234,7 +216,7 @@ def test_sample_priors_then_decode_the_saved_codes(pipeline, tmp_path):
 
 
 def test_evaluate_marginal_scores_a_class_conditional_model_as_unconditional(conditional_run):
-    ckpt = conditional_run / "latest.pt"
+    ckpt = conditional_run.checkpoint
     pattern = r"([\d.]+) bits/dim on sample test(.*): 16 items"
     cond = re.search(pattern, check_ok(run_cli("evaluate", ckpt, "--limit", "16", "--quiet", "--device", "cpu")).output)
     marg = re.search(pattern, check_ok(run_cli("evaluate", ckpt, "--limit", "16", "--marginal", "--quiet",
@@ -245,13 +227,13 @@ def test_evaluate_marginal_scores_a_class_conditional_model_as_unconditional(con
     assert float(marg.group(1)) != float(cond.group(1))
 
 
-def test_evaluate_priors_on_code_caches(pipeline):
-    result = check_ok(run_cli("evaluate", pipeline.bottom, "--codes", pipeline.test_codes, "--quiet",
+def test_evaluate_priors_on_code_caches(prior_pipeline):
+    result = check_ok(run_cli("evaluate", prior_pipeline.bottom, "--codes", prior_pipeline.test_codes, "--quiet",
                               "--device", "cpu"))
     match = re.search(r"([\d.]+) bits/code on .*\(bottom codes\): (\d+) items", result.output)
-    assert match and int(match.group(2)) == 32
+    assert match and int(match.group(2)) == prior_pipeline.test_items
     assert 0 < float(match.group(1)) < 8  # a trained 16-code prior beats nothing: at most log2(16)=4 plus slack
-    limited = check_ok(run_cli("evaluate", pipeline.top, "--codes", pipeline.test_codes, "--limit", "8",
+    limited = check_ok(run_cli("evaluate", prior_pipeline.top, "--codes", prior_pipeline.test_codes, "--limit", "8",
                                "--quiet", "--device", "cpu"))
     assert re.search(r"bits/code on .*\(top codes\): 8 items", limited.output)
 
@@ -268,7 +250,7 @@ def test_receptive_field_compare_shows_blind_spots_without_attention(tmp_path):
 
 
 def test_export_writes_a_smaller_checkpoint_that_scores_the_same(pixel_run, tmp_path):
-    ckpt, small = pixel_run[0] / "latest.pt", tmp_path / "small.pt"
+    ckpt, small = pixel_run.checkpoint, tmp_path / "small.pt"
     result = check_ok(run_cli("export", ckpt, "--out", small))
     assert "fp16 weights" in result.output
     data = torch.load(small, map_location="cpu", weights_only=True)

@@ -11,22 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_support import TRAIN_FAST, absolute_paths_in, build_prior_pipeline, check_ok, run_cli, train_pixel_run
+from cli_support import TRAIN_FAST, absolute_paths_in, check_ok, run_cli
 from vqprior.checkpoint import read_checkpoint
 from vqprior.config import PRESETS
 from vqprior.models.vqvae import VQVAE_PRESETS
 
 
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pixels") / "run"
-    train_pixel_run(out, steps=2, limit=16)
-    return out / "latest.pt"
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return build_prior_pipeline(tmp_path_factory.mktemp("priors"), steps=1, train_items=16, test_items=16)
+@pytest.fixture
+def pixel_ckpt(pixel_run):
+    return pixel_run.checkpoint
 
 
 def metrics_of(run, split="eval"):
@@ -41,18 +34,18 @@ def image_file(path):
 
 # --- info, presets, version, threads ------------------------------------------------------------------------------
 
-def test_info_describes_a_training_checkpoint_and_its_export(pixel_ckpt, tmp_path):
+def test_info_describes_a_training_checkpoint_and_its_export(pixel_run, pixel_ckpt, tmp_path):
     data = read_checkpoint(pixel_ckpt)
     facts = json.loads(check_ok(run_cli("info", pixel_ckpt, "--json")).output)
     n_params = sum(p.numel() for p in __import__("vqprior").load_model(pixel_ckpt).parameters())
-    assert (facts["kind"], facts["step"], facts["parameters"]) == ("pixels", 2, n_params)
+    assert (facts["kind"], facts["step"], facts["parameters"]) == ("pixels", pixel_run.steps, n_params)
     train = data["config"]["train"]
     assert facts["architecture"] == data["config"]["model"]
     assert facts["training"] == {**train, "effective_batch": train["batch_size"] * train["grad_accum"]}
     assert facts["data"] == data["config"]["data"] and facts["metrics"] == pytest.approx(data["metrics"])
     assert "training checkpoint" in facts["file"] and facts["storage_dtype"] == "float32"
     text = check_ok(run_cli("info", pixel_ckpt)).output
-    assert text.splitlines()[0].endswith(f"pixels checkpoint, step 2, {n_params:,} parameters")
+    assert text.splitlines()[0].endswith(f"pixels checkpoint, step {pixel_run.steps}, {n_params:,} parameters")
     for title in ("architecture:", "training:", "data:", "last metrics:"):
         assert title in text.splitlines()
     assert f"filters={data['config']['model']['filters']}" in text and "eval_bpd=" in text
@@ -64,30 +57,31 @@ def test_info_describes_a_training_checkpoint_and_its_export(pixel_ckpt, tmp_pat
     assert exported["file"].startswith("exported")
 
 
-def test_info_of_a_prior_shows_the_embedded_vqvae(pipeline):
-    facts = json.loads(check_ok(run_cli("info", pipeline.bottom, "--json")).output)
-    vq = read_checkpoint(pipeline.vqvae)
+def test_info_of_a_prior_shows_the_embedded_vqvae(prior_pipeline):
+    facts = json.loads(check_ok(run_cli("info", prior_pipeline.bottom, "--json")).output)
+    vq = read_checkpoint(prior_pipeline.vqvae)
     assert facts["kind"] == "prior" and facts["prior"]["level"] == "bottom"
     assert facts["vqvae"]["architecture"] == vq["config"]["model"]
     assert facts["vqvae"]["parameters"] == sum(p.numel() for p in __import__("vqprior").load_model(
-        pipeline.vqvae).parameters())
-    text = check_ok(run_cli("info", pipeline.bottom)).output
+        prior_pipeline.vqvae).parameters())
+    text = check_ok(run_cli("info", prior_pipeline.bottom)).output
     assert re.search(r"^embedded VQ-VAE: [\d,]+ parameters, sha256 [0-9a-f]{64}$", text, re.MULTILINE)
 
 
-def test_info_describes_a_code_cache(pipeline):
+def test_info_describes_a_code_cache(prior_pipeline):
     from vqprior.data.codes import CodeDataset, read_code_metadata
     from vqprior.io import file_sha256
 
-    codes = json.loads(check_ok(run_cli("info", str(pipeline.train_codes), "--json")).output)
-    meta = read_code_metadata(pipeline.train_codes)
-    assert codes["kind"] == "code cache" and codes["count"] == meta["count"] == len(CodeDataset(pipeline.train_codes))
-    assert codes["vqvae_sha256"] == file_sha256(pipeline.vqvae)
+    codes = json.loads(check_ok(run_cli("info", str(prior_pipeline.train_codes), "--json")).output)
+    meta = read_code_metadata(prior_pipeline.train_codes)
+    assert codes["kind"] == "code cache"
+    assert codes["count"] == meta["count"] == len(CodeDataset(prior_pipeline.train_codes)) == prior_pipeline.train_items
+    assert codes["vqvae_sha256"] == file_sha256(prior_pipeline.vqvae)
     assert codes["built_from"]["split"] == "train" and codes["levels"][1]["level"] == "bottom"
     assert [lv["shape"] for lv in codes["levels"]] == meta["shapes"]
     assert [lv["codebook_size"] for lv in codes["levels"]] == meta["codebook_sizes"]
     assert codes["vqvae_sha256"] == meta["vqvae_sha256"] and codes["num_classes"] == meta["num_classes"]
-    text = check_ok(run_cli("info", str(pipeline.train_codes))).output
+    text = check_ok(run_cli("info", str(prior_pipeline.train_codes))).output
     assert f"source VQ-VAE sha256: {meta['vqvae_sha256']}" in text and "levels: top " in text
 
 
@@ -141,10 +135,10 @@ def test_threads_sets_torch_threads_on_any_command(pixel_ckpt):
 
 # --- evaluate a VQ-VAE ----------------------------------------------------------------------------------------------
 
-def test_evaluate_vqvae_reports_the_trainers_held_out_metrics(pipeline):
+def test_evaluate_vqvae_reports_the_trainers_held_out_metrics(prior_pipeline):
     # The trainer evaluated the same weights on the first 16 held-out images (--eval-limit 16).
-    m = metrics_of(pipeline.vqvae.parent)[-1]
-    out = check_ok(run_cli("evaluate", pipeline.vqvae, "--limit", "16", "--quiet", "--device", "cpu")).output
+    m = metrics_of(prior_pipeline.vqvae.parent)[-1]
+    out = check_ok(run_cli("evaluate", prior_pipeline.vqvae, "--limit", "16", "--quiet", "--device", "cpu")).output
     found = re.search(r"MSE ([\d.]+) \(0\.\.255 scale\), PSNR ([\d.]+) dB on sample test: 16 images; "
                       r"top: usage ([\d.]+)%, perplexity ([\d.]+) of 16; bottom: usage ([\d.]+)%, perplexity ([\d.]+)",
                       out)
@@ -159,7 +153,7 @@ def test_evaluate_vqvae_reports_the_trainers_held_out_metrics(pipeline):
 
 # --- exports carry no machine paths ---------------------------------------------------------------------------------
 
-def test_export_holds_no_absolute_path_and_re_exports_identically(pipeline, tmp_path):
+def test_export_holds_no_absolute_path_and_re_exports_identically(prior_pipeline, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -169,7 +163,7 @@ def test_export_holds_no_absolute_path_and_re_exports_identically(pipeline, tmp_
     check_ok(run_cli("train-pixels", "--dataset", "folder", "--data-dir", images.resolve(), *TRAIN_FAST,
                      "--out", run))
     assert read_checkpoint(run / "latest.pt")["config"]["data"]["data_dir"] == str(images.resolve())
-    for src in (run / "latest.pt", pipeline.top, pipeline.bottom, pipeline.vqvae):
+    for src in (run / "latest.pt", prior_pipeline.top, prior_pipeline.bottom, prior_pipeline.vqvae):
         once, twice = tmp_path / f"{src.parent.name}-1.pt", tmp_path / f"{src.parent.name}-2.pt"
         check_ok(run_cli("export", src, "--out", once))
         check_ok(run_cli("export", once, "--out", twice))  # an export of an export
@@ -238,18 +232,18 @@ def test_out_dir_writes_one_png_per_sample_and_save_array_needs_no_grid(pixel_ck
     check_ok(run_cli("sample", pixel_ckpt, "--num", "1", "--top-k", "0", "--save-array", array, "--device", "cpu"))
 
 
-def test_decode_takes_the_vqvae_like_extract_codes(pipeline, tmp_path):
+def test_decode_takes_the_vqvae_like_extract_codes(prior_pipeline, tmp_path):
     codes = tmp_path / "c.npz"
-    check_ok(run_cli("sample", pipeline.top, "--bottom", pipeline.bottom, "--num", "2", "--class", "1",
+    check_ok(run_cli("sample", prior_pipeline.top, "--bottom", prior_pipeline.bottom, "--num", "2", "--class", "1",
                      "--save-codes", codes, "--out", tmp_path / "s.png", "--device", "cpu"))
     decoded = tmp_path / "decoded.png"
-    check_ok(run_cli("decode", "--vqvae", pipeline.vqvae, codes, "--out", decoded, "--device", "cpu"))
+    check_ok(run_cli("decode", "--vqvae", prior_pipeline.vqvae, codes, "--out", decoded, "--device", "cpu"))
     np.testing.assert_array_equal(image_file(decoded)[1], image_file(tmp_path / "s.png")[1])
-    assert run_cli("decode", pipeline.vqvae, codes, "--out", decoded).exit_code == 2  # --vqvae is required
+    assert run_cli("decode", prior_pipeline.vqvae, codes, "--out", decoded).exit_code == 2  # --vqvae is required
 
 
-def test_extract_codes_creates_missing_parent_folders(pipeline, tmp_path):
+def test_extract_codes_creates_missing_parent_folders(prior_pipeline, tmp_path):
     out = tmp_path / "a" / "b" / "codes.lmdb"
-    check_ok(run_cli("extract-codes", "--vqvae", pipeline.vqvae, "--split", "test", "--limit", "4", "--out", out,
+    check_ok(run_cli("extract-codes", "--vqvae", prior_pipeline.vqvae, "--split", "test", "--limit", "4", "--out", out,
                      "--quiet", "--device", "cpu"))
     assert (out / "data.mdb").is_file()

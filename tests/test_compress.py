@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import images_for, pixel_model, tiny_model
 from vqprior.compress import compress_codes, compress_images, decompress_codes, decompress_images, unpack
 from vqprior.compress.container import CompressedFileError
 from vqprior.compress.tables import TOTAL, quantize
@@ -23,21 +23,6 @@ from vqprior.models.distributions import logistic_mixture_log_prob, uint8_to_uni
 pytest.importorskip("constriction")
 
 COND = dict(cond_num_codes=6, cond_height=2, cond_width=3)
-
-
-def pixel_model(channels=3, seed=0, dtype=torch.float32, **kw):
-    return tiny_model(seed, dtype, head="pixels", channels=channels, height=6, width=5, **kw)
-
-
-def images_for(model, n, seed=1, smooth=True):
-    """Test images: smooth ramps plus noise (a model codes them in fewer than 8 bits/dim) or uniform noise."""
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    if not smooth:
-        return torch.randint(0, 256, (n, c.channels, c.height, c.width), generator=g, dtype=torch.uint8)
-    base = torch.linspace(0, 255, c.width).expand(n, c.channels, c.height, c.width)
-    noise = torch.randint(-20, 21, base.shape, generator=g)
-    return (base + noise).clamp(0, 255).to(torch.uint8)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_support import build_prior_pipeline, check_ok, run_cli, train_pixel_run
+from cli_support import check_ok, run_cli, snapshot, train_pixel_run
 from vqprior.data.codes import CodeDataset
 
 pytest.importorskip("constriction")
@@ -28,19 +28,18 @@ def write_pngs(folder: Path, count: int, size=(8, 8), mode="RGB", seed=0) -> np.
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory) -> dict[str, Path]:
+def art(tmp_path_factory, pixel_run, prior_pipeline) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("compress")
-    train_pixel_run(root / "px", steps=1, limit=16)  # 8x8 RGB
+    p = prior_pipeline  # 16x16 images, top 4x4 + bottom 8x8
     train_pixel_run(root / "px2", "--seed", "3", steps=1, limit=16)  # another model
-    p = build_prior_pipeline(root, steps=1, train_items=16, test_items=6)  # 16x16 images, top 4x4 + bottom 8x8
     write_pngs(root / "pngs", 3)
     write_pngs(root / "pngs16", 2, size=(16, 16))
     np.save(root / "images.npy", np.random.default_rng(1).integers(0, 256, (5, 3, 8, 8), dtype=np.uint8))
-    check_ok(run_cli("compress", root / "px" / "latest.pt", root / "images.npy", "--out", root / "good.vqz",
+    check_ok(run_cli("compress", pixel_run.checkpoint, root / "images.npy", "--out", root / "good.vqz",
                      "--device", "cpu"))
     check_ok(run_cli("compress", p.top, p.test_codes, "--bottom", p.bottom, "--out", root / "codes.vqz",
                      "--device", "cpu"))
-    return {"root": root, "px": root / "px" / "latest.pt", "px2": root / "px2" / "latest.pt", "top": p.top,
+    return {"root": root, "px": pixel_run.checkpoint, "px2": root / "px2" / "latest.pt", "top": p.top,
             "bottom": p.bottom, "codes": p.test_codes, "pngs": root / "pngs", "pngs16": root / "pngs16",
             "npy": root / "images.npy", "good": root / "good.vqz", "codes_vqz": root / "codes.vqz"}
 
@@ -83,11 +82,6 @@ def test_code_cache_npz_and_images_with_priors(art, tmp_path):
     assert re.search(r"[\d.]+ bits/code .* [\d.]+ bits/pixel, reconstruction PSNR [\d.]+ dB", out), out
     check_ok(run_cli("decompress", art["top"], tmp_path / "img.vqz", "--out", tmp_path / "recon", *pri))
     assert len(list((tmp_path / "recon").glob("*.png"))) == 2
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.is_dir() or p.name == "lock.mdb" or (p.stat().st_size, p.stat().st_mtime_ns))
-            for p in sorted(folder.rglob("*"))}
 
 
 def write(name, data):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_compress import images_for, pixel_model
 
+from conftest import images_for, pixel_model
 from vqprior.compress import CompressedFileError, api, compress_images, container, decompress_images, unpack
 
 pytest.importorskip("constriction")

@@ -6,7 +6,6 @@ The "shipped" models here are tiny ones trained in the test, in a checkpoints fo
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -15,32 +14,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_support import TINY_TRAIN, build_prior_pipeline, check_ok, run_cli, train_pixel_run
-from conftest import REPO
+from cli_support import TINY_TRAIN, check_ok, run_cli
+from conftest import REPO, load_script
 
 pytest.importorskip("matplotlib")
 TINY_DEMO_TRAIN = "--preset tiny --image-size 8 --limit 32 --eval-limit 8 --num-samples 4 --quiet --device cpu"
 
 
 def load_demo():
-    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo")
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory) -> Path:
-    """checkpoints/ with a CIFAR-10 pixel model, a CIFAR-10 top/bottom prior pair and a class-conditional MNIST
-    pixel model (1 channel, 28x28, trained on a fake MNIST folder)."""
+def shipped(tmp_path_factory, pixel_run, prior_pipeline) -> Path:
+    """checkpoints/ with a CIFAR-10 pixel model, a CIFAR-10 top/bottom prior pair (the session's tiny ones) and a
+    class-conditional MNIST pixel model (1 channel, 28x28, trained on a fake MNIST folder)."""
     root = tmp_path_factory.mktemp("shipped")
     ckpts = root / "checkpoints"
     ckpts.mkdir()
-    train_pixel_run(root / "px", steps=1, limit=16)
-    shutil.copy(root / "px" / "latest.pt", ckpts / "cifar10-pixels-small.pt")
-    p = build_prior_pipeline(root, steps=1, train_items=16, test_items=8)
-    shutil.copy(p.top, ckpts / "cifar10-prior-top.pt")
-    shutil.copy(p.bottom, ckpts / "cifar10-prior-bottom.pt")
+    shutil.copy(pixel_run.checkpoint, ckpts / "cifar10-pixels-small.pt")
+    shutil.copy(prior_pipeline.top, ckpts / "cifar10-prior-top.pt")
+    shutil.copy(prior_pipeline.bottom, ckpts / "cifar10-prior-bottom.pt")
     (root / "mnist").mkdir()
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
@@ -121,7 +115,7 @@ def test_demo_images_are_the_held_out_images_they_are_named_after():
             assert labels[index] == label, name
 
 
-def test_the_demo_shows_one_guided_grid_when_a_shipped_model_has_a_null_class(shipped, tmp_path):
+def test_the_demo_shows_one_guided_grid_when_a_shipped_model_has_a_null_class(shipped, prior_pipeline, tmp_path):
     demo = load_demo()
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
@@ -131,10 +125,9 @@ def test_the_demo_shows_one_guided_grid_when_a_shipped_model_has_a_null_class(sh
     run = demo.Demo(tmp_path / "out")
     demo.show_guided(run, ckpts)
     assert run.entries == [] and run.failed == []  # no model with a null class: nothing shown, no failure
-    codes = shipped.parent / "train.lmdb"  # the fixture's pipeline, beside its checkpoints folder
-    check_ok(run_cli("train-prior", "--codes", codes, "--init-from", shipped / "cifar10-prior-top.pt",
-                     "--class-dropout", "0.5", "--steps", "1", "--batch-size", "4", "--num-samples", "1", "--quiet",
-                     "--device", "cpu", "--out", tmp_path / "top"))
+    check_ok(run_cli("train-prior", "--codes", prior_pipeline.train_codes, "--init-from",
+                     shipped / "cifar10-prior-top.pt", "--class-dropout", "0.5", "--steps", "1", "--batch-size", "4",
+                     "--num-samples", "1", "--quiet", "--device", "cpu", "--out", tmp_path / "top"))
     shutil.copy(tmp_path / "top" / "latest.pt", ckpts / "cifar10-prior-top.pt")
     demo.show_guided(run, ckpts)
     assert len(run.entries) == 1 and run.failed == []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_support import check_ok, run_cli, train_pixel_run
+from cli_support import check_ok, run_cli
 from vqprior.commands.cli import cli
 from vqprior.runtime.determinism import deterministic, is_deterministic, set_deterministic
 
@@ -27,11 +27,10 @@ def restore_switches(monkeypatch):
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
 
 
-@pytest.fixture(scope="module")
-def pixel_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("det") / "run"
-    train_pixel_run(out, steps=1, limit=16)
-    return out / "latest.pt"
+@pytest.fixture
+def pixel_run(pixel_run):
+    """The session's tiny pixel run (conftest.py): its checkpoint."""
+    return pixel_run.checkpoint
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -73,8 +72,7 @@ def test_the_context_restores_the_switches(restore_switches):
 
 def test_the_coder_runs_deterministic(monkeypatch, restore_switches):
     pytest.importorskip("constriction")
-    from test_compress import images_for, pixel_model
-
+    from conftest import images_for, pixel_model
     from vqprior.compress import api, compress_images, decompress_images
 
     seen = []
@@ -123,7 +121,7 @@ def test_compile_draws_what_the_eager_cached_sampler_draws(pixel_run, tmp_path, 
 
 def test_the_cli_builds_its_generator_on_the_models_device(pixel_run, tmp_path, monkeypatch):
     """sample / complete make their own generator with --device, where the model is loaded: the check in
-    vqprior.sampling.sampler.check_generator sees the same device on both sides (cuda and cuda:0 count as one)."""
+    vqprior.sampling.sampler.check_generator sees the same device on both sides."""
     import vqprior.sampling.sampler
 
     seen = []

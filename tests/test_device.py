@@ -1,4 +1,4 @@
-"""Device handling for GPUs, checked on the CPU with torch.cuda's queries replaced (issue 19, point 9): ``--device``
+"""Device handling for GPUs, checked on the CPU with torch.cuda's queries replaced: ``--device``
 strings checked before any work (cuda:N beyond the GPUs present is one ``Error:`` line), pinned DataLoader memory
 when training on CUDA, and cuDNN's autotuner on for training unless deterministic."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Multi-process behaviour that a GPU cluster depends on, checked with 2 CPU processes over gloo (issue 19, points 4
-and 9): a non-finite encoder output on one rank must not leave the other waiting in an all-reduce (NCCL would hang
+"""Multi-process behaviour that a GPU cluster depends on, checked with 2 CPU processes over gloo: a non-finite
+encoder output on one rank must not leave the other waiting in an all-reduce (NCCL would hang
 there), every rank keeps the same codebook without DDP re-broadcasting buffers, and the process group gets its
 timeout and GPU binding. The ranks run tests/dist_worker.py; a timeout turns a hang into a failure."""
 from __future__ import annotations

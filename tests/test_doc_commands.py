@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 import pytest
-from test_docs import REPO, markdown_pages
 
-from cli_support import run_cli
+from cli_support import reduced, run_cli
+from conftest import REPO, markdown_pages
 from vqprior.commands.cli import cli
 
 OPERATORS = {";", "|", "||", "&", "&&", ">", ">>", "2>", "<"}
@@ -151,15 +151,33 @@ def test_readme_starts_with_the_two_commands():
     assert re.search(r"^demo:", makefile, re.MULTILINE) and re.search(r"^test:", makefile, re.MULTILINE)
 
 
-def test_readme_tour_runs_as_written(tmp_cwd):
+def test_ci_runs_the_slow_tests_that_make_test_leaves_out():
+    makefile = (REPO / "Makefile").read_text()
+    recipes = dict(re.findall(r"^([\w-]+):.*\n\t(.*)$", makefile, re.MULTILINE))
+    assert recipes["test"].endswith('pytest -q tests -m "not slow"')
+    assert recipes["test-slow"].endswith("pytest -q tests -m slow")
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert "make test" in ci and "make test-slow" in ci
+
+
+# Appended to the tour's commands: a few held-out items and samples, and 8x8 images for the pixel model trained here
+# (its samples cost one step per value), are enough to show that they run.
+FAST = ["--batch-size", "8", "--eval-limit", "8", "--num-samples", "2"]
+FAST_FLAGS = {"train-pixels": ["--image-size", "8", *FAST], "train-vqvae": FAST, "train-prior": FAST,
+              "extract-codes": ["--limit", "16"]}
+
+
+def test_readme_tour_runs_as_written_at_reduced_size(tmp_cwd):
     """Every command of the tour, in order, in a scratch folder that sees the repository's checkpoints/ and scripts/
-    (the tour runs from the repository root)."""
+    (the tour runs from the repository root), with the substitutions of ``README_REDUCED`` (fewer steps and
+    samples; tests/cli_support.py) and the ``FAST_FLAGS`` appended."""
     for folder in ("checkpoints", "scripts"):
         (tmp_cwd / folder).symlink_to(REPO / folder)
     commands = tour_commands()
     assert len(commands) >= 12 and {c[0] for c in commands} >= {"sample", "complete", "train-pixels", "train-vqvae",
                                                                  "extract-codes", "train-prior", "compress"}
-    for args in commands:
+    for args in [shlex.split(reduced(shlex.join(c))) for c in commands]:
+        args += FAST_FLAGS.get(args[0], [])
         result = run_cli(*args)
         assert result.exit_code == 0, f"vqprior {' '.join(args)}\n{result.output}"
         for option in ("--out", "--save-codes"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import REPO, load_script
+from conftest import REPO, load_script, markdown_pages
 
 SOURCES = sorted([*(REPO / "vqprior").rglob("*.py"), *(REPO / "commands").rglob("*.py"),
                   *(REPO / "bench").glob("*.py")])
@@ -52,13 +52,6 @@ def test_cli_reference_names_every_command_and_option():
             assert " ".join(command.help.split()[:6]) in " ".join(section.split())
 
 
-def markdown_pages() -> list[Path]:
-    """Every Markdown page of the repository (not of the virtual environment or run folders)."""
-    pages = [*REPO.glob("*.md"), *(REPO / "docs").glob("*.md"), *(REPO / "checkpoints").glob("*.md"),
-             *(REPO / "scripts").rglob("*.md")]
-    return sorted(p for p in pages if p.is_file())
-
-
 def slug(heading: str) -> str:
     """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"[`*_]", "", heading.strip().lower())
@@ -68,11 +61,6 @@ def slug(heading: str) -> str:
 def anchors(page: Path) -> set[str]:
     text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
     return {slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
-
-
-# Pages written on other branches of the same wave (GPU readiness, guided sampling), linked from here before they
-# are merged. Remove each name once its page is in the repository; the check then covers it.
-WRITTEN_ELSEWHERE = {"docs/gpu.md", "docs/exactness.md", "docs/guidance.md"}
 
 
 def test_relative_links_resolve_to_files_and_headings():
@@ -86,8 +74,7 @@ def test_relative_links_resolve_to_files_and_headings():
             resolved = (page.parent / path).resolve() if path else page
             name = f"{page.relative_to(REPO)} -> {target}"
             if not resolved.exists():
-                if resolved.relative_to(REPO).as_posix() not in WRITTEN_ELSEWHERE:
-                    broken.append(f"{name}: no such file")
+                broken.append(f"{name}: no such file")
             elif anchor and anchor not in anchors(resolved):
                 broken.append(f"{name}: no such heading")
     assert not broken, "\n".join(broken)
@@ -133,6 +120,6 @@ def test_every_docs_page_is_linked_from_the_front_page():
 
 
 def test_front_page_stays_short():
-    """Issue 22: a front page a newcomer reads in five minutes, at most about 15 KB; details belong in docs/."""
+    """A front page a newcomer reads in five minutes, at most about 15 KB; details belong in docs/."""
     size = len((REPO / "README.md").read_bytes())
     assert size <= 16_000, f"README.md is {size} bytes: move details to a page of docs/ and link it"

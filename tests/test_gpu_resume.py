@@ -1,10 +1,11 @@
-"""Resuming on a GPU, proved on the CPU (issue 19, points 1 and 2): every piece of restored state ends up on the
+"""Resuming on a GPU, proved on the CPU: every piece of restored state ends up on the
 training device (the ``meta`` device stands in for a GPU: a checkpoint is read to the CPU, so a tensor left there
 shows up as a CPU tensor, and the EMA's fused update refuses to mix devices), and the RNG state saved and restored is
 the training device's only (torch.cuda's generator functions are replaced by recorders)."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_a_checkpoint_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
     set_rng_state(saved, torch.device("cuda", 0))
     assert list(cuda.set) == [0] and torch.equal(cuda.set[0], saved["cuda"][0])
     cuda.set.clear()
-    set_rng_state({"torch": saved["torch"], "cuda": saved["cuda"][3]}, torch.device("cuda", 0))  # the new format
+    set_rng_state({"torch": saved["torch"], "cuda": saved["cuda"][3]}, torch.device("cuda", 0))  # the current format
     assert torch.equal(cuda.set[0], saved["cuda"][3]) and not cuda.seeded
 
 
@@ -131,11 +132,15 @@ def test_a_cpu_checkpoint_resumed_on_a_gpu_seeds_the_cuda_generator(monkeypatch)
 
 
 def test_a_resumed_cpu_run_seeds_cuda_from_its_seed_and_step(pixel_checkpoint, monkeypatch):
-    """The loop's restore: the CUDA seed is a pure function of (seed, step), the same on every resume."""
+    """The loop's restore: the CUDA seed is a function of (seed, step) only: the same on every resume of a run, and
+    another for another seed or another step (so resumed runs do not share their random numbers)."""
     task, data, config, checkpoint, out = pixel_checkpoint
     cuda = FakeCuda(monkeypatch, count=1)
-    for _ in range(2):
-        run = TrainingRun(task, config, out, torch.device("cuda", 0), progress=False, num_workers=0)
-        run.start_step = checkpoint["step"]
+    step = checkpoint["step"]
+    for seed, start in ((config.seed, step), (config.seed, step), (config.seed + 1, step), (config.seed, step + 1)):
+        run = TrainingRun(task, replace(config, seed=seed), out, torch.device("cuda", 0), progress=False,
+                          num_workers=0)
+        run.start_step = start
         run.restore_rng(checkpoint)
-    assert len(cuda.seeded) == 2 and cuda.seeded[0] == cuda.seeded[1]
+    first, again, other_seed, other_step = cuda.seeded
+    assert first == again and len({first, other_seed, other_step}) == 3, cuda.seeded

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_support import build_prior_pipeline, check_ok, run_cli
+from cli_support import check_ok, run_cli
 from vqprior.config import model_config_from_preset
 from vqprior.errors import UserError
 from vqprior.models.conditionals import PixelConditionals
@@ -231,8 +231,8 @@ def test_guidance_refusals():
     sample(tiny_prior(null_class=False), 2, label=label, guidance=0)  # W = 0 is off: any model
 
 
-def test_cli_guided_sampling_of_a_two_level_pair(tmp_path):
-    p = build_prior_pipeline(tmp_path, steps=1, train_items=16, test_items=8)
+def test_cli_guided_sampling_of_a_two_level_pair(prior_pipeline, tmp_path):
+    p = prior_pipeline
     fast = ["--steps", "1", "--batch-size", "4", "--eval-limit", "4", "--num-samples", "1", "--quiet",
             "--device", "cpu"]
     check_ok(run_cli("train-prior", "--codes", p.train_codes, "--init-from", p.top, "--class-dropout", "0.5", *fast,

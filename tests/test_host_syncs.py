@@ -1,4 +1,4 @@
-"""Device-to-host syncs of the training step (issue 19, point 6), counted on the CPU: every Python-level way of
+"""Device-to-host syncs of the training step, counted on the CPU: every Python-level way of
 reading a tensor's value on the host (``.item()``, ``.tolist()``, ``bool``/``float``/``int``/``index``, ``.cpu()``,
 ``.numpy()``) is wrapped by a counter, and the steps between logging steps of each train command's task may read at
 most once each (one process reads nothing at all). On a GPU each of these reads waits for the queued kernels."""
@@ -50,10 +50,9 @@ def vqvae_case():
     return task, Items(image=images(32, 16))
 
 
-@pytest.mark.parametrize("case", [pixel_case, prior_case, vqvae_case], ids=["pixels", "prior", "vqvae"])
-@pytest.mark.parametrize("precision,grad_clip", [("fp32", 0.0), ("fp32", 1.0), ("fp16", 1.0)])
-def test_steps_between_logging_steps_do_not_sync(case, precision, grad_clip, tmp_path, monkeypatch):
-    task, data = case()
+def reads_per_step(task, data, config, out, monkeypatch) -> list[list[str]]:
+    """Train, recording every host read (``READS``) made inside each ``TrainingRun.train_step`` call, step by
+    step."""
     per_step, counting = [], [False]
 
     def counted(name):
@@ -79,22 +78,45 @@ def test_steps_between_logging_steps_do_not_sync(case, precision, grad_clip, tmp
             counting[0] = False
 
     monkeypatch.setattr(TrainingRun, "train_step", step)
-    config = TrainConfig(steps=STEPS, batch_size=4, num_samples=2, eval_every=100, sample_every=100,
-                         checkpoint_every=100, precision=precision, grad_clip=grad_clip)
-    result = train(task, data, None, config, tmp_path, progress=False)
-    assert result["step"] == STEPS and len(per_step) == STEPS
-    assert max(len(reads) for reads in per_step) <= 1, per_step  # the issue's bound
+    result = train(task, data, None, config, out, progress=False)
+    assert result["step"] == config.steps and len(per_step) == config.steps
+    return per_step
+
+
+def plain_steps(**kw) -> TrainConfig:
+    return TrainConfig(steps=STEPS, batch_size=4, num_samples=2, eval_every=100, sample_every=100,
+                       checkpoint_every=100, **kw)
+
+
+@pytest.mark.parametrize("case", [pixel_case, prior_case, vqvae_case], ids=["pixels", "prior", "vqvae"])
+@pytest.mark.parametrize("precision,grad_clip", [("fp32", 0.0), ("fp32", 1.0), ("fp16", 1.0)])
+def test_steps_between_logging_steps_do_not_sync(case, precision, grad_clip, tmp_path, monkeypatch):
+    task, data = case()
+    per_step = reads_per_step(task, data, plain_steps(precision=precision, grad_clip=grad_clip), tmp_path,
+                              monkeypatch)
+    assert max(len(reads) for reads in per_step) <= 1, per_step  # at most one read per step
     assert per_step == [[]] * STEPS  # one process: nothing at all
 
 
-def test_the_counter_sees_a_sync(monkeypatch):
-    """The wrappers do catch the reads the old step made (``loss.item()``, ``bool(flag)``)."""
-    seen = []
-    for name in ("item", "__bool__"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: seen.append(_name) or
-                            _real(self, *a))
-    loss = torch.tensor(1.5)
-    loss.item()
-    bool(torch.isfinite(loss))
-    assert seen == ["item", "__bool__"]
+class SyncingTask:
+    """A task whose loss is read on the host at every step, the way a loop would log it (``loss.item()``) and check
+    it (``bool(torch.isfinite(loss))``)."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, batch):
+        loss, metrics = self.task.loss(model, batch)
+        loss.item()
+        bool(torch.isfinite(loss))
+        return loss, metrics
+
+
+def test_the_counter_sees_the_reads_a_step_makes(tmp_path, monkeypatch):
+    """The counting of the test above, on a step that does read its loss: each step shows both reads."""
+    task, data = pixel_case()
+    per_step = reads_per_step(SyncingTask(task), data, plain_steps(), tmp_path, monkeypatch)
+    assert per_step == [["item", "__bool__"]] * STEPS, per_step

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from cli_support import TRAIN_FAST, build_prior_pipeline, check_ok, run_cli, train_pixel_run
+from cli_support import TRAIN_FAST, check_ok, run_cli, train_pixel_run
 from vqprior.checkpoint import read_checkpoint
 from vqprior.config import ConfigError, DataConfig, ModelConfig, model_config_from_preset
 from vqprior.models.null_class import add_null_class, drop_labels, null_label
@@ -29,14 +29,6 @@ def error_line(result) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     return errors[0]
-
-
-@pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory):
-    """A class-conditional tiny pixel run without a null class."""
-    out = tmp_path_factory.mktemp("cond") / "run"
-    train_pixel_run(out, "--class-conditional", steps=1, limit=8)
-    return out
 
 
 # --- the library ---------------------------------------------------------------------------------------------------
@@ -130,19 +122,18 @@ def test_class_dropout_is_kept_in_the_checkpoint_and_shown_by_info(tmp_path):
     assert "--class-dropout 0.2 (was 0.5)" in line and "resumed run keeps" in line
 
 
-def test_class_dropout_needs_a_class_conditional_model(tmp_path, conditional_run):
+def test_class_dropout_needs_a_class_conditional_model(tmp_path, pixel_run):
     line = error_line(run_cli("train-pixels", *TRAIN_FAST, "--class-dropout", "0.1", "--out", tmp_path / "a"))
     assert "--class-dropout 0.1" in line and "--class-conditional" in line
-    train_pixel_run(tmp_path / "plain", steps=1, limit=8)
-    line = error_line(run_cli("train-pixels", *PIXELS, "--init-from", tmp_path / "plain" / "latest.pt",
+    line = error_line(run_cli("train-pixels", *PIXELS, "--init-from", pixel_run.checkpoint,
                               "--class-dropout", "0.1", *FAST, "--out", tmp_path / "b"))
     assert "is not class-conditional" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_init_from_a_model_without_a_null_class_adds_one_at_the_mean(conditional_run, tmp_path):
-    source = read_checkpoint(conditional_run / "latest.pt")
-    result = check_ok(run_cli("train-pixels", *PIXELS, "--init-from", conditional_run / "latest.pt",
+    source = read_checkpoint(conditional_run.checkpoint)
+    result = check_ok(run_cli("train-pixels", *PIXELS, "--init-from", conditional_run.checkpoint,
                               "--class-dropout", "0.2", *FAST, "--out", tmp_path / "ft"))
     assert "adding a null class to the 10 classes" in result.stderr
     data = read_checkpoint(tmp_path / "ft" / "latest.pt")
@@ -162,8 +153,8 @@ def test_init_from_a_model_without_a_null_class_adds_one_at_the_mean(conditional
     assert again["config"]["model"]["null_class"] is True and again["config"]["data"]["class_dropout"] == 0.0
 
 
-def test_train_prior_with_class_dropout_and_init_from(tmp_path):
-    p = build_prior_pipeline(tmp_path, steps=1, train_items=16, test_items=8)
+def test_train_prior_with_class_dropout_and_init_from(prior_pipeline, tmp_path):
+    p = prior_pipeline
     codes = ["--codes", p.train_codes]
     check_ok(run_cli("train-prior", *codes, "--class-conditional", "--class-dropout", "0.3", *FAST,
                      "--out", tmp_path / "new"))

@@ -1,4 +1,4 @@
-"""The precision choices a GPU needs (issue 19, point 5), checked on the CPU: the heads' float32 projection under
+"""The precision choices a GPU needs, checked on the CPU: the heads' float32 projection under
 autocast, the training default and the bf16 refusal (torch.cuda's capability queries replaced), fp16 training with
 its GradScaler state resumed exactly, and exact fp32 in extract-codes, decode, compress and decompress."""
 from __future__ import annotations

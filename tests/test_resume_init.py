@@ -10,25 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from cli_support import build_prior_pipeline, check_ok, run_cli, train_pixel_run
+from cli_support import check_ok, run_cli, train_pixel_run
 from vqprior.checkpoint import read_checkpoint
 from vqprior.config import ModelConfig
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
 FAST = ["--steps", "1", "--lr", "1e-12", "--eval-limit", "4", "--num-samples", "1", "--batch-size", "4", "--quiet",
         "--device", "cpu"]  # one step at a learning rate that leaves the weights where they started
-
-
-@pytest.fixture(scope="module")
-def pixel_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pixels") / "run"
-    train_pixel_run(out, steps=2, limit=16)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return build_prior_pipeline(tmp_path_factory.mktemp("priors"), steps=1, train_items=16, test_items=8)
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:
@@ -50,7 +38,7 @@ def same_weights(a: dict, b: dict, atol: float = 1e-6) -> bool:
 # --- --resume ---------------------------------------------------------------------------------------------------
 
 def test_resume_refuses_changed_architecture_and_data_naming_them(pixel_run, tmp_path):
-    run = copy_run(pixel_run, tmp_path)
+    run = copy_run(pixel_run.folder, tmp_path)
     before = (run / "latest.pt").read_bytes()
     # mnist without --data-dir would fail as soon as data were loaded: the refusal comes first.
     line = error_line(run_cli("train-pixels", "--out", run, "--resume", "--filters", "64", "--dataset", "mnist",
@@ -68,65 +56,69 @@ def test_resume_refuses_changed_architecture_and_data_naming_them(pixel_run, tmp
     (["--data-dir", "elsewhere"], "--data-dir elsewhere"),
 ])
 def test_resume_refuses_each_fixed_option(pixel_run, tmp_path, args, named):
-    run = copy_run(pixel_run, tmp_path)
+    run = copy_run(pixel_run.folder, tmp_path)
     assert named in error_line(run_cli("train-pixels", "--out", run, "--resume", *args, "--quiet"))
 
 
 def test_resume_with_the_same_command_line_applies_and_echoes_the_changeable_options(pixel_run, tmp_path):
-    run = copy_run(pixel_run, tmp_path)
+    run = copy_run(pixel_run.folder, tmp_path)
     # The original command line (fixed options unchanged) plus new steps and intervals: accepted.
+    n, more = pixel_run.steps, pixel_run.steps + 2
     result = train_pixel_run(run, "--resume", "--eval-every", "3", "--checkpoint-every", "3", "--cooldown-steps", "2",
-                             steps=4, limit=16)
-    echoed = re.search(r"Resuming .* from step 2 with: (.*)\.\n", result.stderr)
+                             steps=more, limit=pixel_run.limit)
+    echoed = re.search(rf"Resuming .* from step {n} with: (.*)\.\n", result.stderr)
     assert echoed, result.stderr
     applied = echoed.group(1).split(", ")
-    for option in ("--steps 4", "--eval-every 3", "--checkpoint-every 3", "--cooldown-steps 2", "--quiet",
+    for option in (f"--steps {more}", "--eval-every 3", "--checkpoint-every 3", "--cooldown-steps 2", "--quiet",
                    "--device cpu"):
         assert option in applied
     assert not any(a.startswith(("--preset", "--dataset", "--image-size", "--limit")) for a in applied)
     data = read_checkpoint(run / "latest.pt")
-    assert data["step"] == 4
+    assert data["step"] == more
     assert data["config"]["train"]["eval_every"] == 3 and data["config"]["train"]["checkpoint_every"] == 3
     assert data["config"]["train"]["cooldown_steps"] == 2
 
 
 def test_resume_without_options_says_so(pixel_run, tmp_path):
-    run = copy_run(pixel_run, tmp_path)
-    result = check_ok(run_cli("train-pixels", "--out", run, "--resume", "--steps", "2", "--quiet"))
-    assert re.search(r"Resuming .* from step 2 with: --steps 2, --quiet\.", result.stderr), result.stderr
+    run = copy_run(pixel_run.folder, tmp_path)
+    n = pixel_run.steps
+    result = check_ok(run_cli("train-pixels", "--out", run, "--resume", "--steps", n, "--quiet"))
+    assert re.search(rf"Resuming .* from step {n} with: --steps {n}, --quiet\.", result.stderr), result.stderr
 
 
 def test_resume_echoes_threads_among_the_applied_options(pixel_run, tmp_path):
     # --threads is added to every command by cli.py without a keyword argument; resuming with it is applied and said.
-    run = copy_run(pixel_run, tmp_path)
-    result = check_ok(run_cli("train-pixels", "--out", run, "--resume", "--steps", "2", "--threads", "1", "--quiet"))
-    assert re.search(r"Resuming .* from step 2 with: .*--threads 1", result.stderr), result.stderr
+    run = copy_run(pixel_run.folder, tmp_path)
+    n = pixel_run.steps
+    result = check_ok(run_cli("train-pixels", "--out", run, "--resume", "--steps", n, "--threads", "1", "--quiet"))
+    assert re.search(rf"Resuming .* from step {n} with: .*--threads 1", result.stderr), result.stderr
 
 
 def test_resume_of_an_exported_checkpoint_is_one_line_before_loading_data(pixel_run, tmp_path):
     run = tmp_path / "exported"
     run.mkdir()
-    check_ok(run_cli("export", pixel_run / "latest.pt", "--out", run / "latest.pt"))
+    check_ok(run_cli("export", pixel_run.checkpoint, "--out", run / "latest.pt"))
     # cifar10 without --data-dir would fail on loading data: the export is refused first.
     line = error_line(run_cli("train-pixels", "--out", run, "--resume", "--dataset", "cifar10", "--quiet"))
     assert "exported checkpoint" in line and "--init-from" in line, line
 
 
-def test_resume_of_a_prior_refuses_other_codes_level_and_vqvae(pipeline, tmp_path):
-    shutil.copytree(pipeline.top.parent, tmp_path / "top")
+def test_resume_of_a_prior_refuses_other_codes_level_and_vqvae(prior_pipeline, tmp_path):
+    shutil.copytree(prior_pipeline.top.parent, tmp_path / "top")
     run = tmp_path / "top"
-    line = error_line(run_cli("train-prior", "--codes", pipeline.test_codes, "--out", run, "--resume",
-                              "--level", "bottom", "--vqvae", pipeline.top, "--embed-dim", "99", "--quiet"))
+    line = error_line(run_cli("train-prior", "--codes", prior_pipeline.test_codes, "--out", run, "--resume",
+                              "--level", "bottom", "--vqvae", prior_pipeline.top, "--embed-dim", "99", "--quiet"))
     for named in ("--codes", "--level bottom (was top)", "--vqvae", "--embed-dim 99 (was 8)"):
         assert named in line, line
-    ok = check_ok(run_cli("train-prior", "--codes", pipeline.train_codes, "--val-codes", pipeline.test_codes,
-                          "--out", run, "--resume", "--vqvae", pipeline.vqvae, "--steps", "2", "--quiet",
-                          "--device", "cpu"))
-    assert "with: --val-codes" in ok.stderr and "--steps 2" in ok.stderr
+    more = prior_pipeline.steps + 1
+    ok = check_ok(run_cli("train-prior", "--codes", prior_pipeline.train_codes, "--val-codes",
+                          prior_pipeline.test_codes, "--out", run, "--resume", "--vqvae", prior_pipeline.vqvae,
+                          "--steps", more, "--quiet", "--device", "cpu"))
+    assert "with: --val-codes" in ok.stderr and f"--steps {more}" in ok.stderr
 
 
-def test_resume_of_a_vqvae_refuses_architecture(pipeline, tmp_path):
-    shutil.copytree(pipeline.vqvae.parent, tmp_path / "vq")
+def test_resume_of_a_vqvae_refuses_architecture(prior_pipeline, tmp_path):
+    shutil.copytree(prior_pipeline.vqvae.parent, tmp_path / "vq")
     line = error_line(run_cli("train-vqvae", "--out", tmp_path / "vq", "--resume", "--codebook-size", "8",
                               "--levels", "1", "--quiet"))
     assert "--codebook-size 8 (was 16)" in line and "--levels 1 (was 2)" in line, line
@@ -135,10 +127,10 @@ def test_resume_of_a_vqvae_refuses_architecture(pipeline, tmp_path):
 # --- --init-from ------------------------------------------------------------------------------------------------
 
 def test_init_from_starts_a_new_run_from_the_weights(pixel_run, tmp_path):
-    source = read_checkpoint(pixel_run / "latest.pt")
+    source = read_checkpoint(pixel_run.checkpoint)
     # --preset is left at its default (small): the architecture is the checkpoint's (tiny), not the preset's.
     result = check_ok(run_cli("train-pixels", "--dataset", "sample", "--image-size", "8", "--limit", "8",
-                              "--init-from", pixel_run / "latest.pt", *FAST, "--out", tmp_path / "ft"))
+                              "--init-from", pixel_run.checkpoint, *FAST, "--out", tmp_path / "ft"))
     assert "Starting from the weights of" in result.stderr and "step 0" in result.stderr
     data = read_checkpoint(tmp_path / "ft" / "latest.pt")
     assert data["step"] == 1
@@ -149,7 +141,7 @@ def test_init_from_starts_a_new_run_from_the_weights(pixel_run, tmp_path):
 
 
 def test_init_from_an_exported_checkpoint(pixel_run, tmp_path):
-    check_ok(run_cli("export", pixel_run / "latest.pt", "--out", tmp_path / "small.pt"))
+    check_ok(run_cli("export", pixel_run.checkpoint, "--out", tmp_path / "small.pt"))
     check_ok(run_cli("train-pixels", "--dataset", "sample", "--image-size", "8", "--limit", "8",
                      "--init-from", tmp_path / "small.pt", *FAST, "--out", tmp_path / "ft"))
     exported = read_checkpoint(tmp_path / "small.pt")
@@ -177,19 +169,19 @@ def test_init_from_the_shipped_top_prior_on_new_codes(tmp_path):
         read_checkpoint(shipped)["config"]["model"])
 
 
-def test_init_from_a_bottom_prior_keeps_its_level(pipeline, tmp_path):
-    check_ok(run_cli("train-prior", "--codes", pipeline.train_codes, "--init-from", pipeline.bottom, *FAST,
+def test_init_from_a_bottom_prior_keeps_its_level(prior_pipeline, tmp_path):
+    check_ok(run_cli("train-prior", "--codes", prior_pipeline.train_codes, "--init-from", prior_pipeline.bottom, *FAST,
                      "--out", tmp_path / "ft"))
     data = read_checkpoint(tmp_path / "ft" / "latest.pt")
     assert data["config"]["prior"]["level"] == "bottom"
-    assert same_weights(data["model"], read_checkpoint(pipeline.bottom)["ema"])
+    assert same_weights(data["model"], read_checkpoint(prior_pipeline.bottom)["ema"])
 
 
-def test_init_from_a_vqvae(pipeline, tmp_path):
+def test_init_from_a_vqvae(prior_pipeline, tmp_path):
     check_ok(run_cli("train-vqvae", "--dataset", "sample", "--image-size", "16", "--limit", "8",
-                     "--init-from", pipeline.vqvae, *FAST, "--out", tmp_path / "ft"))
+                     "--init-from", prior_pipeline.vqvae, *FAST, "--out", tmp_path / "ft"))
     data = read_checkpoint(tmp_path / "ft" / "latest.pt")
-    source = read_checkpoint(pipeline.vqvae)
+    source = read_checkpoint(prior_pipeline.vqvae)
     assert data["step"] == 1 and data["config"]["model"] == source["config"]["model"]
     # The codebooks move by their own EMA update (not the learning rate); everything else starts where it was.
     assert same_weights({k: v for k, v in data["model"].items() if not k.startswith("quantizers.")},
@@ -205,27 +197,26 @@ def test_init_from_a_vqvae(pipeline, tmp_path):
     ("train-prior", "bottom", "--codes {train_codes} --level top", r"--level top \(was bottom\)"),
     ("train-vqvae", "vq", "--image-size 16 --codebook-size 8", r"--codebook-size 8 \(was 16\)"),
 ])
-def test_init_from_refusals(pixel_run, pipeline, tmp_path, command, source, args, word):
-    sources = {"px": pixel_run / "latest.pt", "bottom": pipeline.bottom, "vq": pipeline.vqvae}
-    args = args.format(train_codes=pipeline.train_codes).split()
+def test_init_from_refusals(pixel_run, prior_pipeline, tmp_path, command, source, args, word):
+    sources = {"px": pixel_run.checkpoint, "bottom": prior_pipeline.bottom, "vq": prior_pipeline.vqvae}
+    args = args.format(train_codes=prior_pipeline.train_codes).split()
     result = run_cli(command, *args, "--init-from", sources[source], *FAST, "--out", tmp_path / "ft")
     assert re.search(word, error_line(result)), error_line(result)
     assert not (tmp_path / "ft").exists()
 
 
-def test_init_from_a_class_conditional_model_needs_labelled_data(tmp_path):
+def test_init_from_a_class_conditional_model_needs_labelled_data(conditional_run, tmp_path):
     from PIL import Image
 
-    train_pixel_run(tmp_path / "cond", "--class-conditional", steps=1, limit=8)
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     line = error_line(run_cli("train-pixels", "--dataset", "folder", "--data-dir", folder, "--init-from",
-                              tmp_path / "cond" / "latest.pt", *FAST, "--out", tmp_path / "ft"))
+                              conditional_run.checkpoint, *FAST, "--out", tmp_path / "ft"))
     assert "class-conditional over 10 classes, but the data have no class labels" in line, line
     # The same checkpoint on labelled data: conditioning follows the checkpoint without --class-conditional.
     check_ok(run_cli("train-pixels", "--dataset", "sample", "--image-size", "8", "--limit", "8", "--init-from",
-                     tmp_path / "cond" / "latest.pt", *FAST, "--out", tmp_path / "ok"))
+                     conditional_run.checkpoint, *FAST, "--out", tmp_path / "ok"))
     assert read_checkpoint(tmp_path / "ok" / "latest.pt")["config"]["data"]["class_conditional"] is True

@@ -4,75 +4,9 @@ class and code-map conditioning); completion keeps the prefix; bad inputs raise 
 import pytest
 import torch
 
-from vqprior.config import model_config_from_preset
+from conftest import VARIANTS, H, W, make_inputs, make_model, max_step_error
 from vqprior.errors import UserError
-from vqprior.models.pixelsnail import PixelSNAIL
 from vqprior.sampling.sampler import CachedSampler, complete, sample
-
-H, W = 5, 6  # not square: a swapped row/column index cannot pass
-COND = dict(cond_num_codes=5, cond_height=2, cond_width=3)
-VARIANTS = {
-    "rgb": dict(head="pixels", channels=3),
-    "gray-k3-heads2": dict(head="pixels", channels=1, kernel_size=3, attn_heads=2),
-    "gray-no-attn-class": dict(head="pixels", channels=1, attention=False, num_classes=3),
-    "codes": dict(head="codes", num_codes=7),
-    "codes-class-cond-k3-heads2": dict(head="codes", num_codes=7, num_classes=3, kernel_size=3, attn_heads=2, **COND),
-    "codes-cond-no-attn": dict(head="codes", num_codes=7, attention=False, **COND),
-}
-
-
-
-
-def make_model(variant: str, dtype=torch.float64, seed: int = 0, **overrides) -> PixelSNAIL:
-    """A tiny random model whose every parameter matters: unit-scale weight-normed rows (weight_g away from |v|, so
-    weight() must be computed as the model does), non-zero biases and class biases."""
-    torch.manual_seed(seed)
-    model = PixelSNAIL(model_config_from_preset("tiny", height=H, width=W, **VARIANTS[variant], **overrides))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight_g"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias") or "embedding" in name:
-                p.normal_(0.0, 0.3)
-    return model.to(dtype).eval()
-
-
-def make_inputs(model, batch: int, seed: int = 1):
-    """Random data, labels and condition codes that fit ``model``."""
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    if c.head == "pixels":
-        x = torch.randint(0, 256, (batch, c.channels, H, W), generator=g, dtype=torch.uint8)
-    else:
-        x = torch.randint(0, c.num_codes, (batch, H, W), generator=g)
-    label = torch.randint(0, c.num_classes, (batch,), generator=g) if c.num_classes else None
-    cond = torch.randint(0, c.cond_num_codes, (batch, c.cond_height, c.cond_width), generator=g) \
-        if c.cond_num_codes else None
-    return x, label, cond
-
-
-def value_at(x, p):
-    r, c = divmod(p, W)
-    return x[:, :, r, c] if x.dim() == 4 else x[:, r, c]
-
-
-def max_step_error(model, start: int, static: bool = False) -> float:
-    """Largest |cached step params - full forward params on the same prefix| over the positions >= start of random
-    data (the forward sees the data at positions < p and zeros after, as naive sampling does)."""
-    x, label, cond = make_inputs(model, batch=3)
-    with torch.no_grad():
-        sampler = CachedSampler(model, 3, label, cond, static=static)
-        sampler.prefill(x, start)
-        error = 0.0
-        for p in range(start, H * W):
-            params = sampler.step(p)
-            assert params.shape == (3, model.config.out_channels)
-            known = x.clone()
-            known.view(3, -1, H * W)[:, :, p:] = 0
-            full = model(known, label=label, condition=cond)[:, :, p // W, p % W]
-            error = max(error, (params - full).abs().max().item())
-            sampler.append(p, value_at(x, p))
-    return error
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -8,8 +8,8 @@ is refused up front with one line.
 import pytest
 import torch
 import torch._dynamo
-from test_sampling import VARIANTS, H, W, make_inputs, make_model, max_step_error, value_at
 
+from conftest import VARIANTS, H, W, make_inputs, make_model, max_step_error, value_at
 from vqprior.sampling.sampler import CachedSampler, SamplingError, _same_device, check_generator, complete, sample
 
 
@@ -130,10 +130,15 @@ def test_a_generator_on_another_device_is_refused_up_front():
 
 
 def test_cuda_without_an_index_is_the_current_device(monkeypatch):
+    """The generator check's device equality: ``cuda`` and ``cuda:N`` are one device exactly when N is the current
+    CUDA device (``cpu`` and ``cpu:0`` always are); other types or indices never are."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda:0"), torch.device("cuda:1")
-    assert _same_device(cuda, cuda1) and not _same_device(cuda, cuda0) and _same_device(cuda0, cuda0)
-    assert _same_device(torch.device("cpu"), torch.device("cpu")) and not _same_device(cuda, torch.device("cpu"))
+    same = [("cuda", "cuda:1"), ("cuda:1", "cuda"), ("cuda", "cuda"), ("cuda:0", "cuda:0"), ("cpu", "cpu:0"),
+            ("cpu", "cpu")]
+    different = [("cuda", "cuda:0"), ("cuda:0", "cuda"), ("cuda:0", "cuda:1"), ("cpu", "cuda"), ("cuda:1", "cpu"),
+                 ("cpu:1", "cpu")]
+    assert all(_same_device(torch.device(a), torch.device(b)) for a, b in same)
+    assert not any(_same_device(torch.device(a), torch.device(b)) for a, b in different)
 
 
 def test_compiled_sampling_runs_under_bf16_autocast():

@@ -175,8 +175,7 @@ def test_checkpoint_activations_is_refused_for_the_vqvae(tmp_path):
     assert result.output.strip().splitlines()[-1].startswith("Error: --checkpoint-activations applies to PixelSNAIL")
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/bin/c++") and not os.environ.get("CXX"), reason="no C++ compiler")
-def test_compiled_training_keeps_plain_keys_and_resumes(tmp_path):
+def compiled_training_keeps_plain_keys_and_resumes(tmp_path):
     out = tmp_path / "run"
     common = [*TINY_TRAIN, "--image-size", "8", "--compile", "--checkpoint-every", "1", "--out", out]
     first = run_cli("train-pixels", *common, "--steps", "2")
@@ -187,6 +186,27 @@ def test_compiled_training_keeps_plain_keys_and_resumes(tmp_path):
     resumed = run_cli("train-pixels", *common, "--steps", "3", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert read_checkpoint(out / "latest.pt")["step"] == 3
+
+
+def test_compiled_training_keeps_plain_keys_and_resumes(tmp_path, monkeypatch):
+    """--compile's wrapping (``torch.compile`` returns a module whose own keys start ``_orig_mod.``) with torch's
+    eager backend standing in for inductor, which takes minutes to build its kernels on a CPU."""
+    real, compiled = torch.compile, []
+
+    def eager(module, **kwargs):
+        compiled.append(module)
+        return real(module, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager)
+    compiled_training_keeps_plain_keys_and_resumes(tmp_path)
+    assert len(compiled) == 2  # the first run and the resumed one
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/usr/bin/c++") and not os.environ.get("CXX"), reason="no C++ compiler")
+def test_compiled_training_with_inductor_keeps_plain_keys_and_resumes(tmp_path):
+    """The same with inductor building real kernels (``make test-slow``)."""
+    compiled_training_keeps_plain_keys_and_resumes(tmp_path)
 
 
 def _makefile_environment() -> dict[str, str]:

@@ -1,8 +1,9 @@
-"""The README's "Your own images at 256×256" commands run as written, at reduced size: a small synthetic folder of
+"""The README's "Your own images at 256x256" commands run as written, at reduced size: a small synthetic folder of
 JPEGs in two classes at 16x16 instead of 256x256, tiny widths instead of the vqvae2-* presets, two training steps.
 
-Only the substitutions in ``REDUCED`` are made (each must still occur in the README, so an edit there cannot
-silently leave this test running something else), plus the fast flags appended to the training commands."""
+Only the substitutions of ``README_REDUCED`` (tests/cli_support.py, shared with the README tour's test) are made,
+plus the fast flags appended to the training commands; each substitution must still occur in the README, so an edit
+there cannot silently leave these tests running something else."""
 from __future__ import annotations
 
 import re
@@ -12,17 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cli_support import check_ok, run_cli
+from cli_support import README_REDUCED, check_ok, reduced, run_cli, whole_option
 
 REPO = Path(__file__).resolve().parents[1]
-REDUCED = {  # README text -> the reduced-size stand-in
-    "--image-size 256": "--image-size 16",
-    "--preset vqvae2-256": "--preset tiny --levels 2",  # 16x16 -> 8x8 bottom and 4x4 top codes of 16
-    "--preset vqvae2-top": "--preset tiny",
-    "--preset vqvae2-bottom": "--preset tiny",
-    "--batch-size 16": "--batch-size 4",
-    "--keep-rows 128": "--keep-rows 8",
-}
 FAST = ["--steps", "2", "--eval-every", "2", "--sample-every", "2", "--num-samples", "2", "--eval-limit", "4",
         "--quiet", "--device", "cpu"]
 
@@ -30,13 +23,15 @@ FAST = ["--steps", "2", "--eval-every", "2", "--sample-every", "2", "--num-sampl
 def walkthrough_commands() -> list[list[str]]:
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Your own images at 256×256"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
-    for original in REDUCED:
-        assert original in block, f"the README walkthrough no longer says {original!r}: update REDUCED"
-    for original, reduced in REDUCED.items():
-        block = block.replace(original, reduced)
+    block = reduced(re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1))
     lines = block.replace("\\\n", " ").splitlines()
     return [shlex.split(line, comments=True) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_every_reduction_is_of_text_the_readme_still_has():
+    readme = (REPO / "README.md").read_text()
+    stale = [original for original in README_REDUCED if not whole_option(original).search(readme)]
+    assert not stale, f"the README no longer says {stale}: update README_REDUCED in tests/cli_support.py"
 
 
 def write_photos(root: Path) -> None:
