@@ -20,24 +20,15 @@ TRAIN_FAST = ["--preset", "tiny", "--image-size", "8", "--steps", "1", "--batch-
               "--eval-limit", "4", "--quiet", "--device", "cpu"]
 
 
-# The README's commands, run by the tests at reduced size (the five-minute tour in test_doc_commands.py, the 256x256
-# walkthrough in test_walkthrough.py): README text -> its stand-in. Only whole options are replaced (``--steps 100``,
-# not the start of ``--steps 1000``), and each entry must still occur in the README (test_walkthrough.py checks), so
-# an edit there cannot leave a test running something else.
+# The README's five-minute tour, run by test_doc_commands.py at reduced size: README text -> its stand-in. Only whole
+# options are replaced (``--steps 100``, not the start of ``--steps 1000``), and each entry must still occur in the
+# README (test_doc_commands.py checks), so an edit there cannot leave the test running something else.
 README_REDUCED = {
-    "--image-size 256": "--image-size 16",
-    "--preset vqvae2-256": "--preset tiny --levels 2",  # 16x16 -> 8x8 bottom and 4x4 top codes of 16
-    "--preset vqvae2-top": "--preset tiny",
-    "--preset vqvae2-bottom": "--preset tiny",
-    "--batch-size 16": "--batch-size 4",
-    "--keep-rows 128": "--keep-rows 8",
     "--steps 100": "--steps 2",
     "--steps 150": "--steps 3",  # the tour's resume: one step further
     "--steps 200": "--steps 2",
     "--num 16": "--num 2",
     "--num 4": "--num 2",
-    "--num 20": "--num 10",  # --class-rows: a multiple of the 10 classes
-    "--num 100": "--num 10",
     "--limit 100": "--limit 8",
     "--keep-rows 16": "--keep-rows 28",  # 32x32 images: the last 4 rows are sampled
 }

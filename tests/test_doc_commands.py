@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import pytest
 
-from cli_support import reduced, run_cli
+from cli_support import README_REDUCED, reduced, run_cli, whole_option
 from conftest import REPO, markdown_pages
 from vqprior.commands.cli import cli
 
@@ -165,6 +165,12 @@ def test_ci_runs_the_slow_tests_that_make_test_leaves_out():
 FAST = ["--batch-size", "8", "--eval-limit", "8", "--num-samples", "2"]
 FAST_FLAGS = {"train-pixels": ["--image-size", "8", *FAST], "train-vqvae": FAST, "train-prior": FAST,
               "extract-codes": ["--limit", "16"]}
+
+
+def test_every_reduction_is_of_text_the_readme_still_has():
+    readme = (REPO / "README.md").read_text()
+    stale = [original for original in README_REDUCED if not whole_option(original).search(readme)]
+    assert not stale, f"the README no longer says {stale}: update README_REDUCED in tests/cli_support.py"
 
 
 def test_readme_tour_runs_as_written_at_reduced_size(tmp_cwd):
