@@ -97,6 +97,9 @@ CASES = [
     case("export-truncated-checkpoint", "export cut.pt --out small.pt", "truncated", truncated("px", "cut.pt")),
     case("export-pickled-object-checkpoint", "export evil.pt --out small.pt", "pickled", evil_checkpoint,
          evil_never_ran),
+    case("score-empty-folder", "score {px} --images empty --out s.csv", "no images", make_dirs("empty")),
+    case("score-missing-checkpoint", "score nope.pt --dataset sample --out s.csv", "not found"),
+    case("ood-eval-missing-table", "ood-eval in.csv out.csv", "cannot read score table"),
 ]
 
 

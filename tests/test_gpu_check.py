@@ -60,8 +60,16 @@ def planned_rows(device: str) -> list[str]:
         def row(self, command, fn, *args):
             self.rows.append(command)
 
+    import sys
+
+    from conftest import REPO
+
     recorder = Recorder()
-    load_script("gpu_check", "bench").run_all(recorder)
+    sys.path.insert(0, str(REPO / "bench"))  # gpu_check imports its row modules from beside it, as when run
+    try:
+        load_script("gpu_check", "bench").run_all(recorder)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
     return recorder.rows
 
 
