@@ -3,6 +3,8 @@ and adds what every command shares (``--threads``).
 
 Command modules import torch and the library lazily inside their bodies so ``vqprior --help`` stays fast.
 """
+import sys
+
 import click
 
 from vqprior import __version__
@@ -67,9 +69,11 @@ for command in (train_pixels, train_vqvae, extract_codes, train_prior, evaluate,
 
 
 def main():
+    from vqprior.commands.common import report_bugs
     from vqprior.runtime.allocator import retain_freed_memory
 
     retain_freed_memory()  # every command here is a process that runs one job: keep freed memory for reuse
+    sys.excepthook = report_bugs  # a bug's traceback ends with one line asking to report it
     cli()
 
 

@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import sys
-import traceback
 from pathlib import Path
 
 import click
@@ -20,7 +19,8 @@ BUG_LINE = ("vqprior stopped on an internal error, not on your input: please rep
 def guarded(fn):
     """Run a command body. Whose error it is decides what the user sees: a ``UserError`` (bad input, raised where the
     input is checked) or an ``OSError`` (a missing file, a full disk) becomes ``Error: <one line>`` on stderr and
-    exit 1 (2 for usage errors); anything else is a bug: its traceback, then one line asking to report it."""
+    exit 1 (2 for usage errors); anything else is a bug and propagates with its traceback (the CLI's entry point adds
+    one line asking to report it: ``report_bugs``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -33,12 +33,16 @@ def guarded(fn):
             sys.exit(130)
         except (UserError, OSError) as e:
             raise click.ClickException(_one_line(e)) from None
-        except Exception:
-            traceback.print_exc()
-            click.echo(BUG_LINE, err=True)
-            sys.exit(1)
 
     return wrapper
+
+
+def report_bugs(exc_type, exc, tb) -> None:
+    """``sys.excepthook`` of the CLI process: Python's traceback of an uncaught exception (a bug: input errors never
+    get this far), then ``BUG_LINE``."""
+    sys.__excepthook__(exc_type, exc, tb)
+    if not issubclass(exc_type, KeyboardInterrupt):
+        print(BUG_LINE, file=sys.stderr)
 
 
 def removes_new_folder_on_error(option: str, discard=lambda folder: not (folder / "latest.pt").exists()):
